@@ -1,0 +1,166 @@
+"""The bundle: MTP heads + CLP (+ optional gates), saved as config.json + model.safetensors.
+
+    bundle = MTPBundle.from_pretrained("runs/smollm2-k4", backbone=model)  # checks the fingerprint
+    bundle.save_pretrained("out/")
+
+config.json carries a fingerprint of the backbone (hidden size, vocab size, a hash of the LM-head
+weights), so loading heads onto a model they were not trained for fails loudly instead of decoding
+garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .clp import CLP, Gates
+from .heads import MTPHeads
+
+FORMAT_VERSION = 1
+BUNDLED = Path(__file__).parent / "bundles"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, corrupt, or made for another backbone."""
+
+
+@dataclass
+class Fingerprint:
+    hidden_size: int
+    vocab_size: int
+    lm_head_sha256: str
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """Identify a backbone by shape and by a hash of (a strided sample of) its LM-head rows.
+
+    Rows are rounded to bf16 first, so the same weights loaded in float32 or bf16 match."""
+    w = lm_head_of(model).weight.detach()
+    rows = w[:: max(1, w.shape[0] // 4096)].to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
+    return Fingerprint(hidden_size=w.shape[1], vocab_size=w.shape[0], lm_head_sha256=digest)
+
+
+@dataclass
+class BundleConfig:
+    k: int
+    hidden_size: int
+    vocab_size: int
+    base_model: str
+    layers: int = 1
+    compete: bool = False
+    clp_features: str = "hidden"
+    has_gates: bool = False
+    fingerprint: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+class MTPBundle(nn.Module):
+    def __init__(self, config: BundleConfig):
+        super().__init__()
+        self.config = config
+        self.heads = MTPHeads(config.hidden_size, config.k, layers=config.layers, compete=config.compete)
+        self.clp = CLP(config.hidden_size, config.k, features=config.clp_features)
+        self.gates = Gates(config.hidden_size, self.heads.n_heads) if config.has_gates else None
+
+    @classmethod
+    def for_backbone(cls, model: nn.Module, *, k: int, base_model: str, **kwargs) -> "MTPBundle":
+        fp = fingerprint(model)
+        cfg = BundleConfig(k=k, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size, base_model=base_model,
+                           fingerprint=asdict(fp), **kwargs)
+        return cls(cfg)
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    def param_counts(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        return {"heads": count(self.heads), "clp": count(self.clp), "gates": count(self.gates)}
+
+    def check_backbone(self, model: nn.Module, name: str = "the given backbone") -> None:
+        """Raise BundleError unless this bundle was trained on `model`."""
+        fp, want = fingerprint(model), self.config.fingerprint
+        mine = f"bundle trained on '{self.config.base_model}'"
+        if fp.hidden_size != self.config.hidden_size:
+            raise BundleError(f"{mine} (hidden size {self.config.hidden_size}) cannot run on {name} "
+                              f"(hidden size {fp.hidden_size})")
+        if fp.vocab_size != self.config.vocab_size:
+            raise BundleError(f"{mine} (vocabulary {self.config.vocab_size}) cannot run on {name} "
+                              f"(vocabulary {fp.vocab_size})")
+        if want and want.get("lm_head_sha256") != fp.lm_head_sha256:
+            raise BundleError(f"{mine} cannot run on {name}: the LM-head weights differ "
+                              f"(fingerprint {want.get('lm_head_sha256', '?')[:12]} vs {fp.lm_head_sha256[:12]})")
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, backbone: nn.Module | None = None,
+                        backbone_name: str = "the given backbone") -> "MTPBundle":
+        path = resolve_bundle(path)
+        config = read_config(path)
+        bundle = cls(config)
+        try:
+            tensors = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise BundleError(f"{path / 'model.safetensors'} is corrupt or truncated: {e}") from None
+        missing = set(bundle.state_dict()) - set(tensors)
+        unexpected = set(tensors) - set(bundle.state_dict())
+        if missing or unexpected:
+            raise BundleError(f"{path} does not match its config.json: missing {sorted(missing)[:4]}, "
+                              f"unexpected {sorted(unexpected)[:4]}")
+        for name, t in bundle.state_dict().items():
+            if tensors[name].shape != t.shape:
+                raise BundleError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config says {tuple(t.shape)}")
+        bundle.load_state_dict(tensors)
+        if backbone is not None:
+            bundle.check_backbone(backbone, backbone_name)
+        return bundle.eval().requires_grad_(False)
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A folder, or the name of a bundle shipped inside the package."""
+    p = Path(path)
+    if not p.exists() and (BUNDLED / str(path)).exists():
+        p = BUNDLED / str(path)
+    if not (p / "config.json").exists():
+        shipped = ", ".join(sorted(d.name for d in BUNDLED.glob("*") if d.is_dir())) or "none"
+        raise BundleError(f"no MTP bundle at '{path}' (expected config.json + model.safetensors); "
+                          f"bundles shipped with collocate: {shipped}")
+    return p
+
+
+def read_config(path: Path) -> BundleConfig:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{path} uses bundle format {raw['format_version']}; this collocate reads up to "
+                          f"{FORMAT_VERSION}. Upgrade collocate.")
+    try:
+        return BundleConfig(**raw)
+    except TypeError as e:
+        raise BundleError(f"{path / 'config.json'} is not a collocate bundle config: {e}") from None
+
+
+def default_bundle_for(model_name: str) -> str | None:
+    """Name of the bundle shipped for a zoo model, if any (largest k first)."""
+    hits = sorted((d for d in BUNDLED.glob(f"{model_name}-k*") if (d / "config.json").exists()), reverse=True)
+    return str(hits[0]) if hits else None

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from collocate.bundle import BundleError, MTPBundle
+from collocate.clp import CLP, Gates
+from collocate.heads import MTPHeads
+from conftest import randomize, tiny_llama, tiny_qwen
+
+
+def test_head_shapes(llama):
+    heads = MTPHeads(32, 4)
+    h = torch.randn(2, 5, 32)
+    assert heads(h).shape == (2, 5, 3, 32)
+    assert heads.logits(h, llama.lm_head).shape == (2, 5, 3, 96)
+    assert heads.offsets == [2, 3, 4]
+    assert MTPHeads(32, 4, compete=True).offsets == [1, 2, 3, 4]
+
+
+def test_heads_do_not_share_weights():
+    heads = MTPHeads(32, 4, layers=2)
+    ptrs = {p.data_ptr() for p in heads.parameters()}
+    assert len(ptrs) == len(list(heads.parameters())) == 3 * 2 * 2
+
+
+def test_zero_init_heads_equal_backbone_next_token_logits(llama):
+    ids = torch.randint(3, 96, (1, 7))
+    out = llama(ids, output_hidden_states=True)
+    h = llama.model(ids).last_hidden_state
+    logits = MTPHeads(32, 4).logits(h, llama.lm_head)
+    for j in range(3):
+        torch.testing.assert_close(logits[:, :, j], out.logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits[:, :, j].argmax(-1), out.logits.argmax(-1))
+
+
+def test_parameter_counts():
+    assert sum(p.numel() for p in CLP(1536, 4).parameters()) == 6148
+    assert sum(p.numel() for p in CLP(1536, 4, features="hidden+conf").parameters()) == 1539 * 4 + 4
+    assert sum(p.numel() for p in CLP(896, 4).parameters()) == 3588
+    per_gate = 1536 * 512 + 512 + 512 * 256 + 256 + 256 + 1
+    assert sum(p.numel() for p in Gates(1536, 3).parameters()) == 3 * per_gate
+    assert 0.9e6 < per_gate < 0.95e6
+
+
+def test_clp_threshold_rule_picks_longest_confident_length():
+    clp = CLP(4, 4)
+    with torch.no_grad():
+        clp.linear.weight.zero_()
+        clp.linear.bias.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])))
+    h = torch.zeros(1, 4)
+    assert clp.accept(h, None).item() == 3  # argmax
+    # P(len >= c) = 1, .9, .7, .4
+    assert clp.accept(h, None, threshold=0.95).item() == 0
+    assert clp.accept(h, None, threshold=0.8).item() == 1
+    assert clp.accept(h, None, threshold=0.7).item() == 2
+    assert clp.accept(h, None, threshold=0.3).item() == 3
+
+
+def test_gates_accept_until_first_refusal():
+    gates = Gates(4, 3)
+    with torch.no_grad():
+        for mlp, bias in zip(gates.mlps, [5.0, -5.0, 5.0]):
+            for p in mlp.parameters():
+                p.zero_()
+            mlp[-1].bias.fill_(bias)
+    assert gates.accept(torch.zeros(2, 4)).tolist() == [1, 1]
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path, llama):
+    b = MTPBundle.for_backbone(llama, k=4, base_model="tiny", has_gates=True, clp_features="hidden+conf")
+    randomize(b)
+    b.save_pretrained(tmp_path)
+    c = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+    assert c.config == b.config
+    for (n1, t1), (n2, t2) in zip(b.state_dict().items(), c.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+
+
+def test_bundle_refuses_other_backbone(tmp_path, llama):
+    MTPBundle.for_backbone(llama, k=3, base_model="tiny-llama").save_pretrained(tmp_path)
+    with pytest.raises(BundleError, match="tiny-llama.*LM-head weights differ"):
+        MTPBundle.from_pretrained(tmp_path, backbone=tiny_llama(seed=1), backbone_name="other")
+    with pytest.raises(BundleError, match="hidden size 32.*hidden size 48"):
+        MTPBundle.from_pretrained(tmp_path, backbone=tiny_llama(hidden=48))
+    with pytest.raises(BundleError, match="vocabulary 96.*vocabulary 80"):
+        MTPBundle.from_pretrained(tmp_path, backbone=tiny_qwen(vocab=80))
+
+
+def test_corrupt_and_truncated_files_give_clear_errors(tmp_path, llama):
+    MTPBundle.for_backbone(llama, k=3, base_model="tiny").save_pretrained(tmp_path)
+    st = tmp_path / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        MTPBundle.from_pretrained(tmp_path)
+    st.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        MTPBundle.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        MTPBundle.from_pretrained(tmp_path)
+    with pytest.raises(BundleError, match="no MTP bundle"):
+        MTPBundle.from_pretrained(tmp_path / "nope")
+
+
+def test_fingerprint_same_in_float32_and_bf16(llama):
+    from collocate.bundle import fingerprint
+
+    b = tiny_llama()
+    b.to(torch.bfloat16)
+    llama.lm_head.weight.data = b.lm_head.weight.data.float()
+    assert fingerprint(llama) == fingerprint(b)
