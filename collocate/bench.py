@@ -1,0 +1,270 @@
+"""Every mode in one process on the same prompts: the honest table.
+
+    collocate bench --suite mtbench,gsm8k,humaneval --modes ar,clp,gate,verify --n 10 --out bench/results/x
+
+Writes results.json (every prompt, every mode), results.md (one row per mode, the paper's numbers
+beside it) and speed_quality.png. Speedups are against our own `ar` in the same run.
+Mode specs: ar, clp, gate, compete, verify, verify-adaptive, hf (HF generate), hf-static
+(HF generate with a static cache); append `@T` to set a threshold, e.g. clp@0.8.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .decode import DecodeConfig, DecodeResult, DecodeStats
+from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
+
+# What the paper's abstract reports, for the table. It gives no per-suite numbers.
+PAPER = {
+    "clp": "1.20-1.29x (1.5B), 1.14-1.20x (7B); repetition < 0.02",
+    "gate": "fails to accelerate (1.07x) or degrades (repetition > 0.5%)",
+    "compete": "head competition: repetitive, incoherent output",
+}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    heads: str | None = None
+    suites: tuple[str, ...] = ("mtbench", "gsm8k", "humaneval")
+    modes: tuple[str, ...] = ("ar", "clp", "gate", "compete", "verify")
+    n: int = 10
+    max_new_tokens: int = 256
+    out: str = "bench/results/latest"
+    device: str = "cpu"
+    dtype: str = "auto"
+    threshold: float | None = None
+    prompts_file: str | None = None
+    near_tie_eps: float = 0.5
+    engine: str = "eager"  # eager | fast (CUDA graphs; see fast.py)
+
+
+@dataclass
+class ModeSpec:
+    label: str
+    mode: str
+    threshold: float | None = None
+    adaptive: bool = False
+
+
+def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
+    name, _, thr = spec.partition("@")
+    threshold = float(thr) if thr else default_threshold
+    if name == "verify-adaptive":
+        return ModeSpec(spec, "verify", threshold, adaptive=True)
+    known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
+    if name not in known:
+        raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive")
+    return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
+
+
+def load(cfg: BenchConfig):
+    from .bundle import MTPBundle, default_bundle_for
+    from .decode import Decoder
+    from .zoo import load_backbone
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model, tokenizer = load_backbone(cfg.model, dtype=dtype, device=cfg.device)
+    heads = cfg.heads or default_bundle_for(cfg.model)
+    bundle = MTPBundle.from_pretrained(heads, backbone=model, backbone_name=cfg.model) if heads else None
+    if cfg.engine == "fast":
+        from .fast import FastDecoder
+
+        return FastDecoder(model, tokenizer, bundle), tokenizer
+    return Decoder(model, tokenizer, bundle), tokenizer
+
+
+def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> DecodeResult:
+    """HF `generate` as a baseline row, timed the same way as our modes."""
+    model = dec.model
+    x = torch.tensor([ids], device=dec.device)
+    kwargs = {"cache_implementation": "static"} if static else {}
+    start = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(dec.eos), pad_token_id=sorted(dec.eos)[0], **kwargs)
+    if dec.device.type == "cuda":
+        torch.cuda.synchronize()
+    tokens = out[0, len(ids):].tolist()
+    stats = DecodeStats(new_tokens=len(tokens), steps=len(tokens), seconds=time.perf_counter() - start)
+    return DecodeResult(tokens, dec.tokenizer.decode(tokens, skip_special_tokens=True), stats,
+                        "eos" if tokens and tokens[-1] in dec.eos else "length")
+
+
+def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int) -> DecodeResult:
+    if spec.mode in ("hf", "hf-static"):
+        return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
+    cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
+                       adaptive=spec.adaptive)
+    return dec.generate(ids, cfg)
+
+
+@torch.inference_mode()
+def top2_gap(dec, ids: list[int]) -> float:
+    """The backbone's top-1 minus top-2 logit for the token after `ids` (a near-tie is a small gap)."""
+    logits = dec.model(torch.tensor([ids], device=dec.device)).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def head_accuracy(result: DecodeResult, n_heads: int) -> list[float | None]:
+    """Per offset (+2, +3, ...): how often the head's proposal equals the token that followed."""
+    hits, total = [0] * n_heads, [0] * n_heads
+    for base, heads in result.proposals:
+        for j, t in enumerate(heads):
+            pos = base + 1 + j
+            if pos < len(result.tokens):
+                total[j] += 1
+                hits[j] += int(result.tokens[pos] == t)
+    return [h / t if t else None for h, t in zip(hits, total)]
+
+
+def score_prompt(dec, p: data.Prompt, r: DecodeResult, ref: DecodeResult | None, eps: float) -> dict:
+    row = {"id": p.id, "tokens": r.tokens, "text": r.text, "finish": r.finish_reason, **asdict(r.stats),
+           "tau": r.stats.tau, "rep": {n: rep_n(r.tokens, n) for n in (2, 3, 4)}}
+    if ref is not None:
+        div = first_divergence(ref.tokens, r.tokens)
+        row.update(exact=div is None, first_divergence=div)
+        if div is not None and div < len(ref.tokens):
+            row["ar_gap_at_divergence"] = top2_gap(dec, p.ids + ref.tokens[:div])
+            row["near_tie"] = row["ar_gap_at_divergence"] < eps
+    if "final" in p.meta:
+        row["gsm8k_correct"] = gsm8k_correct(r.text, p.meta["final"])
+    if "entry_point" in p.meta:
+        row["humaneval_pass"] = humaneval_pass(r.text, p.meta)
+    return row
+
+
+def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs: list[list]) -> dict:
+    toks, secs = sum(r["new_tokens"] for r in rows), sum(r["seconds"] for r in rows)
+    s = {"prompts": len(rows), "new_tokens": toks, "seconds": secs, "tok_per_s": toks / max(secs, 1e-9),
+         "tau": toks / max(sum(r["steps"] for r in rows), 1),
+         **{f"rep{n}": mean(r["rep"][n] for r in rows) for n in (2, 3, 4)}}
+    checked = sum(r["head_checked"] for r in rows)
+    s["wrong_share"] = sum(r["head_wrong"] for r in rows) / checked if checked else None
+    s["draft_acceptance"] = (sum(r["draft_accepted"] for r in rows) / max(sum(r["drafted"] for r in rows), 1)
+                             if any(r["drafted"] for r in rows) else None)
+    if ref_rows is not None:
+        ref_secs = sum(r["seconds"] for r in ref_rows)
+        ref_toks = sum(r["new_tokens"] for r in ref_rows)
+        s["speedup"] = s["tok_per_s"] / (ref_toks / max(ref_secs, 1e-9))
+        s["delta_rep4"] = s["rep4"] - mean(r["rep"][4] for r in ref_rows)
+        s["exact_match"] = mean(float(r["exact"]) for r in rows)
+        s["mean_first_divergence"] = mean(r["first_divergence"] for r in rows)
+        diverged = [r for r in rows if "near_tie" in r]
+        s["divergences"] = len(diverged)
+        s["divergences_at_near_tie"] = sum(r["near_tie"] for r in diverged)
+    for key, name in (("gsm8k_correct", "gsm8k_acc"), ("humaneval_pass", "humaneval_pass1")):
+        vals = [float(r[key]) for r in rows if key in r]
+        s[name] = mean(vals) if vals else None
+    s["head_accuracy"] = [mean(a[j] for a in accs) for j in range(n_heads)] if accs and n_heads else []
+    return s
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    dec, tokenizer = load(cfg)
+    specs = [parse_mode(m, cfg.threshold) for m in cfg.modes]
+    if specs[0].mode != "ar":
+        specs = [parse_mode("ar", None)] + [s for s in specs if s.label != "ar"]  # ar is the reference
+    suites = (cfg.prompts_file,) if cfg.prompts_file else cfg.suites
+    prompts = [p for s in suites for p in data.prompts(s, tokenizer, n=cfg.n)]
+    n_heads = dec.bundle.k - 1 if dec.bundle else 0
+    for spec in specs:  # warm-up: first-call costs stay out of every timing
+        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens))
+    results: dict[str, dict] = {}
+    for spec in specs:
+        ref = results.get("ar")
+        rows, accs = [], []
+        for i, p in enumerate(tqdm(prompts, desc=f"bench {spec.label}", unit="prompt")):
+            r = run_one(dec, spec, p.ids, cfg.max_new_tokens)
+            ref_result = ref["_results"][i] if ref else None
+            rows.append(score_prompt(dec, p, r, ref_result, cfg.near_tie_eps))
+            if r.proposals and n_heads:
+                accs.append(head_accuracy(r, n_heads))
+            rows[-1]["suite"] = p.id.split("-")[0] if "/" not in p.id else "humaneval"
+        results[spec.label] = {"spec": asdict(spec), "rows": rows, "_results": [None] * len(rows),
+                               "summary": summarize(rows, ref["rows"] if ref else None, n_heads, accs)}
+        if spec.label == "ar":
+            results["ar"]["_results"] = [DecodeResult(r["tokens"], r["text"], DecodeStats(), r["finish"])
+                                         for r in rows]
+    return write_outputs(cfg, results, dec)
+
+
+def environment(cfg: BenchConfig, dec) -> dict:
+    dev = dec.device
+    return {"model": cfg.model, "heads": cfg.heads, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+            "dtype": str(dec.lm_head.weight.dtype), "torch": torch.__version__, "engine": cfg.engine,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_outputs(cfg: BenchConfig, results: dict, dec) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results.values():
+        r.pop("_results", None)
+    doc = {"config": asdict(cfg), "environment": environment(cfg, dec),
+           "summary": {m: r["summary"] for m, r in results.items()}, "per_prompt": {m: r["rows"] for m, r in results.items()}}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    (out / "results.md").write_text(markdown_table(doc))
+    plot(doc, out / "speed_quality.png")
+    print(markdown_table(doc))
+    return doc
+
+
+def fmt(x, spec=".2f", suffix=""):
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def markdown_table(doc: dict) -> str:
+    env, cfg = doc["environment"], doc["config"]
+    lines = [f"# collocate bench: {env['model']} on {env['device']}", "",
+             f"{env['date']}, {env['dtype']}, torch {env['torch']}, engine {env['engine']}, batch 1, greedy, "
+             f"max {cfg['max_new_tokens']} new tokens, suites {', '.join(cfg['suites'])} ({cfg['n']} prompts each). "
+             "Speedup is tok/s against our own `ar` in the same run.", "",
+             "| mode | tau | tok/s | speedup | rep-4 | Δrep-4 | exact vs ar | divergences at near-tie | wrong head tokens "
+             "| head acc +2.. | GSM8K | HumanEval | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, s in doc["summary"].items():
+        ties = f"{s['divergences_at_near_tie']}/{s['divergences']}" if s.get("divergences") else "-"
+        acc = " / ".join(fmt(a, ".0%") for a in s.get("head_accuracy") or []) or "-"
+        lines.append(f"| {mode} | {fmt(s['tau'])} | {fmt(s['tok_per_s'], '.1f')} | {fmt(s.get('speedup'), '.2f', 'x')} "
+                     f"| {fmt(s['rep4'], '.3f')} | {fmt(s.get('delta_rep4'), '+.3f')} | {fmt(s.get('exact_match'), '.0%')} "
+                     f"| {ties} | {fmt(s['wrong_share'], '.0%')} | {acc} | {fmt(s['gsm8k_acc'], '.0%')} "
+                     f"| {fmt(s['humaneval_pass1'], '.0%')} | {PAPER.get(mode.split('@')[0], '')} |")
+    lines += ["", "tau: tokens per backbone forward pass. rep-4: 1 - unique 4-grams / 4-grams of each answer, "
+              "averaged. wrong head tokens: share of accepted unverified head tokens that the backbone's own argmax "
+              "rejects. divergences at near-tie: answers that differ from ar whose first differing position has an "
+              f"ar top-2 logit gap under {cfg['near_tie_eps']}. See docs/metrics.md.", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, s in doc["summary"].items():
+        x = s.get("speedup") or 1.0
+        axes[0].scatter(x, s.get("delta_rep4") or 0.0)
+        axes[0].annotate(mode, (x, s.get("delta_rep4") or 0.0))
+        axes[1].scatter(x, s.get("exact_match") if s.get("exact_match") is not None else 1.0)
+        axes[1].annotate(mode, (x, s.get("exact_match") if s.get("exact_match") is not None else 1.0))
+    axes[0].set(xlabel="speedup vs ar (tok/s)", ylabel="Δ rep-4 vs ar", title="speed vs repetition")
+    axes[1].set(xlabel="speedup vs ar (tok/s)", ylabel="exact match with ar", title="speed vs fidelity")
+    for ax in axes:
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{doc['environment']['model']} on {doc['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

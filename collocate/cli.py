@@ -1,0 +1,191 @@
+"""The `collocate` command line.
+
+    collocate models
+    collocate info smollm2-135m-k4
+    collocate generate --prompt "Why is the sky blue?" --chat --mode verify
+    collocate train --model smollm2-135m --k 4 --samples 2000 --out runs/smollm2-k4
+    collocate bench --suite mtbench,gsm8k --modes ar,clp,verify --n 10 --out bench/results/cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .zoo import DEFAULT_MODEL, ZOO, is_cached, model_dir
+
+
+def cmd_models(args) -> int:
+    print(f"{'name':<22}{'size':>9}  {'cached':<8}source")
+    for m in ZOO.values():
+        print(f"{m.name:<22}{m.size_mb:>6} MB  {'yes' if is_cached(m.name) else 'no':<8}{m.source}")
+    print(f"\ncache: {model_dir('').parent}  (set COLLOCATE_CACHE to move it)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import MTPBundle
+
+    bundle = MTPBundle.from_pretrained(args.bundle)
+    c = bundle.config
+    counts = bundle.param_counts()
+    print(f"bundle      {args.bundle}\nbase model  {c.base_model}\nk           {c.k} (heads for offsets "
+          f"{', '.join('+' + str(o) for o in bundle.heads.offsets)})\nhidden      {c.hidden_size}\n"
+          f"vocabulary  {c.vocab_size}\nlayers/head {c.layers}\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
+    print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,} ({c.clp_features})  "
+          f"gates {counts['gates']:,}" + ("" if c.has_gates else " (none)"))
+    report = Path(args.bundle) / "train_report.json"
+    if report.exists():
+        acc = json.loads(report.read_text()).get("heldout_head_accuracy", {})
+        print("held-out top-1  " + "  ".join(f"{o} {v['top1']:.1%}" for o, v in acc.items()))
+    return 0
+
+
+def load_for_decoding(args):
+    """Backbone + bundle (checked against each other) + decoder, from --model/--heads/--device."""
+    import torch
+
+    from .bundle import MTPBundle, default_bundle_for
+    from .decode import Decoder
+    from .zoo import load_backbone
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model, tokenizer = load_backbone(args.model, dtype=dtype, device=args.device)
+    heads = args.heads or (default_bundle_for(args.model) if args.mode != "ar" or getattr(args, "modes", None) else None)
+    bundle = MTPBundle.from_pretrained(heads, backbone=model, backbone_name=args.model) if heads else None
+    return Decoder(model, tokenizer, bundle), tokenizer
+
+
+def decode_config(args, mode: str):
+    from .decode import DecodeConfig
+
+    return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
+                        adaptive=args.adaptive and mode == "verify", stop=tuple(args.stop or ()))
+
+
+def cmd_generate(args) -> int:
+    from .data import encode
+
+    cfg = decode_config(args, args.mode)
+    dec, tokenizer = load_for_decoding(args)
+    if not args.prompt.strip():
+        raise SystemExit("collocate: error: empty prompt")
+    ids = encode(tokenizer, args.prompt, chat=args.chat)
+    printed = ""
+    out: list[int] = []
+
+    def stream(new):  # decode the whole answer each time: correct across multi-byte tokens
+        nonlocal printed
+        out.extend(new)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    r = dec.generate(ids, cfg, on_tokens=stream)
+    s = r.stats
+    extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in ("clp", "gate", "compete") else ""
+    extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""
+    print(f"\n\n[{args.mode}] {s.new_tokens} tokens in {s.steps} steps, tau {s.tau:.2f}, "
+          f"{s.tok_per_s:.1f} tok/s, finished by {r.finish_reason}{extra}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, run_training
+
+    cfg = TrainConfig(model=args.model, out=args.out, k=args.k, samples=args.samples, epochs=args.epochs,
+                      mix=tuple(x for x in (args.mix or "").split(",") if x), max_new_tokens=args.max_new_tokens,
+                      gen_batch=args.gen_batch, shard_size=args.shard_size, lr=args.lr, batch=args.batch,
+                      grad_accum=args.grad_accum, distill=args.distill, clp_features=args.clp_features,
+                      gates=not args.no_gates, compete=args.compete, cache_hidden=not args.no_cache_hidden,
+                      budget_minutes=args.budget_minutes, seed=args.seed)
+    run_training(cfg)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(model=args.model, heads=args.heads, suites=tuple(args.suite.split(",")),
+                      modes=tuple(args.modes.split(",")), n=args.n, max_new_tokens=args.max_new_tokens,
+                      out=args.out, device=args.device, dtype=args.dtype, threshold=args.threshold,
+                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps)
+    run_bench(cfg)
+    return 0
+
+
+def add_decoding_args(p, *, mode: bool = True):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub id, local folder or .gguf file")
+    p.add_argument("--heads", help="MTP bundle folder (default: the bundle shipped for --model, if any)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
+    if mode:
+        p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
+        p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="collocate", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("models", help="the model zoo and what is cached").set_defaults(fn=cmd_models)
+    p = sub.add_parser("info", help="what an MTP bundle holds")
+    p.add_argument("bundle")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("generate", help="stream an answer")
+    add_decoding_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--budget-minutes", type=float)
+    p.add_argument("--mix", help="add prompt kinds: gsm,code")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="answer length of the distilled data")
+    p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--distill", type=float, default=0.0, help="weight of the KL term to the backbone")
+    p.add_argument("--clp-features", default="hidden", choices=["hidden", "hidden+conf"])
+    p.add_argument("--no-gates", action="store_true")
+    p.add_argument("--compete", action="store_true", help="also train a +1 head (head-competition baseline)")
+    p.add_argument("--no-cache-hidden", action="store_true", help="recompute hidden states every epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
+    add_decoding_args(p, mode=False)
+    p.add_argument("--suite", default="mtbench,gsm8k,humaneval")
+    p.add_argument("--modes", default="ar,clp,gate,compete,verify")
+    p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines, used instead of --suite")
+    p.add_argument("--n", type=int, default=10, help="prompts per suite")
+    p.add_argument("--near-tie-eps", type=float, default=0.5)
+    p.add_argument("--out", default="bench/results/latest")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .bundle import BundleError
+    from .decode import DecodeError
+
+    try:
+        return args.fn(args)
+    except (BundleError, DecodeError, ValueError, FileNotFoundError) as e:
+        print(f"collocate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
