@@ -100,7 +100,8 @@ def cmd_train(args) -> int:
                       gen_batch=args.gen_batch, shard_size=args.shard_size, lr=args.lr, batch=args.batch,
                       grad_accum=args.grad_accum, distill=args.distill, clp_features=args.clp_features,
                       gates=not args.no_gates, compete=args.compete, cache_hidden=not args.no_cache_hidden,
-                      budget_minutes=args.budget_minutes, seed=args.seed)
+                      budget_minutes=args.budget_minutes, seed=args.seed, prompts_file=args.prompts,
+                      only=args.only, chat=not args.no_chat)
     run_training(cfg)
     return 0
 
@@ -162,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compete", action="store_true", help="also train a +1 head (head-competition baseline)")
     p.add_argument("--no-cache-hidden", action="store_true", help="recompute hidden states every epoch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines instead of ShareGPT")
+    p.add_argument("--no-chat", action="store_true", help="feed prompts raw, without the chat template")
+    p.add_argument("--only", choices=["data", "features"], help="stop after this stage (resume later)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
     add_decoding_args(p, mode=False)

@@ -1,7 +1,8 @@
 """Self-distillation training of MTP heads, CLP and the gate baseline: one command, resumable.
 
     collocate train --model smollm2-135m --k 4 --samples 2000 --out runs/smollm2-k4
-    accelerate launch --num_processes 2 -m collocate.cli train ...   # data-parallel, same bundle
+    accelerate launch --multi_gpu --num_processes 2 -m collocate.cli train ...   # data-parallel, same bundle
+    (on CPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...)
 
 Stages, each resumable after a kill:
   1. data      the backbone's own greedy answers to real prompts, in atomic shards + a manifest;
@@ -57,13 +58,17 @@ class TrainConfig:
     budget_minutes: float | None = None
     seed: int = 0
     chat: bool = True
+    prompts_file: str | None = None  # JSONL of {"prompt": ...}: your own prompts instead of ShareGPT
+    only: str | None = None  # stop after this stage ("data" or "features")
 
     def __post_init__(self):
         self.mix = tuple(self.mix)
         if self.k < 2:
             raise ValueError(f"--k must be >= 2, got {self.k}")
-        if self.samples < 2 * self.shard_size and self.samples < 2:
+        if self.samples < 2:
             raise ValueError("--samples must be at least 2")
+        if self.only not in (None, "data", "features"):
+            raise ValueError(f"--only takes 'data' or 'features', got {self.only!r}")
         if self.epochs < 1 or self.batch < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch and --grad-accum must be >= 1")
 
@@ -108,9 +113,12 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
             raise ValueError(f"{run} was started with other data settings {saved['settings']}; "
                              "use another --out or the same settings")
         return saved["ids"]
-    from .data import encode, training_prompts
+    from .data import encode, suite_prompts, training_prompts
 
-    texts = training_prompts(cfg.samples * 2, mix=cfg.mix, seed=cfg.seed)  # spare for length filtering
+    if cfg.prompts_file:
+        texts = [p.text for p in suite_prompts(cfg.prompts_file)]
+    else:
+        texts = training_prompts(cfg.samples * 2, mix=cfg.mix, seed=cfg.seed)  # spare for length filtering
     ids = [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
     if len(ids) < cfg.samples:
         raise ValueError(f"only {len(ids)} usable prompts for --samples {cfg.samples}")
@@ -123,7 +131,8 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
 def prompt_settings(cfg: TrainConfig) -> dict:
     return {"model": cfg.model, "samples": cfg.samples, "mix": list(cfg.mix), "seed": cfg.seed,
             "max_prompt_tokens": cfg.max_prompt_tokens, "max_new_tokens": cfg.max_new_tokens,
-            "shard_size": cfg.shard_size, "chat": cfg.chat}
+            "shard_size": cfg.shard_size, "chat": cfg.chat,
+            **({"prompts_file": cfg.prompts_file} if cfg.prompts_file else {})}
 
 
 def shard_path(run: Path, i: int) -> Path:
@@ -302,7 +311,7 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
         epoch0, history = state["epoch"], state["history"]
         say(f"resuming head training after epoch {epoch0}")
     sizes = [len(shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden).hidden) for i in train_ids]
-    steps_per_epoch = sum(math.ceil(n / cfg.batch) for n in sizes) // (cfg.grad_accum * accel.num_processes)
+    steps_per_epoch = sum(math.ceil(n // accel.num_processes / cfg.batch) for n in sizes) // cfg.grad_accum
     total = max(1, steps_per_epoch * cfg.epochs)
     step, start = epoch0 * steps_per_epoch, time.perf_counter()
     rank, world = accel.process_index, accel.num_processes
@@ -315,11 +324,9 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
         for i in order:
             feats = shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
             perm = torch.randperm(len(feats.hidden), generator=g)
-            chunks = perm.split(cfg.batch)
-            for c, rows in enumerate(chunks):
-                bar.update(len(rows))
-                if c % world != rank:
-                    continue
+            mine = perm[: len(perm) // world * world][rank::world]  # equal shares: DDP needs equal step counts
+            for rows in mine.split(cfg.batch):
+                bar.update(len(rows) * world)
                 h = feats.hidden[rows].to(device, torch.float32)
                 th = teacher_rows(feats, rows, bundle.heads.offsets).to(device) if cfg.distill else None
                 with accel.autocast():
@@ -401,7 +408,7 @@ def train_clp(data: PolicyData, bundle: MTPBundle, features: str, cfg: TrainConf
     clp = CLP(bundle.config.hidden_size, cfg.k, features=features)
     labels = data.clp_labels(first)
     target_w = class_weights(labels, cfg.k)
-    opt = torch.optim.AdamW(clp.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(clp.parameters(), lr=1e-2, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     n_steps = cfg.clp_epochs * math.ceil(len(labels) / 512)
     warm = max(1, int(0.3 * n_steps))
@@ -415,7 +422,7 @@ def train_clp(data: PolicyData, bundle: MTPBundle, features: str, cfg: TrainConf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
-                group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+                group["lr"] = 1e-2 * 0.5 * (1 + math.cos(math.pi * step / n_steps))
             opt.step()
             step += 1
     return clp.eval()
@@ -505,6 +512,8 @@ def run_training(cfg: TrainConfig) -> dict:
     report["stages"]["data"] = {"seconds": time.perf_counter() - t0, "samples": manifest["samples"],
                                 "answer_tokens": manifest["answer_tokens"]}
     say(f"data: {manifest['samples']} answers, {manifest['answer_tokens']} tokens")
+    if cfg.only == "data":
+        return report
 
     held = list(range(cfg.n_shards - cfg.heldout_shards, cfg.n_shards))
     train_ids = [i for i in range(cfg.n_shards) if i not in held]
@@ -514,6 +523,8 @@ def run_training(cfg: TrainConfig) -> dict:
             shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
     accel.wait_for_everyone()
     report["stages"]["features"] = {"seconds": time.perf_counter() - t0}
+    if cfg.only == "features":
+        return report
 
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
                                     compete=cfg.compete, clp_features=cfg.clp_features).to(device)

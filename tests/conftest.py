@@ -37,3 +37,33 @@ def llama():
 @pytest.fixture
 def qwen():
     return tiny_qwen()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 96 ids: 'w3 w17 ...' <-> [3, 17, ...]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 96)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(path, seed=0):
+    """A tiny Llama + tokenizer saved as a local HF folder, loadable by load_backbone."""
+    model = tiny_llama(seed=seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_prompts(path, n, seed=0):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 9)))}) + "\n")
+    return str(path)

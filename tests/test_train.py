@@ -1,0 +1,140 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collocate.bundle import BundleError, MTPBundle
+from collocate.train import PolicyData, TrainConfig, run_training, train_clp, train_gates
+from conftest import save_tiny, write_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp, model, prompts, out="run", **kw):
+    base = dict(model=model, out=str(tmp / out), k=3, samples=24, shard_size=6, gen_batch=6, max_new_tokens=24,
+                epochs=3, batch=64, lr=3e-3, prompts_file=prompts, chat=False, clp_epochs=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    model = save_tiny(tmp / "tiny")
+    prompts = write_prompts(tmp / "p.jsonl", 40)
+    cfg = tiny_cfg(tmp, model, prompts)
+    return tmp, cfg, run_training(cfg)
+
+
+def test_training_loss_falls_and_report_is_complete(trained):
+    tmp, cfg, report = trained
+    hist = report["stages"]["heads"]["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["last_loss"] < hist[0]["first_loss"]
+    assert set(report["heldout_head_accuracy"]) == {"+2", "+3"}
+    assert set(report["clp"]) == {"hidden", "hidden+conf"}
+    for variant in report["clp"].values():
+        assert len(variant["confusion"]) == cfg.k and "0.95" in variant["thresholds"]
+    assert (Path(cfg.out) / "train_report.json").exists()
+    assert report["stages"]["data"]["samples"] == cfg.samples
+
+
+def test_trained_bundle_refuses_other_backbone(trained, tmp_path):
+    from collocate.zoo import load_backbone
+
+    tmp, cfg, _ = trained
+    own, _ = load_backbone(cfg.model)
+    MTPBundle.from_pretrained(cfg.out, backbone=own)
+    other, _ = load_backbone(save_tiny(tmp_path / "other", seed=7))
+    with pytest.raises(BundleError, match="LM-head weights differ"):
+        MTPBundle.from_pretrained(cfg.out, backbone=other)
+
+
+def test_clp_labels_match_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    correct = torch.rand(500, 4, generator=g) < 0.6
+    data = PolicyData(torch.zeros(500, 8), torch.zeros(500, 4), correct, correct, torch.ones(500, 4, dtype=torch.bool))
+    for first in (0, 1):
+        slow = []
+        for row in correct.tolist():
+            n = 0
+            for ok in row[first:]:
+                if not ok:
+                    break
+                n += 1
+            slow.append(n)
+        assert data.clp_labels(first).tolist() == slow
+
+
+def test_clp_and_gates_learn_from_the_same_features(llama):
+    """A synthetic task where head j is right iff hidden[j] > 0: both policies must beat chance."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4000, 32, generator=g)
+    correct = h[:, :3] > 0
+    data = PolicyData(h, torch.rand(4000, 3, generator=g), correct, correct, torch.ones(4000, 3, dtype=torch.bool))
+    bundle = MTPBundle.for_backbone(llama, k=4, base_model="tiny", has_gates=True)
+    cfg = TrainConfig(model="tiny", out="unused", k=4, clp_epochs=30)
+    clp, gates = train_clp(data, bundle, "hidden", cfg), train_gates(data, bundle, cfg)
+    labels = data.clp_labels(0)
+    with torch.no_grad():
+        clp_acc = (clp(h).argmax(-1) == labels).float().mean().item()
+        gate_acc = ((gates(h) > 0) == correct).float().mean().item()
+    majority = torch.bincount(labels).max().item() / len(labels)
+    assert clp_acc > majority + 0.15
+    assert gate_acc > 0.9
+
+
+def shards(run):
+    return {p.name: load_file(str(p)) for p in sorted((Path(run) / "work" / "data").glob("shard-*.safetensors"))}
+
+
+def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 60)
+    args = ["--model", model, "--k", "3", "--samples", "48", "--shard-size", "4", "--gen-batch", "4",
+            "--max-new-tokens", "160", "--prompts", prompts, "--no-chat", "--only", "data"]
+    cmd = [sys.executable, "-m", "collocate.cli", "train", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "work" / "data").glob("shard-*.safetensors"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(shards(killed))
+    assert 2 <= partial < 12, f"kill landed outside the data stage ({partial} shards)"
+    subprocess.run(cmd + ["--out", str(killed)], env=env, check=True, capture_output=True)
+    subprocess.run(cmd + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    a, b = shards(killed), shards(tmp_path / "whole")
+    assert list(a) == list(b) and len(a) == 12
+    for name in a:
+        for key in ("tokens", "offsets", "prompt_lens"):
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert not list((killed / "work" / "data").glob("*.tmp*"))
+
+
+def test_data_parallel_training_with_accelerate(tmp_path):
+    pytest.importorskip("accelerate")
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "collocate.cli", "train", "--model", model,
+           "--out", str(out), "--k", "3", "--samples", "24", "--shard-size", "6", "--gen-batch", "6",
+           "--max-new-tokens", "24", "--epochs", "3", "--batch", "64", "--lr", "3e-3", "--prompts", prompts, "--no-chat"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["processes"] == 2
+    hist = report["stages"]["heads"]["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    MTPBundle.from_pretrained(out)  # the same bundle format
