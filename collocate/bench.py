@@ -186,7 +186,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             r = run_one(dec, spec, p.ids, cfg.max_new_tokens)
             ref_result = ref["_results"][i] if ref else None
             rows.append(score_prompt(dec, p, r, ref_result, cfg.near_tie_eps))
-            if r.proposals and n_heads:
+            if r.proposals and n_heads and spec.mode == "verify":  # verify's output is ar's: a fair yardstick
                 accs.append(head_accuracy(r, n_heads))
             rows[-1]["suite"] = p.id.split("-")[0] if "/" not in p.id else "humaneval"
         results[spec.label] = {"spec": asdict(spec), "rows": rows, "_results": [None] * len(rows),
@@ -194,6 +194,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if spec.label == "ar":
             results["ar"]["_results"] = [DecodeResult(r["tokens"], r["text"], DecodeStats(), r["finish"])
                                          for r in rows]
+        write_outputs(cfg, results, dec, quiet=True)  # partial results survive a kill
     return write_outputs(cfg, results, dec)
 
 
@@ -205,17 +206,16 @@ def environment(cfg: BenchConfig, dec) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def write_outputs(cfg: BenchConfig, results: dict, dec) -> dict:
+def write_outputs(cfg: BenchConfig, results: dict, dec, *, quiet: bool = False) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for r in results.values():
-        r.pop("_results", None)
     doc = {"config": asdict(cfg), "environment": environment(cfg, dec),
            "summary": {m: r["summary"] for m, r in results.items()}, "per_prompt": {m: r["rows"] for m, r in results.items()}}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     (out / "results.md").write_text(markdown_table(doc))
     plot(doc, out / "speed_quality.png")
-    print(markdown_table(doc))
+    if not quiet:
+        print(markdown_table(doc))
     return doc
 
 

@@ -2,6 +2,7 @@
 
     collocate models
     collocate info smollm2-135m-k4
+    collocate demo
     collocate generate --prompt "Why is the sky blue?" --chat --mode verify
     collocate train --model smollm2-135m --k 4 --samples 2000 --out runs/smollm2-k4
     collocate bench --suite mtbench,gsm8k --modes ar,clp,verify --n 10 --out bench/results/cpu
@@ -42,7 +43,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def load_for_decoding(args):
+def load_for_decoding(args, *, need_heads: bool):
     """Backbone + bundle (checked against each other) + decoder, from --model/--heads/--device."""
     import torch
 
@@ -52,7 +53,7 @@ def load_for_decoding(args):
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tokenizer = load_backbone(args.model, dtype=dtype, device=args.device)
-    heads = args.heads or (default_bundle_for(args.model) if args.mode != "ar" or getattr(args, "modes", None) else None)
+    heads = args.heads or (default_bundle_for(args.model) if need_heads else None)
     bundle = MTPBundle.from_pretrained(heads, backbone=model, backbone_name=args.model) if heads else None
     return Decoder(model, tokenizer, bundle), tokenizer
 
@@ -68,7 +69,7 @@ def cmd_generate(args) -> int:
     from .data import encode
 
     cfg = decode_config(args, args.mode)
-    dec, tokenizer = load_for_decoding(args)
+    dec, tokenizer = load_for_decoding(args, need_heads=args.mode != "ar")
     if not args.prompt.strip():
         raise SystemExit("collocate: error: empty prompt")
     ids = encode(tokenizer, args.prompt, chat=args.chat)
@@ -92,6 +93,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .zoo import convert_gguf
+
+    convert_gguf(Path(args.gguf), Path(args.out))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import TrainConfig, run_training
 
@@ -112,8 +120,46 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(model=args.model, heads=args.heads, suites=tuple(args.suite.split(",")),
                       modes=tuple(args.modes.split(",")), n=args.n, max_new_tokens=args.max_new_tokens,
                       out=args.out, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps)
+                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine)
     run_bench(cfg)
+    return 0
+
+
+DEMO_PROMPTS = (
+    "Explain in three sentences why the sky is blue.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "A baker makes 12 muffins per tray and bakes 7 trays. She sells 60 muffins. How many are left?",
+)
+
+
+def cmd_demo(args) -> int:
+    """The embedded model with its shipped bundle: ar, clp and verify side by side."""
+    from .data import encode
+    from .metrics import first_divergence
+
+    dec, tokenizer = load_for_decoding(args, need_heads=True)
+    modes = ("ar", "clp", "verify")
+    totals = {m: [0, 0, 0.0, 0, 0, 0] for m in modes}  # tokens, steps, seconds, exact, wrong, checked
+    dec.generate(encode(tokenizer, "Hi"), decode_config(args, "verify"))  # warm-up
+    for prompt in DEMO_PROMPTS:
+        print(f"\n=== {prompt}")
+        ids, ref = encode(tokenizer, prompt), None
+        for mode in modes:
+            r = dec.generate(ids, decode_config(args, mode))
+            ref = ref or r
+            same = first_divergence(ref.tokens, r.tokens) is None
+            t = totals[mode]
+            t[0], t[1], t[2] = t[0] + r.stats.new_tokens, t[1] + r.stats.steps, t[2] + r.stats.seconds
+            t[3], t[4], t[5] = t[3] + same, t[4] + r.stats.head_wrong, t[5] + r.stats.head_checked
+            body = "(identical to ar)" if same and mode != "ar" else r.text.strip()
+            print(f"--- {mode} (tau {r.stats.tau:.2f}, {r.stats.tok_per_s:.1f} tok/s)\n{body}")
+    ar_speed = totals["ar"][0] / totals["ar"][2]
+    print(f"\n{'mode':<8}{'tokens':>7}{'steps':>7}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'same as ar':>12}{'wrong head tok':>16}")
+    for mode, (toks, steps, secs, exact, wrong, checked) in totals.items():
+        wrong_s = f"{wrong / checked:.0%}" if checked else "-"
+        print(f"{mode:<8}{toks:>7}{steps:>7}{toks / steps:>6.2f}{toks / secs:>8.1f}{toks / secs / ar_speed:>8.2f}x"
+              f"{exact:>8}/{len(DEMO_PROMPTS)}{wrong_s:>16}")
+    print(f"\n{dec.device.type} timings; verify is lossless by construction. collocate bench has the full suite.")
     return 0
 
 
@@ -143,6 +189,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("convert", help="dequantize a .gguf once into a bf16 Hugging Face folder")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
+    add_decoding_args(p, mode=False)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, stop=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True)
@@ -173,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="ar,clp,gate,compete,verify")
     p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines, used instead of --suite")
     p.add_argument("--n", type=int, default=10, help="prompts per suite")
-    p.add_argument("--near-tie-eps", type=float, default=0.5)
+    p.add_argument("--near-tie-eps", type=float, default=0.5, help="logit gap under which a divergence is a near-tie")
+    p.add_argument("--engine", default="eager", choices=["eager", "fast"], help="fast: static cache + CUDA graphs")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(fn=cmd_bench)
     return ap

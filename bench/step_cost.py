@@ -1,0 +1,84 @@
+"""Milliseconds per decoding step at widths 1..5 for random-weight models of exact Qwen2.5 shapes.
+
+    python bench/step_cost.py --shape 7b --out bench/results/gpu-2026-11-28/step_cost_7b.json
+
+Random weights give honest step timings (the work per step does not depend on the values). Each
+step is the fast engine's forward + LM head + argmax, replayed as a CUDA graph.
+"""
+import argparse
+import json
+import statistics
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from collocate.fast import StaticLM
+
+SHAPES = {  # Qwen2.5 published configurations
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def build(shape: str):
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (m,), device="cuda")
+    pos = torch.arange(context, context + m, device="cuda")
+    head = model.get_output_embeddings()
+
+    def step():
+        return head(lm.forward(ids, pos)).argmax(-1)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b", choices=list(SHAPES))
+    ap.add_argument("--context", type=int, default=512, help="tokens already in the cache")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = build(args.shape)
+    lm = StaticLM(model, args.max_len)
+    rows = {m: time_width(model, lm, m, args.context) for m in range(1, 6)}
+    params = sum(p.numel() for p in model.parameters())
+    result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "params": params, "context": args.context,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "ms_per_step": rows, "relative_to_width_1": {m: t / rows[1] for m, t in rows.items()}}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The fast engine's step logic, run on the CPU without graphs, equals the eager reference."""
+import pytest
+import torch
+
+from collocate.decode import DecodeConfig, Decoder
+from collocate.fast import FastDecoder, StaticLM, fast_or_eager
+from conftest import randomize, tiny_llama, tiny_qwen
+from test_decode import bundle_for, prompts
+
+MODES = [("ar", None, False), ("verify", None, False), ("verify", None, True), ("verify", 0.3, True),
+         ("clp", None, False), ("clp", 0.5, False), ("gate", 0.0, False), ("gate", None, False),
+         ("compete", 0.0, False), ("compete", 0.5, False)]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+def test_static_forward_matches_hf_hidden_states(make):
+    model = make()
+    lm = StaticLM(model, max_len=64)
+    ids = torch.randint(3, 96, (10,))
+    ref = model.base_model(ids[None]).last_hidden_state[0]
+    torch.testing.assert_close(lm.forward(ids, torch.arange(10)), ref, rtol=1e-5, atol=1e-5)
+    # the same sequence fed in pieces through the cache
+    h1 = lm.forward(ids[:6], torch.arange(6))
+    h2 = lm.forward(ids[6:], torch.arange(6, 10))
+    torch.testing.assert_close(torch.cat([h1, h2]), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+@pytest.mark.parametrize("mode,threshold,adaptive", MODES)
+def test_fast_engine_equals_eager_token_for_token(make, mode, threshold, adaptive):
+    model = make()
+    bundle = bundle_for(model, compete=True, seed=3)
+    bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)  # CLP that sometimes accepts
+    eager = Decoder(model, bundle=bundle, eos_token_ids=[2])
+    fast = FastDecoder(model, bundle=bundle, eos_token_ids=[2], graphs=False, max_len=128)
+    for p in prompts(4, seed=9):
+        cfg = DecodeConfig(mode=mode, max_new_tokens=40, threshold=threshold, adaptive=adaptive)
+        a, b = eager.generate(p, cfg), fast.generate(p, cfg)
+        assert b.tokens == a.tokens
+        for field in ("steps", "head_accepted", "head_wrong", "head_checked", "drafted", "draft_accepted"):
+            assert getattr(b.stats, field) == getattr(a.stats, field), field
+        assert b.proposals == a.proposals
+
+
+def test_fast_or_eager_falls_back_on_cpu(llama):
+    assert type(fast_or_eager(llama)) is Decoder
