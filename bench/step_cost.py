@@ -14,7 +14,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from collocate.fast import StaticLM
 
-SHAPES = {  # Qwen2.5 published configurations
+SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -24,10 +26,10 @@ SHAPES = {  # Qwen2.5 published configurations
 }
 
 
-def build(shape: str):
+def build(shape: str, device: str = "cuda"):
     cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
     torch.set_default_dtype(torch.float32)
     return model

@@ -47,9 +47,8 @@ class CLP(nn.Module):
             return logits.argmax(-1)
         p = logits.softmax(-1)
         p_at_least = p.flip(-1).cumsum(-1).flip(-1)  # P(label >= c); c = 0 is always 1
-        ok = p_at_least >= threshold
-        ok[..., 0] = True
         idx = torch.arange(self.k, device=p.device)
+        ok = (p_at_least >= threshold) | (idx == 0)
         return torch.where(ok, idx, 0).amax(-1)
 
 

@@ -57,13 +57,17 @@ class StaticLM:
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.key_pos = torch.arange(max_len, device=w.device)
         self.max_len = max_len
+        # rotary tables for every position, from the model's own rotary module (any rope scaling it
+        # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph
+        with torch.no_grad():
+            cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None])
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids, pos: (m,) -> (m, d) final-norm hidden states; writes K/V at `pos`."""
         m = ids.shape[0]
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
-        cos, sin = self.body.rotary_emb(x, pos[None])
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, m, hd)
+        cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
         mask = (self.key_pos[None, :] <= pos[:, None]).repeat(self.group, 1)[None, None]  # (1, 1, g*m, max_len)
         for i, layer in enumerate(self.body.layers):
             a = layer.self_attn
@@ -79,7 +83,7 @@ class StaticLM:
             qg = q.reshape(1, self.n_kv, self.group * m, self.head_dim)
             o = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i], attn_mask=mask,
                                                scale=getattr(a, "scaling", None))
-            o = o.view(1, self.n_heads, m, self.head_dim)
+            o = o.reshape(1, self.n_heads, m, self.head_dim)
             x = x + a.o_proj(o.transpose(1, 2).reshape(1, m, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.body.norm(x)[0]

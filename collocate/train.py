@@ -556,8 +556,9 @@ def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
         if features == cfg.clp_features:
             bundle.clp.load_state_dict(clp.state_dict())
     if cfg.gates:
-        bundle.gates.load_state_dict(train_gates(train_data, bundle, cfg).state_dict())
-        out["gates"] = gate_report(bundle.gates, held_data, bundle.heads.offsets)
+        gates = train_gates(train_data, bundle, cfg)  # on the CPU, like the policy data
+        out["gates"] = gate_report(gates, held_data, bundle.heads.offsets)
+        bundle.gates.load_state_dict(gates.state_dict())
     out["stages_policies_seconds"] = time.perf_counter() - t0
     return out
 
