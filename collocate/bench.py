@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .decode import DecodeConfig, DecodeResult, DecodeStats
+from .decode import DecodeConfig, DecodeResult, DecodeStats, load_decoder
 from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
 
 # What the paper's abstract reports, for the table. It gives no per-suite numbers.
@@ -64,22 +64,6 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
     if name not in known:
         raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive")
     return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
-
-
-def load(cfg: BenchConfig):
-    from .bundle import MTPBundle, default_bundle_for
-    from .decode import Decoder
-    from .zoo import load_backbone
-
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model, tokenizer = load_backbone(cfg.model, dtype=dtype, device=cfg.device)
-    heads = cfg.heads or default_bundle_for(cfg.model)
-    bundle = MTPBundle.from_pretrained(heads, backbone=model, backbone_name=cfg.model) if heads else None
-    if cfg.engine == "fast":
-        from .fast import FastDecoder
-
-        return FastDecoder(model, tokenizer, bundle), tokenizer
-    return Decoder(model, tokenizer, bundle), tokenizer
 
 
 def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> DecodeResult:
@@ -169,7 +153,8 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    dec, tokenizer = load(cfg)
+    dec = load_decoder(cfg.model, heads=cfg.heads, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine)
+    tokenizer = dec.tokenizer
     specs = [parse_mode(m, cfg.threshold) for m in cfg.modes]
     if specs[0].mode != "ar":
         specs = [parse_mode("ar", None)] + [s for s in specs if s.label != "ar"]  # ar is the reference
@@ -179,23 +164,25 @@ def run_bench(cfg: BenchConfig) -> dict:
     for spec in specs:  # warm-up: first-call costs stay out of every timing
         run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens))
     results: dict[str, dict] = {}
+    reference: list[DecodeResult] | None = None  # ar's answers, which every other mode is compared with
     for spec in specs:
-        ref = results.get("ar")
-        rows, accs = [], []
+        rows, accs, answers = [], [], []
         for i, p in enumerate(tqdm(prompts, desc=f"bench {spec.label}", unit="prompt")):
             r = run_one(dec, spec, p.ids, cfg.max_new_tokens)
-            ref_result = ref["_results"][i] if ref else None
-            rows.append(score_prompt(dec, p, r, ref_result, cfg.near_tie_eps))
+            answers.append(r)
+            rows.append(score_prompt(dec, p, r, reference[i] if reference else None, cfg.near_tie_eps))
+            rows[-1]["suite"] = suite_of(p.id)
             if r.proposals and n_heads and spec.mode == "verify":  # verify's output is ar's: a fair yardstick
                 accs.append(head_accuracy(r, n_heads))
-            rows[-1]["suite"] = p.id.split("-")[0] if "/" not in p.id else "humaneval"
-        results[spec.label] = {"spec": asdict(spec), "rows": rows, "_results": [None] * len(rows),
-                               "summary": summarize(rows, ref["rows"] if ref else None, n_heads, accs)}
-        if spec.label == "ar":
-            results["ar"]["_results"] = [DecodeResult(r["tokens"], r["text"], DecodeStats(), r["finish"])
-                                         for r in rows]
+        ref_rows = results["ar"]["rows"] if reference else None
+        results[spec.label] = {"spec": asdict(spec), "rows": rows, "summary": summarize(rows, ref_rows, n_heads, accs)}
+        reference = reference or answers
         write_outputs(cfg, results, dec, quiet=True)  # partial results survive a kill
     return write_outputs(cfg, results, dec)
+
+
+def suite_of(prompt_id: str) -> str:
+    return "humaneval" if prompt_id.startswith("HumanEval/") else prompt_id.split("-")[0]
 
 
 def environment(cfg: BenchConfig, dec) -> dict:

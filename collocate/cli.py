@@ -26,7 +26,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .bundle import MTPBundle
+    from .bundle import MTPBundle, resolve_bundle
 
     bundle = MTPBundle.from_pretrained(args.bundle)
     c = bundle.config
@@ -36,7 +36,7 @@ def cmd_info(args) -> int:
           f"vocabulary  {c.vocab_size}\nlayers/head {c.layers}\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
     print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,} ({c.clp_features})  "
           f"gates {counts['gates']:,}" + ("" if c.has_gates else " (none)"))
-    report = Path(args.bundle) / "train_report.json"
+    report = resolve_bundle(args.bundle) / "train_report.json"
     if report.exists():
         acc = json.loads(report.read_text()).get("heldout_head_accuracy", {})
         print("held-out top-1  " + "  ".join(f"{o} {v['top1']:.1%}" for o, v in acc.items()))
@@ -44,18 +44,10 @@ def cmd_info(args) -> int:
 
 
 def load_for_decoding(args, *, need_heads: bool):
-    """Backbone + bundle (checked against each other) + decoder, from --model/--heads/--device."""
-    import torch
+    from .decode import load_decoder
 
-    from .bundle import MTPBundle, default_bundle_for
-    from .decode import Decoder
-    from .zoo import load_backbone
-
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tokenizer = load_backbone(args.model, dtype=dtype, device=args.device)
-    heads = args.heads or (default_bundle_for(args.model) if need_heads else None)
-    bundle = MTPBundle.from_pretrained(heads, backbone=model, backbone_name=args.model) if heads else None
-    return Decoder(model, tokenizer, bundle), tokenizer
+    dec = load_decoder(args.model, heads=args.heads, need_heads=need_heads, device=args.device, dtype=args.dtype)
+    return dec, dec.tokenizer
 
 
 def decode_config(args, mode: str):
@@ -67,11 +59,12 @@ def decode_config(args, mode: str):
 
 def cmd_generate(args) -> int:
     from .data import encode
+    from .decode import DecodeError
 
     cfg = decode_config(args, args.mode)
-    dec, tokenizer = load_for_decoding(args, need_heads=args.mode != "ar")
     if not args.prompt.strip():
-        raise SystemExit("collocate: error: empty prompt")
+        raise DecodeError("empty prompt: give --prompt some text")
+    dec, tokenizer = load_for_decoding(args, need_heads=args.mode != "ar")
     ids = encode(tokenizer, args.prompt, chat=args.chat)
     printed = ""
     out: list[int] = []

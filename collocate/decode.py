@@ -94,6 +94,23 @@ class Proposal:
     overrides: int = 0  # compete: +1 head tokens emitted over the backbone's own choice
 
 
+def accept(bundle, cfg: DecodeConfig, h, own, heads_tok, head_logits):
+    """The acceptance rules of the unverified modes, in tensor ops only (the fast engine runs them inside
+    a CUDA graph). Returns (tokens: t+1 then the head tokens, how many head tokens to take, overrides)."""
+    zero = torch.zeros((), dtype=torch.long, device=own.device)
+    thr = 0.5 if cfg.threshold is None else cfg.threshold
+    if cfg.mode == "clp":  # one span decision
+        return torch.cat([own.view(1), heads_tok]), bundle.clp.accept(h, head_logits, threshold=cfg.threshold), zero
+    p = bundle.gates(h).float().sigmoid()
+    if cfg.mode == "gate":  # one by one until the first gate below the threshold
+        p = p[-heads_tok.shape[0]:]
+        return torch.cat([own.view(1), heads_tok]), (p >= thr).long().cumprod(0).sum(), zero
+    # compete: the +1 head replaces the backbone's token when its gate agrees; the rest as gates
+    override = (p[0] >= thr) & (heads_tok[0] != own)
+    first = torch.where(override, heads_tok[0], own)
+    return torch.cat([first.view(1), heads_tok[1:]]), (p[1:] >= thr).long().cumprod(0).sum(), override.long()
+
+
 def pick(logits: torch.Tensor) -> torch.Tensor:
     """The one token-choice rule of every mode: greedy."""
     return logits.argmax(-1)
@@ -140,43 +157,23 @@ class Decoder:
 
     def head_tokens(self, h: torch.Tensor, *, with_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Head argmax tokens and logits from one hidden row: offsets 2..k (and +1 if with_first)."""
-        heads = self.bundle.heads
-        blocks = heads.blocks if with_first or not heads.compete else heads.blocks[1:]
-        states = torch.stack([b(h.to(heads.blocks[0][0].linear.weight.dtype)) for b in blocks])
+        states = self.bundle.heads(h, with_first=with_first)
         logits = self.lm_head(states.to(self.lm_head.weight.dtype))  # one matmul for all heads
         return pick(logits), logits
-
-    def gate_probs(self, h: torch.Tensor) -> torch.Tensor:
-        return self.bundle.gates(h).float().sigmoid()
 
     # -- the acceptance rules ---------------------------------------------------------------------
     def propose(self, h: torch.Tensor, own: int, cfg: DecodeConfig) -> Proposal:
         """What to emit after the newest token, from its hidden row and the backbone's own choice."""
         if cfg.mode == "ar":
             return Proposal([own], 0, [])
-        if cfg.mode == "compete":
-            return self.propose_compete(h, own, cfg)
-        tokens, logits = self.head_tokens(h)
-        proposals = tokens.tolist()
+        tokens, logits = self.head_tokens(h, with_first=cfg.mode == "compete")
         if cfg.mode == "verify":
-            n = int(self.bundle.clp.accept(h, logits, threshold=cfg.threshold)) if cfg.adaptive else len(proposals)
-            return Proposal([own], 0, proposals[:n])
-        if cfg.mode == "clp":
-            n = int(self.bundle.clp.accept(h, logits, threshold=cfg.threshold))
-        else:  # gate: accept one by one until the first gate below threshold
-            p = self.gate_probs(h)[-len(proposals):]
-            n = leading_true(p >= (0.5 if cfg.threshold is None else cfg.threshold))
-        return Proposal([own] + proposals[:n], n, proposals)
-
-    def propose_compete(self, h, own: int, cfg: DecodeConfig):
-        """Head competition: a +1 head may override the backbone's own token when its gate agrees."""
-        tokens, _ = self.head_tokens(h, with_first=True)
-        tokens = tokens.tolist()
-        p = self.gate_probs(h) >= (0.5 if cfg.threshold is None else cfg.threshold)
-        first_from_head = bool(p[0]) and tokens[0] != own
-        n = leading_true(p[1:])
-        first = tokens[0] if first_from_head else own  # an override is wrong by definition: counted now
-        return Proposal([first] + tokens[1:1 + n], n, tokens[1:], overrides=int(first_from_head))
+            n = int(self.bundle.clp.accept(h, logits, threshold=cfg.threshold)) if cfg.adaptive else len(tokens)
+            return Proposal([own], 0, tokens.tolist()[:n])
+        emitted, n, overrides = accept(self.bundle, cfg, h, torch.tensor(own, device=self.device), tokens, logits)
+        n = int(n)
+        drafts = tokens.tolist()[1:] if cfg.mode == "compete" else tokens.tolist()
+        return Proposal(emitted.tolist()[: 1 + n], n, drafts, overrides=int(overrides))
 
     # -- the loop ---------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
@@ -211,7 +208,8 @@ class Decoder:
             agree = torch.tensor(own[:-1]) == torch.tensor(feed[len(feed) - n_tail:], dtype=torch.long)
             if cfg.mode == "verify":
                 a = leading_true(agree)
-                cache.crop(-(n_tail - a)) if n_tail > a else None  # drop rejected drafts: rollback
+                if n_tail > a:
+                    cache.crop(-(n_tail - a))  # drop the rejected drafts: exact rollback
                 emitted = feed[len(feed) - n_tail:][:a] + [own[a]]
                 stats.drafted, stats.draft_accepted = stats.drafted + n_tail, stats.draft_accepted + a
                 drafts = self.propose(h[a], own[a], cfg).drafts
@@ -262,6 +260,24 @@ def cache_keyword(body) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this one knows."""
     params = inspect.signature(body.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "cpu",
+                 dtype: str = "auto", engine: str = "eager"):
+    """Backbone + its bundle (checked against each other) + a decoder, from names as the CLI takes them.
+    heads=None picks the bundle shipped for the model, if any, when need_heads."""
+    from .bundle import MTPBundle, default_bundle_for
+    from .zoo import load_backbone
+
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    backbone, tokenizer = load_backbone(model, dtype=dtypes[dtype], device=device)
+    heads = heads or (default_bundle_for(model) if need_heads else None)
+    bundle = MTPBundle.from_pretrained(heads, backbone=backbone, backbone_name=model) if heads else None
+    if engine == "fast":
+        from .fast import FastDecoder
+
+        return FastDecoder(backbone, tokenizer, bundle)
+    return Decoder(backbone, tokenizer, bundle)
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

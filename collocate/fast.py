@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .decode import DecodeConfig, DecodeResult, DecodeStats, Decoder, cut_at_stop, pick
+from .decode import DecodeConfig, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -118,10 +118,7 @@ class FastDecoder(Decoder):
         return self.unverified_step(h, tail, m, cfg)
 
     def heads_states(self, h: torch.Tensor, *, with_first: bool = False) -> torch.Tensor:
-        heads = self.bundle.heads
-        blocks = heads.blocks if with_first or not heads.compete else heads.blocks[1:]
-        x = h.to(heads.blocks[0][0].linear.weight.dtype)
-        return torch.stack([b(x) for b in blocks], dim=-2).to(h.dtype)  # (..., n_heads, d)
+        return self.bundle.heads(h, with_first=with_first).to(h.dtype)  # (..., n_heads, d)
 
     def verify_step(self, h, tail, n_fixed: int, cfg: DecodeConfig) -> torch.Tensor:
         """Keep the drafts the backbone agrees with; draft again from the last kept row."""
@@ -151,26 +148,12 @@ class FastDecoder(Decoder):
             logits = self.lm_head(states)  # one matmul: the fed rows and every head
             tok = pick(logits)
             own, heads_tok, head_logits = tok[: h.shape[0]], tok[h.shape[0]:], logits[h.shape[0]:]
-            emitted, n, overrides = self.policy(h[-1], own[-1], heads_tok, head_logits, cfg)
+            emitted, n, overrides = accept(self.bundle, cfg, h[-1], own[-1], heads_tok, head_logits)
         wrong = (own[:-1] != tail).sum()
         self.feed[: emitted.shape[0]].copy_(emitted)
         self.pos0.add_(m)
         pad = torch.zeros(k + 1 - emitted.shape[0], dtype=torch.long, device=self.device)
         return torch.cat([n.view(1).long(), wrong.view(1), overrides.view(1), emitted, pad])
-
-    def policy(self, h, own, heads_tok, head_logits, cfg: DecodeConfig):
-        """(tokens, how many head tokens accepted, overrides) for clp, gate and compete."""
-        thr = 0.5 if cfg.threshold is None else cfg.threshold
-        if cfg.mode == "clp":
-            n = self.bundle.clp.accept(h, head_logits, threshold=cfg.threshold)
-            return torch.cat([own.view(1), heads_tok]), n, n_zero(self)
-        p = self.bundle.gates(h).float().sigmoid()
-        if cfg.mode == "gate":
-            p = p[-heads_tok.shape[0]:]
-            return torch.cat([own.view(1), heads_tok]), (p >= thr).long().cumprod(0).sum(), n_zero(self)
-        override = (p[0] >= thr) & (heads_tok[0] != own)  # compete: the +1 head may replace the backbone
-        first = torch.where(override, heads_tok[0], own)
-        return torch.cat([first.view(1), heads_tok[1:]]), (p[1:] >= thr).long().cumprod(0).sum(), override.long()
 
     # -- graphs -----------------------------------------------------------------------------------
     def run_step(self, m: int, n_tail: int, cfg: DecodeConfig) -> torch.Tensor:

@@ -43,9 +43,12 @@ class MTPHeads(nn.Module):
     def n_heads(self) -> int:
         return len(self.offsets)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., d) hidden -> (..., n_heads, d) head states, ready for the LM head."""
-        return torch.stack([block(h) for block in self.blocks], dim=-2)
+    def forward(self, h: torch.Tensor, *, with_first: bool = True) -> torch.Tensor:
+        """(..., d) hidden -> (..., n_heads, d) head states, ready for the LM head.
+        with_first=False leaves out a +1 (competition) head, for every mode but `compete`."""
+        blocks = self.blocks if with_first or not self.compete else self.blocks[1:]
+        x = h.to(self.blocks[0][0].linear.weight.dtype)
+        return torch.stack([block(x) for block in blocks], dim=-2)
 
     def logits(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """(..., d) -> (..., n_heads, V): all heads through the shared LM head in one matmul."""

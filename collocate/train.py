@@ -509,7 +509,8 @@ def run_training(cfg: TrainConfig) -> dict:
     manifest = distill(model, tokenizer, cfg, run)
     accel.wait_for_everyone()
     manifest = write_manifest(cfg, run)
-    report["stages"]["data"] = {"seconds": time.perf_counter() - t0, "samples": manifest["samples"],
+    report["stages"]["data"] = {"seconds": add_stage_time(run, "data", time.perf_counter() - t0),
+                                "samples": manifest["samples"],
                                 "answer_tokens": manifest["answer_tokens"]}
     say(f"data: {manifest['samples']} answers, {manifest['answer_tokens']} tokens")
     if cfg.only == "data":
@@ -522,18 +523,20 @@ def run_training(cfg: TrainConfig) -> dict:
         if i % accel.num_processes == accel.process_index:
             shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
     accel.wait_for_everyone()
-    report["stages"]["features"] = {"seconds": time.perf_counter() - t0}
+    report["stages"]["features"] = {"seconds": add_stage_time(run, "features", time.perf_counter() - t0)}
     if cfg.only == "features":
         return report
 
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
                                     compete=cfg.compete, clp_features=cfg.clp_features).to(device)
     t0 = time.perf_counter()
-    report["stages"]["heads"] = {**train_heads(model, bundle, cfg, run, train_ids, accel),
-                                 "seconds": time.perf_counter() - t0}
+    report["stages"]["heads"] = {**train_heads(model, bundle, cfg, run, train_ids, accel)}
+    report["stages"]["heads"]["seconds"] = add_stage_time(run, "heads", time.perf_counter() - t0)
     if accel.is_main_process:
         bundle.heads.eval()
+        t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held))
+        report["stages"]["policies"] = {"seconds": add_stage_time(run, "policies", time.perf_counter() - t0)}
         report["params"] = bundle.param_counts()
         bundle.to("cpu").save_pretrained(cfg.out)
         write_atomic(Path(cfg.out) / "train_report.json", json.dumps(report, indent=1))
@@ -544,7 +547,6 @@ def run_training(cfg: TrainConfig) -> dict:
 
 
 def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
-    t0 = time.perf_counter()
     train_data = policy_data(model, bundle, cfg, run, train_ids, limit=cfg.policy_positions, seed=cfg.seed)
     held_data = policy_data(model, bundle, cfg, run, held)
     first = 1 if bundle.heads.compete else 0
@@ -559,8 +561,17 @@ def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
         gates = train_gates(train_data, bundle, cfg)  # on the CPU, like the policy data
         out["gates"] = gate_report(gates, held_data, bundle.heads.offsets)
         bundle.gates.load_state_dict(gates.state_dict())
-    out["stages_policies_seconds"] = time.perf_counter() - t0
     return out
+
+
+def add_stage_time(run: Path, stage: str, seconds: float) -> float:
+    """Wall time of a stage summed over every (resumed) run of it, kept in work/stage_seconds.json."""
+    path = run / "stage_seconds.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = times.get(stage, 0.0) + seconds
+    if is_main():
+        write_atomic(path, json.dumps(times, indent=1))
+    return times[stage]
 
 
 def device_name(device) -> str:

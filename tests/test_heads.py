@@ -109,3 +109,21 @@ def test_fingerprint_same_in_float32_and_bf16(llama):
     b.to(torch.bfloat16)
     llama.lm_head.weight.data = b.lm_head.weight.data.float()
     assert fingerprint(llama) == fingerprint(b)
+
+
+def test_bundle_whose_tensors_disagree_with_its_k_is_refused(tmp_path, llama):
+    import json
+
+    MTPBundle.for_backbone(llama, k=4, base_model="tiny").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["k"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="does not match its config.json"):
+        MTPBundle.from_pretrained(tmp_path)
+
+
+def test_unknown_short_name_lists_valid_names():
+    from collocate.zoo import ZOO, resolve
+
+    with pytest.raises(ValueError, match="Short names: " + ", ".join(ZOO)):
+        resolve("no-such-model")

