@@ -152,7 +152,9 @@ def cmd_demo(args) -> int:
         wrong_s = f"{wrong / checked:.0%}" if checked else "-"
         print(f"{mode:<8}{toks:>7}{steps:>7}{toks / steps:>6.2f}{toks / secs:>8.1f}{toks / secs / ar_speed:>8.2f}x"
               f"{exact:>8}/{len(DEMO_PROMPTS)}{wrong_s:>16}")
-    print(f"\n{dec.device.type} timings; verify is lossless by construction. collocate bench has the full suite.")
+    print(f"\n{dec.device.type} timings. verify checks every draft, so its answers are ar's. clp accepts head tokens "
+          "unchecked: 'wrong head tok' is the share the backbone itself would not have written. On a CPU a "
+          "multi-token step costs about as much as its tokens, so the speedups need a GPU (bench/README.md).")
     return 0
 
 

@@ -138,3 +138,12 @@ def test_data_parallel_training_with_accelerate(tmp_path):
     hist = report["stages"]["heads"]["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     MTPBundle.from_pretrained(out)  # the same bundle format
+
+
+def test_distill_kl_term_trains(tmp_path):
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 30)
+    report = run_training(tiny_cfg(tmp_path, model, prompts, samples=12, distill=0.5, gates=False, epochs=2))
+    hist = report["stages"]["heads"]["history"]
+    assert all(h["loss"] == h["loss"] for h in hist) and hist[-1]["loss"] < hist[0]["loss"]  # finite, falling
+    assert "gates" not in report and MTPBundle.from_pretrained(tmp_path / "run").gates is None
