@@ -46,7 +46,8 @@ def cmd_info(args) -> int:
 def load_for_decoding(args, *, need_heads: bool):
     from .decode import load_decoder
 
-    dec = load_decoder(args.model, heads=args.heads, need_heads=need_heads, device=args.device, dtype=args.dtype)
+    dec = load_decoder(args.model, heads=args.heads, need_heads=need_heads, device=args.device, dtype=args.dtype,
+                       engine=args.engine)
     return dec, dec.tokenizer
 
 
@@ -165,6 +166,8 @@ def add_decoding_args(p, *, mode: bool = True):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--engine", default="eager", choices=["eager", "fast"],
+                   help="fast: static KV cache + a CUDA graph per step width (Llama/Qwen2/Mistral)")
     p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
@@ -222,7 +225,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines, used instead of --suite")
     p.add_argument("--n", type=int, default=10, help="prompts per suite")
     p.add_argument("--near-tie-eps", type=float, default=0.5, help="logit gap under which a divergence is a near-tie")
-    p.add_argument("--engine", default="eager", choices=["eager", "fast"], help="fast: static cache + CUDA graphs")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(fn=cmd_bench)
     return ap
