@@ -60,7 +60,7 @@ def decode_config(args, mode: str):
 
 def cmd_generate(args) -> int:
     from .data import encode
-    from .decode import DecodeError
+    from .decode import UNVERIFIED, DecodeError
 
     cfg = decode_config(args, args.mode)
     if not args.prompt.strip():
@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
 
     r = dec.generate(ids, cfg, on_tokens=stream)
     s = r.stats
-    extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in ("clp", "gate", "compete") else ""
+    extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in UNVERIFIED else ""
     extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""
     print(f"\n\n[{args.mode}] {s.new_tokens} tokens in {s.steps} steps, tau {s.tau:.2f}, "
           f"{s.tok_per_s:.1f} tok/s, finished by {r.finish_reason}{extra}", file=sys.stderr)
