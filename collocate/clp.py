@@ -69,6 +69,9 @@ class Gates(nn.Module):
 
     def accept(self, h, head_logits=None, *, threshold: float | None = None) -> torch.Tensor:
         """Accept head tokens in order until the first gate under the threshold (default 0.5)."""
-        p = self(h).float().sigmoid()
-        passed = (p >= (0.5 if threshold is None else threshold)).long()
-        return passed.cumprod(-1).sum(-1)
+        return leading_passes(self(h).float().sigmoid(), threshold)
+
+
+def leading_passes(p: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """How many gate probabilities, in order, clear the threshold (0.5 by default) before the first miss."""
+    return (p >= (0.5 if threshold is None else threshold)).long().cumprod(-1).sum(-1)

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from .clp import leading_passes
+
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
 
@@ -98,17 +100,15 @@ def accept(bundle, cfg: DecodeConfig, h, own, heads_tok, head_logits):
     """The acceptance rules of the unverified modes, in tensor ops only (the fast engine runs them inside
     a CUDA graph). Returns (tokens: t+1 then the head tokens, how many head tokens to take, overrides)."""
     zero = torch.zeros((), dtype=torch.long, device=own.device)
-    thr = 0.5 if cfg.threshold is None else cfg.threshold
     if cfg.mode == "clp":  # one span decision
         return torch.cat([own.view(1), heads_tok]), bundle.clp.accept(h, head_logits, threshold=cfg.threshold), zero
     p = bundle.gates(h).float().sigmoid()
     if cfg.mode == "gate":  # one by one until the first gate below the threshold
-        p = p[-heads_tok.shape[0]:]
-        return torch.cat([own.view(1), heads_tok]), (p >= thr).long().cumprod(0).sum(), zero
+        return torch.cat([own.view(1), heads_tok]), leading_passes(p[-heads_tok.shape[0]:], cfg.threshold), zero
     # compete: the +1 head replaces the backbone's token when its gate agrees; the rest as gates
-    override = (p[0] >= thr) & (heads_tok[0] != own)
+    override = (leading_passes(p[:1], cfg.threshold) == 1) & (heads_tok[0] != own)
     first = torch.where(override, heads_tok[0], own)
-    return torch.cat([first.view(1), heads_tok[1:]]), (p[1:] >= thr).long().cumprod(0).sum(), override.long()
+    return torch.cat([first.view(1), heads_tok[1:]]), leading_passes(p[1:], cfg.threshold), override.long()
 
 
 def pick(logits: torch.Tensor) -> torch.Tensor:
