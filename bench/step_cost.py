@@ -3,7 +3,8 @@
     python bench/step_cost.py --shape 7b --out bench/results/gpu-2026-11-28/step_cost_7b.json
 
 Random weights give honest step timings (the work per step does not depend on the values). Each
-step is the fast engine's forward + LM head + argmax, replayed as a CUDA graph.
+step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
+the same step with uncompiled layers is timed too, to show what compiling buys.
 """
 import argparse
 import json
@@ -35,13 +36,13 @@ def build(shape: str, device: str = "cuda"):
     return model
 
 
-def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50) -> float:
+def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, compiled: bool = True) -> float:
     ids = torch.randint(0, model.config.vocab_size, (m,), device="cuda")
     pos = torch.arange(context, context + m, device="cuda")
     head = model.get_output_embeddings()
 
     def step():
-        return head(lm.forward(ids, pos)).argmax(-1)
+        return head(lm.forward(ids, pos, compiled=compiled)).argmax(-1)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -72,10 +73,12 @@ def main():
     model = build(args.shape)
     lm = StaticLM(model, args.max_len)
     rows = {m: time_width(model, lm, m, args.context) for m in range(1, 6)}
+    plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in range(1, 6)}
     params = sum(p.numel() for p in model.parameters())
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "params": params, "context": args.context,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "ms_per_step": rows, "relative_to_width_1": {m: t / rows[1] for m, t in rows.items()}}
+              "ms_per_step": rows, "relative_to_width_1": {m: t / rows[1] for m, t in rows.items()},
+              "ms_per_step_uncompiled_layers": plain}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -162,5 +162,7 @@ def read_config(path: Path) -> BundleConfig:
 
 def default_bundle_for(model_name: str) -> str | None:
     """Name of the bundle shipped for a zoo model, if any (largest k first)."""
-    hits = sorted((d for d in BUNDLED.glob(f"{model_name}-k*") if (d / "config.json").exists()), reverse=True)
+    # a name, not a glob: a folder or hub id ("/abs/path", "org/model") simply has no shipped bundle
+    hits = sorted((d for d in BUNDLED.iterdir() if d.name.rpartition("-k")[0] == model_name
+                   and (d / "config.json").exists()), reverse=True)
     return str(hits[0]) if hits else None

@@ -162,12 +162,13 @@ def cmd_demo(args) -> int:
 def add_decoding_args(p, *, mode: bool = True):
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub id, local folder or .gguf file")
     p.add_argument("--heads", help="MTP bundle folder (default: the bundle shipped for --model, if any)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda if there is a GPU, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--engine", default="eager", choices=["eager", "fast"],
-                   help="fast: static KV cache + a CUDA graph per step width (Llama/Qwen2/Mistral)")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
+                   help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
+                        "Mistral); auto: fast on CUDA where it supports the model, else eager")
     p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])

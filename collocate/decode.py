@@ -263,7 +263,7 @@ def cache_keyword(body) -> str:
 
 
 def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "cpu",
-                 dtype: str = "auto", engine: str = "eager"):
+                 dtype: str = "auto", engine: str = "auto"):
     """Backbone + its bundle (checked against each other) + a decoder, from names as the CLI takes them.
     heads=None picks the bundle shipped for the model, if any, when need_heads."""
     from .bundle import MTPBundle, default_bundle_for
@@ -273,11 +273,15 @@ def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = Tru
     backbone, tokenizer = load_backbone(model, dtype=dtypes[dtype], device=device)
     heads = heads or (default_bundle_for(model) if need_heads else None)
     bundle = MTPBundle.from_pretrained(heads, backbone=backbone, backbone_name=model) if heads else None
-    if engine == "fast":
-        from .fast import FastDecoder
+    if engine == "eager":
+        return Decoder(backbone, tokenizer, bundle)
+    from .fast import FastDecoder, fast_or_eager
 
+    if engine == "fast":  # even where it cannot use graphs (a CPU): for tests and comparisons
         return FastDecoder(backbone, tokenizer, bundle)
-    return Decoder(backbone, tokenizer, bundle)
+    if engine != "auto":
+        raise ValueError(f"engine must be auto, eager or fast, not {engine!r}")
+    return fast_or_eager(backbone, tokenizer, bundle)
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -10,15 +10,19 @@ gates), and the next step's input tokens and position, written in place on the d
 reads one small tensor per step (the accepted count picks the next graph's width). A rejected draft
 costs nothing to roll back: the position does not advance past it and later writes overwrite it.
 
-The forward is ours, and small: pre-norm decoder layers with q/k/v/o projections, rotary
-embeddings and a gated MLP, which covers Llama, Qwen2 and Mistral. It reuses the HF modules'
-weights and rotary embedding; no modeling file is copied. Prefill runs the same forward eagerly,
-so no prompt length ever triggers a recompile.
+The forward is ours, and small: one function for a pre-norm decoder layer with q/k/v/o projections,
+rotary embeddings and a gated SiLU MLP, which covers Llama, Qwen2 and Mistral. It reuses the HF
+modules' weights (q/k/v and gate/up rebound as views of one fused matrix each) and rotary embedding;
+no modeling file is copied. On CUDA that function is torch.compile'd once per step width (every layer
+shares it), which fuses its small ops into a few kernels: a graph replays kernels, so fewer kernels is
+what makes a batch-1 step fast. Prefill runs the same function uncompiled, so no prompt length ever
+triggers a compile. bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +44,132 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rms_norm(x, weight, eps: float):
+    """HF's RMSNorm for Llama/Qwen2/Mistral: statistics in float32, the scale in the model's dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class AttnShape(NamedTuple):
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scale: float
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, q/k/v and gate/up each fused into one matrix (one matmul each)."""
+    ln1: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    ln2: torch.Tensor
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+    eps: float
+
+
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, pos, mask, cos, sin, shape: AttnShape):
+    """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `pos`."""
+    m, nh, nkv, hd = x.shape[1], shape.n_heads, shape.n_kv, shape.head_dim
+    qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv_w, w.qkv_b)
+    q, k, v = qkv.view(1, m, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (1, *, m, hd)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    # grouped-query attention at batch 1: the query heads sharing a K/V head become extra query rows,
+    # so two batched matmuls cover it with no K/V copies. Written out rather than SDPA: at a few query
+    # rows the fused attention kernels cost ~40 us a layer, these ~10 (the softmax fuses with the mask)
+    qg = q.reshape(1, nkv, (nh // nkv) * m, hd)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * shape.scale  # (1, nkv, g*m, max_len)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
+    o = torch.matmul(probs, v_cache).reshape(1, nh, m, hd).transpose(1, 2).reshape(1, m, nh * hd)
+    x = x + F.linear(o, w.o_w, w.o_b)
+    gate, up = F.linear(rms_norm(x, w.ln2, w.eps), w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.down_w, w.down_b)
+
+
+def fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack Linear weights (and biases) into one matrix, and rebind each module's weight as a view
+    of it: one matmul instead of several, no extra memory, and the HF model computes as before.
+    (Shared storage is what save_pretrained refuses: save a model before building an engine on it.)"""
+    weight = joined([lin.weight.data for lin in linears])
+    biases = [lin.bias.data if lin.bias is not None else None for lin in linears]
+    bias = joined(biases) if None not in biases else None
+    if weight is not None and (bias is not None or all(b is None for b in biases)):
+        return weight, bias  # fused already, by an earlier engine on this model
+    weight = torch.cat([lin.weight.data for lin in linears])
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row:row + n]
+        if lin.bias is not None:
+            lin.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor these are consecutive row blocks of, if they are; else None."""
+    first, offset = parts[0], parts[0].storage_offset()
+    for t in parts:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def layer_weights(layer) -> LayerWeights:
+    a, mlp = layer.self_attn, layer.mlp
+    qkv_w, qkv_b = fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+    gate_up_w, gate_up_b = fuse_rows([mlp.gate_proj, mlp.up_proj])
+    norm = layer.input_layernorm
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+    return LayerWeights(norm.weight, qkv_w, qkv_b, a.o_proj.weight, a.o_proj.bias,
+                        layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
+                        mlp.down_proj.weight, mlp.down_proj.bias, float(eps))
+
+
+compiled_layer = None  # torch.compile(decoder_layer), built on first use: one compile per step width
+
+
+def compile_layer():
+    """Every layer shares one compiled function: weights are arguments, so only the width recompiles."""
+    global compiled_layer
+    if compiled_layer is None:
+        import torch._dynamo
+
+        # widths 1..k, times dtypes and models in one process, stay under dynamo's recompile limit
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled_layer = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
+    return compiled_layer
+
+
 class StaticLM:
     """A general forward for pre-norm rotary decoders over a preallocated cache indexed by position."""
 
     def __init__(self, model, max_len: int):
         cfg = model.config
         self.body = model.base_model
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.group = self.n_heads // self.n_kv
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
             raise NotImplementedError("sliding-window attention is not in the fast engine yet")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"the fast engine's MLP is SiLU-gated, not {cfg.hidden_act}")
+        scale = getattr(self.body.layers[0].self_attn, "scaling", None) or head_dim ** -0.5
+        self.shape = AttnShape(n_heads, n_kv, head_dim, float(scale))
+        self.group = n_heads // n_kv
+        self.layers = [layer_weights(layer) for layer in self.body.layers]
         w = self.body.embed_tokens.weight
-        shape = (len(self.body.layers), 1, self.n_kv, max_len, self.head_dim)
+        shape = (len(self.layers), 1, n_kv, max_len, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.key_pos = torch.arange(max_len, device=w.device)
@@ -62,38 +179,25 @@ class StaticLM:
         with torch.no_grad():
             cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None])
         self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
+        norm = self.body.norm
+        self.final_norm = (norm.weight, float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")))
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
         """ids, pos: (m,) -> (m, d) final-norm hidden states; writes K/V at `pos`."""
-        m = ids.shape[0]
+        layer_fn = compile_layer() if compiled else decoder_layer
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
         mask = (self.key_pos[None, :] <= pos[:, None]).repeat(self.group, 1)[None, None]  # (1, 1, g*m, max_len)
-        for i, layer in enumerate(self.body.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(1, m, self.n_heads, self.head_dim).transpose(1, 2)  # (1, nh, m, hd)
-            k = a.k_proj(h).view(1, m, self.n_kv, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(1, m, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
-            # grouped-query attention at batch 1: the query heads sharing a K/V head become extra query
-            # rows, so one plain masked kernel runs with no K/V copies
-            qg = q.reshape(1, self.n_kv, self.group * m, self.head_dim)
-            o = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                               scale=getattr(a, "scaling", None))
-            o = o.reshape(1, self.n_heads, m, self.head_dim)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(1, m, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.body.norm(x)[0]
+        for i, w in enumerate(self.layers):
+            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], pos, mask, cos, sin, self.shape)
+        return rms_norm(x, *self.final_norm)[0]
 
 
 class FastDecoder(Decoder):
     """Same modes, API and tokens as the eager Decoder, on a static cache with CUDA graphs."""
 
     def __init__(self, model, tokenizer=None, bundle=None, *, eos_token_ids=None, max_len: int = 2048,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, compile: bool | None = None):
         super().__init__(model, tokenizer, bundle, eos_token_ids=eos_token_ids)
         if model.config.model_type not in SUPPORTED:
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
@@ -101,17 +205,20 @@ class FastDecoder(Decoder):
         self.context = min(self.context, max_len)
         self.lm = StaticLM(model, self.context)
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
+        # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
+        # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
+        self.compile_on = self.device.type == "cuda" if compile is None else compile
         self.width = bundle.k if bundle is not None else 1  # the widest feed: 1 + (k-1) head tokens
         self.feed = torch.zeros(self.width + 1, dtype=torch.long, device=self.device)  # next step's tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # -- one step, as pure tensor work on the static buffers (graph-capturable) ---------------------
-    def step(self, ids: torch.Tensor, n_tail: int, cfg: DecodeConfig) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, n_tail: int, cfg: DecodeConfig, *, compiled: bool = False) -> torch.Tensor:
         """Feed ids; the last n_tail of them are unchecked. Returns the step's packed result."""
         m = ids.shape[0]
         pos = self.pos0 + torch.arange(m, device=self.device)
-        h = self.lm.forward(ids, pos)[-(n_tail + 1):]  # (n+1, d)
+        h = self.lm.forward(ids, pos, compiled=compiled)[-(n_tail + 1):]  # (n+1, d)
         tail = ids[m - n_tail:]
         if cfg.mode == "verify":
             return self.verify_step(h, tail, m - n_tail, cfg)
@@ -158,18 +265,29 @@ class FastDecoder(Decoder):
     # -- graphs -----------------------------------------------------------------------------------
     def run_step(self, m: int, n_tail: int, cfg: DecodeConfig) -> torch.Tensor:
         if not self.graphs_on:
-            return self.step(self.feed[:m], n_tail, cfg)
+            return self.compiled_step(m, n_tail, cfg)
         key = (m, n_tail, cfg.mode, cfg.threshold, cfg.adaptive)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self.capture(m, n_tail, cfg)
-            except RuntimeError as e:  # correctness first: run the same step eagerly
-                print(f"collocate: CUDA graph capture failed ({e}); running steps eagerly", file=sys.stderr)
+            except RuntimeError as e:  # correctness first: run the same step without a graph
+                print(f"collocate: CUDA graph capture failed ({e}); running steps without graphs", file=sys.stderr)
                 self.graphs_on = False
-                return self.step(self.feed[:m], n_tail, cfg)
+                return self.compiled_step(m, n_tail, cfg)
         graph, out = self.graphs[key]
         graph.replay()
         return out
+
+    def compiled_step(self, m: int, n_tail: int, cfg: DecodeConfig) -> torch.Tensor:
+        """The step through the compiled layers; where compiling fails, the plain ones (same math)."""
+        if self.compile_on:
+            try:
+                return self.step(self.feed[:m], n_tail, cfg, compiled=True)
+            except Exception as e:  # noqa: BLE001  inductor raises many types (no compiler, no triton, ...)
+                print(f"collocate: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                      "running uncompiled layers", file=sys.stderr)
+                self.compile_on = False
+        return self.step(self.feed[:m], n_tail, cfg)
 
     def capture(self, m: int, n_tail: int, cfg: DecodeConfig):
         """Record one step of width m; the buffers it touches are restored afterwards."""
@@ -177,12 +295,12 @@ class FastDecoder(Decoder):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, kernel selection)
-                self.step(self.feed[:m], n_tail, cfg)
+            for _ in range(2):  # warm-up outside the graph (compile, allocator, kernel selection)
+                self.compiled_step(m, n_tail, cfg)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.step(self.feed[:m], n_tail, cfg)
+            out = self.step(self.feed[:m], n_tail, cfg, compiled=self.compile_on)
         self.feed.copy_(saved[0])
         self.pos0.copy_(saved[1])
         return graph, out

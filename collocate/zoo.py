@@ -196,7 +196,14 @@ def resolve(name_or_path: str) -> tuple[str, dict]:
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if torch.device(pick_device(device)).type == "cuda" else torch.float32
+
+
+def pick_device(device: str | torch.device) -> str | torch.device:
+    """'auto' is the GPU where there is one; anything else is taken as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def load_backbone(
@@ -206,6 +213,7 @@ def load_backbone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, kwargs = resolve(name_or_path)
+    device = pick_device(device)
     dtype = dtype or default_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)

@@ -1,4 +1,6 @@
 """The fast engine's step logic, run on the CPU without graphs, equals the eager reference."""
+import shutil
+
 import pytest
 import torch
 
@@ -44,3 +46,25 @@ def test_fast_engine_equals_eager_token_for_token(make, mode, threshold, adaptiv
 
 def test_fast_or_eager_falls_back_on_cpu(llama):
     assert type(fast_or_eager(llama)) is Decoder
+
+
+def test_fused_projections_leave_the_hf_model_unchanged_and_are_reused(qwen):
+    ids = torch.randint(3, 96, (1, 12))
+    before = qwen(ids).logits
+    lm = StaticLM(qwen, max_len=32)
+    torch.testing.assert_close(qwen(ids).logits, before, rtol=0, atol=0)  # same values, now views
+    again = StaticLM(qwen, max_len=32)  # a second engine on the same model adds no copy
+    assert again.layers[0].gate_up_w.data_ptr() == lm.layers[0].gate_up_w.data_ptr()
+    assert again.layers[0].qkv_b.data_ptr() == lm.layers[0].qkv_b.data_ptr()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")
+def test_compiled_layers_give_the_same_tokens(qwen):
+    """The GPU path's torch.compile, run by inductor's CPU backend: same tokens as the eager reference."""
+    bundle = bundle_for(qwen, compete=True, seed=3)
+    eager = Decoder(qwen, bundle=bundle, eos_token_ids=[2])
+    fast = FastDecoder(qwen, bundle=bundle, eos_token_ids=[2], graphs=False, compile=True, max_len=128)
+    for cfg in (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12)):
+        p = prompts(1, seed=5)[0]
+        assert fast.generate(p, cfg).tokens == eager.generate(p, cfg).tokens
+    assert fast.compile_on  # it compiled, and did not fall back
