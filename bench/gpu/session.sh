@@ -57,8 +57,8 @@ case ${1:?step} in
       mkdir -p "$OUT/smollm2-135m-k$k"
       cp "$W/runs/smollm2-135m-k$k"/{config.json,model.safetensors,train_report.json} "$OUT/smollm2-135m-k$k/"
     done ;;
-  train-qwen)  # train-qwen [MODEL]: that model, or every model in QWENS at once (the data stage is
-    # host-bound, so two share a GPU well). Each stage resumes, so a call cut by a time limit is re-run.
+  train-qwen)  # train-qwen [MODEL]: that model, or every model in QWENS at once (2026-11-28, both at once:
+    # 1.5B answers at 3.9K tok/s and 0.5B at 5.5K tok/s). Each stage resumes: re-run a call cut by a limit.
     for q in ${2:-$QWENS}; do
       train_pair "$W/models/$q" "$QWEN_SAMPLES" "$W/runs/$q" --mix "$MIX" > "$W/train-$q.log" 2>&1 &
     done
