@@ -54,6 +54,7 @@ class ModeSpec:
     mode: str
     threshold: float | None = None
     adaptive: bool = False
+    candidates: int = 1
 
 
 def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
@@ -61,9 +62,12 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
     threshold = float(thr) if thr else default_threshold
     if name == "verify-adaptive":
         return ModeSpec(spec, "verify", threshold, adaptive=True)
+    if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
+        return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
     known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
     if name not in known:
-        raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive")
+        raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
+                         "verify-cN (N candidates for the first draft)")
     return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
 
 
@@ -87,7 +91,7 @@ def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int) -> DecodeR
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
     cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive)
+                       adaptive=spec.adaptive, candidates=spec.candidates)
     return dec.generate(ids, cfg)
 
 

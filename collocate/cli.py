@@ -55,7 +55,8 @@ def decode_config(args, mode: str):
     from .decode import DecodeConfig
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                        adaptive=args.adaptive and mode == "verify", stop=tuple(args.stop or ()))
+                        adaptive=args.adaptive and mode == "verify", stop=tuple(args.stop or ()),
+                        candidates=args.candidates if mode == "verify" else 1)
 
 
 def cmd_generate(args) -> int:
@@ -173,6 +174,8 @@ def add_decoding_args(p, *, mode: bool = True):
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
+        p.add_argument("--candidates", type=int, default=1,
+                       help="verify: also check the +2 head's next best tokens in the same pass (fast engine)")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
@@ -194,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, stop=None)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, stop=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True)

@@ -30,12 +30,16 @@ class DecodeError(ValueError):
     """Bad input to the decoder: empty or too-long prompt, a mode the bundle cannot run."""
 
 
+MAX_CANDIDATES = 8  # the fast engine keeps this many spare cache slots for side-by-side candidates
+
+
 @dataclass
 class DecodeConfig:
     mode: str = "ar"
     max_new_tokens: int = 256
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
+    candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side (fast engine)
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -47,6 +51,10 @@ class DecodeConfig:
             raise DecodeError(f"threshold must lie in [0, 1], got {self.threshold}")
         if self.adaptive and self.mode != "verify":
             raise DecodeError("--adaptive applies to mode 'verify' only")
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise DecodeError(f"candidates must lie in 1..{MAX_CANDIDATES}, got {self.candidates}")
+        if self.candidates > 1 and (self.mode != "verify" or self.adaptive):
+            raise DecodeError("--candidates applies to mode 'verify' without --adaptive only")
         self.stop = tuple(self.stop)
 
 
@@ -132,6 +140,8 @@ def check_supported(model) -> None:
 class Decoder:
     """Eager reference engine over any HF causal LM (DynamicCache); the fast engine is tested against it."""
 
+    checks_candidates = False  # verify --candidates: the fast engine only (side-by-side cache slots)
+
     def __init__(self, model, tokenizer=None, bundle=None, *, eos_token_ids: list[int] | None = None):
         check_supported(model)
         self.model, self.tokenizer, self.bundle = model, tokenizer, bundle
@@ -182,6 +192,8 @@ class Decoder:
         if len(prompt_ids) >= self.context:
             raise DecodeError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of "
                               f"{self.context} tokens")
+        if cfg.candidates > 1 and not self.checks_candidates:
+            raise DecodeError("--candidates needs the fast engine (--engine fast; on a GPU, the default)")
         if cfg.mode != "ar" and self.bundle is None:
             raise DecodeError(f"mode '{cfg.mode}' needs an MTP bundle (--heads DIR)")
         if cfg.mode in ("gate", "compete") and self.bundle.gates is None:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import DecodeConfig, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
+from .decode import MAX_CANDIDATES, DecodeConfig, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -72,14 +72,14 @@ class LayerWeights(NamedTuple):
     eps: float
 
 
-def decoder_layer(x, w: LayerWeights, k_cache, v_cache, pos, mask, cos, sin, shape: AttnShape):
-    """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `pos`."""
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, shape: AttnShape):
+    """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `slots`."""
     m, nh, nkv, hd = x.shape[1], shape.n_heads, shape.n_kv, shape.head_dim
     qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv_w, w.qkv_b)
     q, k, v = qkv.view(1, m, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (1, *, m, hd)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    k_cache.index_copy_(2, pos, k)
-    v_cache.index_copy_(2, pos, v)
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
     # grouped-query attention at batch 1: the query heads sharing a K/V head become extra query rows,
     # so two batched matmuls cover it with no K/V copies. Written out rather than SDPA: at a few query
     # rows the fused attention kernels cost ~40 us a layer, these ~10 (the softmax fuses with the mask)
@@ -155,7 +155,7 @@ def compile_layer():
 class StaticLM:
     """A general forward for pre-norm rotary decoders over a preallocated cache indexed by position."""
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, *, spare: int = MAX_CANDIDATES - 1):
         cfg = model.config
         self.body = model.base_model
         n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -169,32 +169,41 @@ class StaticLM:
         self.group = n_heads // n_kv
         self.layers = [layer_weights(layer) for layer in self.body.layers]
         w = self.body.embed_tokens.weight
-        shape = (len(self.layers), 1, n_kv, max_len, head_dim)
+        # slots 0..max_len-1 hold positions; the `spare` slots after them hold side-by-side candidates
+        shape = (len(self.layers), 1, n_kv, max_len + spare, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.key_pos = torch.arange(max_len, device=w.device)
+        self.key_pos = torch.arange(max_len + spare, device=w.device)
         self.max_len = max_len
         # rotary tables for every position, from the model's own rotary module (any rope scaling it
         # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph
         with torch.no_grad():
-            cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None])
+            cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None, :max_len])
         self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
         norm = self.body.norm
         self.final_norm = (norm.weight, float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")))
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
-        """ids, pos: (m,) -> (m, d) final-norm hidden states; writes K/V at `pos`."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, *, slots: torch.Tensor | None = None,
+                compiled: bool = False) -> torch.Tensor:
+        """ids, pos: (m,) -> (m, d) final-norm hidden states; writes K/V at `slots` (default: `pos`).
+
+        A token sees the slots before its position and its own slot: for a chain (slots = pos) that
+        is causal attention; a candidate in a spare slot sees the prefix but not its siblings."""
+        slots = pos if slots is None else slots
         layer_fn = compile_layer() if compiled else decoder_layer
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
-        mask = (self.key_pos[None, :] <= pos[:, None]).repeat(self.group, 1)[None, None]  # (1, 1, g*m, max_len)
+        mask = (self.key_pos[None, :] < pos[:, None]) | (self.key_pos[None, :] == slots[:, None])  # (m, slots)
+        mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, slots): query rows per K/V head
         for i, w in enumerate(self.layers):
-            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], pos, mask, cos, sin, self.shape)
+            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
         return rms_norm(x, *self.final_norm)[0]
 
 
 class FastDecoder(Decoder):
     """Same modes, API and tokens as the eager Decoder, on a static cache with CUDA graphs."""
+
+    checks_candidates = True  # verify --candidates needs spare cache slots, which only this engine has
 
     def __init__(self, model, tokenizer=None, bundle=None, *, eos_token_ids=None, max_len: int = 2048,
                  graphs: bool | None = None, compile: bool | None = None):
@@ -209,14 +218,17 @@ class FastDecoder(Decoder):
         # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
         self.compile_on = self.device.type == "cuda" if compile is None else compile
         self.width = bundle.k if bundle is not None else 1  # the widest feed: 1 + (k-1) head tokens
-        self.feed = torch.zeros(self.width + 1, dtype=torch.long, device=self.device)  # next step's tokens
+        self.feed = torch.zeros(self.width + MAX_CANDIDATES, dtype=torch.long, device=self.device)  # next tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
+        self.spare_slots = self.context + torch.arange(MAX_CANDIDATES - 1, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # -- one step, as pure tensor work on the static buffers (graph-capturable) ---------------------
     def step(self, ids: torch.Tensor, n_tail: int, cfg: DecodeConfig, *, compiled: bool = False) -> torch.Tensor:
         """Feed ids; the last n_tail of them are unchecked. Returns the step's packed result."""
         m = ids.shape[0]
+        if cfg.candidates > 1 and n_tail:
+            return self.candidates_step(ids, cfg, compiled=compiled)
         pos = self.pos0 + torch.arange(m, device=self.device)
         h = self.lm.forward(ids, pos, compiled=compiled)[-(n_tail + 1):]  # (n+1, d)
         tail = ids[m - n_tail:]
@@ -239,9 +251,52 @@ class FastDecoder(Decoder):
             n_next = self.bundle.clp.accept(h_a, logits_a, threshold=cfg.threshold)
         else:
             n_next = torch.full((), row.shape[0] - 1, device=self.device)
+        if cfg.candidates > 1:  # after prefill: the +2 head's runners-up go beside its best draft
+            row = torch.cat([row, self.runners_up(logits.index_select(0, a)[0, 1], cfg.candidates)])
+        # the first draft, copied before the feed (which `tail` views) is overwritten
+        first = tail[:1].clone() if tail.shape[0] else torch.zeros(1, dtype=torch.long, device=self.device)
         self.feed[: row.shape[0]].copy_(row)
         self.pos0.add_(n_fixed + a[0])
-        return torch.cat([a, n_next.view(1).long(), row])
+        return torch.cat([a, n_next.view(1).long(), first, row])
+
+    @staticmethod
+    def runners_up(logits_plus2: torch.Tensor, c: int) -> torch.Tensor:
+        return logits_plus2.topk(c, dim=-1).indices[1:]  # (c-1,): ranks 2..c of the +2 head
+
+    def candidates_step(self, ids, cfg: DecodeConfig, *, compiled: bool) -> torch.Tensor:
+        """verify with side-by-side candidates for the first draft, all checked in the same pass.
+
+        ids = [bonus, c1, d3..dk, c2..cc]: the usual chain at positions p..p+k-1, then the +2 head's
+        runners-up, each at position p+1 in a spare cache slot, seeing the prefix but not each other.
+        When the chain's first draft fails and a runner-up is the backbone's token, that one is kept:
+        its K/V moves to slot p+1 and the next drafts come from its row. Greedy output is unchanged."""
+        k = self.bundle.k
+        n_side = ids.shape[0] - k  # c-1 runners-up
+        chain_pos = self.pos0 + torch.arange(k, device=self.device)
+        pos = torch.cat([chain_pos, (self.pos0 + 1).expand(n_side)])
+        slots = torch.cat([chain_pos, self.spare_slots[:n_side]])
+        h = self.lm.forward(ids, pos, slots=slots, compiled=compiled)  # (k + c-1, d)
+        states = torch.cat([h[:, None], self.heads_states(h)], 1)
+        logits = self.lm_head(states)  # (rows, k, V): backbone and all heads, one matmul
+        tok = pick(logits)
+        chain, side = ids[1:k], ids[k:]
+        a_chain = (tok[: k - 1, 0] == chain).long().cumprod(0).sum()
+        hit = side == tok[0, 0]  # a runner-up that is the backbone's own token after the bonus
+        use_side = (a_chain == 0) & hit.any()
+        j = hit.long().argmax()
+        r = torch.where(use_side, k + j, a_chain).view(1)  # the row whose own token is the new bonus
+        a = torch.where(use_side, torch.ones_like(a_chain), a_chain).view(1)
+        first = torch.where(use_side, side.index_select(0, j.view(1)), chain[:1])
+        src = torch.where(use_side, self.spare_slots.index_select(0, j.view(1))[0], self.pos0 + 1).view(1)
+        dst = (self.pos0 + 1).view(1)
+        for cache in (self.lm.k_cache, self.lm.v_cache):  # (layers, 1, n_kv, slots, hd); a no-op if unused
+            cache.index_copy_(3, dst, cache.index_select(3, src))
+        row = tok.index_select(0, r)[0]
+        row = torch.cat([row, self.runners_up(logits.index_select(0, r)[0, 1], cfg.candidates)])
+        self.feed[: row.shape[0]].copy_(row)
+        self.pos0.add_(1 + a[0])
+        n_next = torch.full((1,), k - 1, dtype=torch.long, device=self.device)
+        return torch.cat([a, n_next, first, row])
 
     def unverified_step(self, h, tail, m: int, cfg: DecodeConfig) -> torch.Tensor:
         """Backbone token, then the policy's count of head tokens; the fed tail is checked for free."""
@@ -266,7 +321,7 @@ class FastDecoder(Decoder):
     def run_step(self, m: int, n_tail: int, cfg: DecodeConfig) -> torch.Tensor:
         if not self.graphs_on:
             return self.compiled_step(m, n_tail, cfg)
-        key = (m, n_tail, cfg.mode, cfg.threshold, cfg.adaptive)
+        key = (m, n_tail, cfg.mode, cfg.threshold, cfg.adaptive, cfg.candidates)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self.capture(m, n_tail, cfg)
@@ -309,7 +364,7 @@ class FastDecoder(Decoder):
         """Capture every width this mode can use, before timing."""
         k = self.bundle.k if self.bundle is not None else 1
         if cfg.mode == "verify":
-            widths = range(1, k + 1) if cfg.adaptive else [k]
+            widths = range(1, k + 1) if cfg.adaptive else [k + cfg.candidates - 1]
             for m in widths:
                 self.run_step(m, m - 1, cfg)
         else:
@@ -337,12 +392,13 @@ class FastDecoder(Decoder):
         while True:
             stats.steps += 1
             if verify:
-                a, n_next, row = res[0], res[1], res[2:]
-                emitted = drafts[:a] + [row[0]]
+                a, n_next, first, row = res[0], res[1], res[2], res[3:]
+                emitted = ([first] + drafts[1:a] if a else []) + [row[0]]  # first: a runner-up, if kept
                 stats.drafted, stats.draft_accepted = stats.drafted + len(drafts), stats.draft_accepted + a
                 drafts = row[1:1 + n_next]
                 proposals.append((len(out) + len(emitted) - 1, drafts))
-                m, n_tail = 1 + len(drafts), len(drafts)
+                m = 1 + len(drafts) + cfg.candidates - 1
+                n_tail = m - 1
             else:
                 n, wrong, overrides, row = res[0], res[1], res[2], res[3:]
                 emitted = row[: 1 + n]

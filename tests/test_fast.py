@@ -68,3 +68,33 @@ def test_compiled_layers_give_the_same_tokens(qwen):
         p = prompts(1, seed=5)[0]
         assert fast.generate(p, cfg).tokens == eager.generate(p, cfg).tokens
     assert fast.compile_on  # it compiled, and did not fall back
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+@pytest.mark.parametrize("k,candidates", [(4, 2), (4, 8), (2, 5)])
+def test_verify_with_candidates_is_lossless(make, k, candidates):
+    """Runner-up drafts for +2 sit in spare cache slots beside the chain; output stays ar's exactly."""
+    model = make()
+    bundle = bundle_for(model, k=k, seed=3)
+    eager = Decoder(model, bundle=bundle, eos_token_ids=[2])
+    fast = FastDecoder(model, bundle=bundle, eos_token_ids=[2], graphs=False, max_len=128)
+    steps_plain = steps_wide = 0
+    for p in prompts(6, seed=11):
+        ar = eager.generate(p, DecodeConfig(mode="ar", max_new_tokens=60)).tokens
+        plain = fast.generate(p, DecodeConfig(mode="verify", max_new_tokens=60))
+        wide = fast.generate(p, DecodeConfig(mode="verify", max_new_tokens=60, candidates=candidates))
+        assert wide.tokens == ar and plain.tokens == ar
+        steps_plain, steps_wide = steps_plain + plain.stats.steps, steps_wide + wide.stats.steps
+    assert steps_wide < steps_plain  # runner-ups were kept (random heads over 96 ids hit often enough)
+
+
+def test_candidates_are_checked_by_the_fast_engine_only(llama):
+    from collocate.decode import DecodeError
+
+    bundle = bundle_for(llama, seed=3)
+    with pytest.raises(DecodeError, match="fast engine"):
+        Decoder(llama, bundle=bundle).generate([5, 6], DecodeConfig(mode="verify", candidates=3))
+    for bad in (dict(mode="verify", candidates=0), dict(mode="clp", candidates=2),
+                dict(mode="verify", adaptive=True, candidates=2), dict(mode="verify", candidates=99)):
+        with pytest.raises(DecodeError):
+            DecodeConfig(**bad)

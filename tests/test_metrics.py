@@ -47,6 +47,8 @@ def test_mode_specs():
     v = parse_mode("verify-adaptive", None)
     assert v.mode == "verify" and v.adaptive
     assert parse_mode("ar", 0.5).threshold is None
+    c = parse_mode("verify-c5", None)
+    assert (c.mode, c.candidates, c.adaptive) == ("verify", 5, False)
     import pytest
 
     with pytest.raises(ValueError, match="unknown bench mode"):
