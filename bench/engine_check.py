@@ -92,6 +92,7 @@ def bf16_checks(res, model, bundle, ps, cfg, args, cuda, save):
     res["graphs_on"] = fast.graphs_on
     save()
     for label, c in [("verify", cfg("verify")), ("verify_adaptive", cfg("verify", adaptive=True)),
+                     ("verify_c5", cfg("verify", candidates=5)),
                      ("clp", cfg("clp")), ("gate", cfg("gate")), ("compete", cfg("compete"))]:
         fast.generate(ps[0], c)
         res[f"fast_{label}"], outs = run(fast, ps, c)
@@ -122,11 +123,13 @@ def float32_checks(res, model, bundle, ps, cfg, args):
     a = [fast32.generate(p, cfg("ar")).tokens for p in ps]
     v = [fast32.generate(p, cfg("verify")).tokens for p in ps]
     va = [fast32.generate(p, cfg("verify", adaptive=True)).tokens for p in ps]
+    vc = [fast32.generate(p, cfg("verify", candidates=5)).tokens for p in ps]
     n_eager = min(64, args.new)
     e = [Decoder(model, None, bundle, eos_token_ids=[]).generate(p, DecodeConfig(max_new_tokens=n_eager)).tokens
          for p in ps[:2]]
     res["float32"] = {"verify_exact": sum(x == y for x, y in zip(a, v)), "verify_adaptive_exact":
-                      sum(x == y for x, y in zip(a, va)), "prompts": len(ps),
+                      sum(x == y for x, y in zip(a, va)), "verify_candidates5_exact": sum(x == y for x, y in zip(a, vc)),
+                      "prompts": len(ps), "compiled_layers": fast32.compile_on,
                       f"fast_ar_equals_eager_ar_first_{n_eager}_tokens": sum(x[:n_eager] == y for x, y in zip(a, e)),
                       "graphs_on": fast32.graphs_on}
 

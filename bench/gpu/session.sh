@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv (one slice of a large file), setup, train-smollm2,
-# train-qwen, bench MODEL, stepcost. Sizes are variables, so the same script dry-runs on a CPU.
+# train-qwen [MODEL], bench MODEL, stepcost, exactness. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 W=${COLLOCATE_GPU_HOME:-$HOME/collocate-gpu}
@@ -27,7 +27,7 @@ bench_model() {  # model name: our modes with the k=4 and k=2 bundles, then the 
   local q=$1
   local common=(--model "$W/models/$q" --device "$DEVICE" --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW")
   cli bench "${common[@]}" --heads "$W/runs/$q-k4" --n "$BENCH_N" \
-    --modes ar,clp,gate,compete,verify,verify-adaptive --out "$OUT/bench-$q-k4"
+    --modes ar,clp,gate,compete,verify,verify-adaptive,verify-c3,verify-c5 --out "$OUT/bench-$q-k4"
   cli bench "${common[@]}" --heads "$W/runs/$q-k2" --n "$BENCH_N" --modes ar,clp --out "$OUT/bench-$q-k2"
   timeout "${HF_TIMEOUT:-240}" python3 -m collocate.cli bench "${common[@]}" --heads "$W/runs/$q-k4" \
     --n "$HF_N" --modes ar,hf,hf-static --out "$OUT/bench-$q-hf" || echo "hf baselines stopped early"
@@ -73,5 +73,7 @@ case ${1:?step} in
     bench_model "${2:?model name}" ;;
   stepcost)
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --out "$OUT/step_cost_${SHAPE:-7b}.json" ;;
+  exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
+    (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$OUT/engine_check_1.5b_float32.json") ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
