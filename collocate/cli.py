@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(model=args.model, out=args.out, k=args.k, samples=args.samples, epochs=args.epochs,
                       mix=tuple(x for x in (args.mix or "").split(",") if x), max_new_tokens=args.max_new_tokens,
-                      gen_batch=args.gen_batch, shard_size=args.shard_size, lr=args.lr, batch=args.batch,
+                      gen_batch=args.gen_batch, gen_static=args.gen_static, shard_size=args.shard_size, lr=args.lr, batch=args.batch,
                       grad_accum=args.grad_accum, distill=args.distill, clp_features=args.clp_features,
                       gates=not args.no_gates, compete=args.compete, cache_hidden=not args.no_cache_hidden,
                       budget_minutes=args.budget_minutes, seed=args.seed, prompts_file=args.prompts,
@@ -208,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", help="add prompt kinds: gsm,code")
     p.add_argument("--max-new-tokens", type=int, default=192, help="answer length of the distilled data")
     p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--gen-static", action="store_true",
+                   help="data stage: HF generate with a static cache, every prompt padded to the longest allowed "
+                        "(256 tokens), so transformers compiles it once on CUDA; same answers")
     p.add_argument("--shard-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=512)

@@ -41,6 +41,7 @@ class TrainConfig:
     max_new_tokens: int = 192
     max_prompt_tokens: int = 256
     gen_batch: int = 64
+    gen_static: bool = False  # answers through HF's static cache: fixed shapes, so CUDA compiles it once
     shard_size: int = 128
     heldout_shards: int = 1
     epochs: int = 2
@@ -143,11 +144,13 @@ def shard_path(run: Path, i: int) -> Path:
 def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: TrainConfig, eos: list[int]) -> list[list[int]]:
     """Greedy answers for a batch of prompts: left padding, KV cache, cut after the first EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    width = max(map(len, prompts))
+    # with a static cache every batch is padded to the longest allowed prompt: one shape, one compile
+    width = cfg.max_prompt_tokens if cfg.gen_static else max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    extra = {"cache_implementation": "static"} if cfg.gen_static else {}
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                         eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+                         eos_token_id=eos, pad_token_id=pad, **extra)[:, width:].tolist()
     answers = []
     for row in out:
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))

@@ -147,3 +147,17 @@ def test_distill_kl_term_trains(tmp_path):
     hist = report["stages"]["heads"]["history"]
     assert all(h["loss"] == h["loss"] for h in hist) and hist[-1]["loss"] < hist[0]["loss"]  # finite, falling
     assert "gates" not in report and MTPBundle.from_pretrained(tmp_path / "run").gates is None
+
+
+def test_static_cache_generation_gives_the_same_answers():
+    """--gen-static pads every batch to one width for a one-time compile; the answers must not change."""
+    from collocate.train import generate_batch
+    from conftest import tiny_llama, tiny_tokenizer
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 9, 5, 12)]
+    cfg = dict(model="tiny", out="unused", max_new_tokens=20, max_prompt_tokens=16)
+    plain = generate_batch(model, tok, prompts, TrainConfig(**cfg), eos=[2])
+    static = generate_batch(model, tok, prompts, TrainConfig(**cfg, gen_static=True), eos=[2])
+    assert static == plain and all(len(a) > 0 for a in plain)

@@ -17,7 +17,7 @@ mkdir -p "$W" "$OUT"
 train_pair() {  # model, samples, out prefix, extra flags: k=4, then k=2 on the very same data
   local model=$1 samples=$2 prefix=$3; shift 3
   cli train --model "$model" --k 4 --samples "$samples" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" \
-    --shard-size "$GEN_BATCH" --epochs 3 --compete --out "$prefix-k4" "$@"
+    --shard-size "$GEN_BATCH" --epochs 3 --compete --out "$prefix-k4" ${GEN_STATIC:+--gen-static} "$@"
   mkdir -p "$prefix-k2/work" && cp -r "$prefix-k4/work/data" "$prefix-k2/work/"
   cli train --model "$model" --k 2 --samples "$samples" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" \
     --shard-size "$GEN_BATCH" --epochs 3 --compete --out "$prefix-k2" "$@"
