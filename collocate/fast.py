@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import MAX_CANDIDATES, DecodeConfig, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
+from .decode import MAX_CANDIDATES, DecodeConfig, DecodeError, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -211,6 +211,7 @@ class FastDecoder(Decoder):
         if model.config.model_type not in SUPPORTED:
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
                                       f"use collocate.decode.Decoder for {model.config.model_type}")
+        self.model_context = self.context
         self.context = min(self.context, max_len)
         self.lm = StaticLM(model, self.context)
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
@@ -222,6 +223,13 @@ class FastDecoder(Decoder):
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
         self.spare_slots = self.context + torch.arange(MAX_CANDIDATES - 1, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
+        if 0 < len(prompt_ids) >= self.context and self.context < self.model_context:
+            raise DecodeError(f"prompt of {len(prompt_ids)} tokens does not fit the fast engine's cache of "
+                              f"{self.context} tokens (the model takes {self.model_context}): build "
+                              f"FastDecoder(..., max_len=N) with a larger N, or use --engine eager")
+        super().validate(prompt_ids, cfg)
 
     # -- one step, as pure tensor work on the static buffers (graph-capturable) ---------------------
     def step(self, ids: torch.Tensor, n_tail: int, cfg: DecodeConfig, *, compiled: bool = False) -> torch.Tensor:

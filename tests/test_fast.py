@@ -98,3 +98,13 @@ def test_candidates_are_checked_by_the_fast_engine_only(llama):
                 dict(mode="verify", adaptive=True, candidates=2), dict(mode="verify", candidates=99)):
         with pytest.raises(DecodeError):
             DecodeConfig(**bad)
+
+
+def test_a_prompt_longer_than_the_fast_cache_says_how_to_fit_it(llama):
+    from collocate.decode import DecodeError
+
+    fast = FastDecoder(llama, eos_token_ids=[2], graphs=False, max_len=32)
+    with pytest.raises(DecodeError, match="max_len"):
+        fast.generate(list(range(3, 40)), DecodeConfig(max_new_tokens=4))
+    with pytest.raises(DecodeError, match="empty prompt"):
+        fast.generate([], DecodeConfig(max_new_tokens=4))
