@@ -174,6 +174,7 @@ class StaticLM:
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.key_pos = torch.arange(max_len + spare, device=w.device)
+        self.spare_slots = self.key_pos[max_len:]
         self.max_len = max_len
         # rotary tables for every position, from the model's own rotary module (any rope scaling it
         # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph
@@ -221,11 +222,11 @@ class FastDecoder(Decoder):
         self.width = bundle.k if bundle is not None else 1  # the widest feed: 1 + (k-1) head tokens
         self.feed = torch.zeros(self.width + MAX_CANDIDATES, dtype=torch.long, device=self.device)  # next tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
-        self.spare_slots = self.context + torch.arange(MAX_CANDIDATES - 1, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
-        if 0 < len(prompt_ids) >= self.context and self.context < self.model_context:
+        cache_too_small = self.context < self.model_context
+        if prompt_ids and len(prompt_ids) >= self.context and cache_too_small:
             raise DecodeError(f"prompt of {len(prompt_ids)} tokens does not fit the fast engine's cache of "
                               f"{self.context} tokens (the model takes {self.model_context}): build "
                               f"FastDecoder(..., max_len=N) with a larger N, or use --engine eager")
@@ -247,11 +248,15 @@ class FastDecoder(Decoder):
     def heads_states(self, h: torch.Tensor, *, with_first: bool = False) -> torch.Tensor:
         return self.bundle.heads(h, with_first=with_first).to(h.dtype)  # (..., n_heads, d)
 
+    def own_and_heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (rows, k, V) and tokens (rows, k): [own next token, head proposals] for each row."""
+        states = torch.cat([h[:, None], self.heads_states(h)], 1)  # (rows, k, d): each row and its heads
+        logits = self.lm_head(states)  # one matmul: backbone and all heads
+        return logits, pick(logits)
+
     def verify_step(self, h, tail, n_fixed: int, cfg: DecodeConfig) -> torch.Tensor:
         """Keep the drafts the backbone agrees with; draft again from the last kept row."""
-        states = torch.cat([h[:, None], self.heads_states(h)], 1)  # (n+1, k, d): each row and its heads
-        logits = self.lm_head(states)  # one matmul: backbone and all heads
-        tok = pick(logits)  # (n+1, k): [own next token, head proposals] per row
+        logits, tok = self.own_and_heads(h)  # (n+1, k, V), (n+1, k)
         a = (tok[:-1, 0] == tail).long().cumprod(0).sum().view(1)  # accepted drafts
         row = tok.index_select(0, a)[0]  # (k,): the bonus token and the new drafts (no host sync)
         if cfg.adaptive:
@@ -282,11 +287,9 @@ class FastDecoder(Decoder):
         n_side = ids.shape[0] - k  # c-1 runners-up
         chain_pos = self.pos0 + torch.arange(k, device=self.device)
         pos = torch.cat([chain_pos, (self.pos0 + 1).expand(n_side)])
-        slots = torch.cat([chain_pos, self.spare_slots[:n_side]])
+        slots = torch.cat([chain_pos, self.lm.spare_slots[:n_side]])
         h = self.lm.forward(ids, pos, slots=slots, compiled=compiled)  # (k + c-1, d)
-        states = torch.cat([h[:, None], self.heads_states(h)], 1)
-        logits = self.lm_head(states)  # (rows, k, V): backbone and all heads, one matmul
-        tok = pick(logits)
+        logits, tok = self.own_and_heads(h)
         chain, side = ids[1:k], ids[k:]
         a_chain = (tok[: k - 1, 0] == chain).long().cumprod(0).sum()
         hit = side == tok[0, 0]  # a runner-up that is the backbone's own token after the bonus
@@ -295,7 +298,7 @@ class FastDecoder(Decoder):
         r = torch.where(use_side, k + j, a_chain).view(1)  # the row whose own token is the new bonus
         a = torch.where(use_side, torch.ones_like(a_chain), a_chain).view(1)
         first = torch.where(use_side, side.index_select(0, j.view(1)), chain[:1])
-        src = torch.where(use_side, self.spare_slots.index_select(0, j.view(1))[0], self.pos0 + 1).view(1)
+        src = torch.where(use_side, self.lm.spare_slots.index_select(0, j.view(1))[0], self.pos0 + 1).view(1)
         dst = (self.pos0 + 1).view(1)
         for cache in (self.lm.k_cache, self.lm.v_cache):  # (layers, 1, n_kv, slots, hd); a no-op if unused
             cache.index_copy_(3, dst, cache.index_select(3, src))
