@@ -20,6 +20,7 @@ triggers a compile. bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import NamedTuple
@@ -137,19 +138,15 @@ def layer_weights(layer) -> LayerWeights:
                         mlp.down_proj.weight, mlp.down_proj.bias, float(eps))
 
 
-compiled_layer = None  # torch.compile(decoder_layer), built on first use: one compile per step width
-
-
+@functools.cache
 def compile_layer():
-    """Every layer shares one compiled function: weights are arguments, so only the width recompiles."""
-    global compiled_layer
-    if compiled_layer is None:
-        import torch._dynamo
+    """Every layer shares one compiled function, built on first use: weights are arguments, so only
+    the step width recompiles."""
+    import torch._dynamo
 
-        # widths 1..k, times dtypes and models in one process, stay under dynamo's recompile limit
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled_layer = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
-    return compiled_layer
+    # widths 1..k, times dtypes and models in one process, stay under dynamo's recompile limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(decoder_layer, fullgraph=True, dynamic=False)
 
 
 class StaticLM:
@@ -314,7 +311,8 @@ class FastDecoder(Decoder):
         k = self.bundle.k if self.bundle is not None else 1
         if cfg.mode == "ar":
             own = pick(self.lm_head(h))
-            emitted, n, overrides = own[-1:], torch.zeros((), dtype=torch.long, device=self.device), n_zero(self)
+            zero = torch.zeros((), dtype=torch.long, device=self.device)
+            emitted, n, overrides = own[-1:], zero, zero
         else:
             with_first = cfg.mode == "compete"
             states = torch.cat([h, self.heads_states(h[-1], with_first=with_first)])
@@ -431,8 +429,3 @@ class FastDecoder(Decoder):
         stats.new_tokens = len(out)
         text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer else ""
         return DecodeResult(out, cut_at_stop(text, cfg.stop) if finish == "stop" else text, stats, finish, proposals)
-
-
-def n_zero(dec) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.long, device=dec.device)
-
