@@ -229,6 +229,10 @@ def shard_features(model, run: Path, i: int, k: int, *, cache: bool, batch_token
     path = run / "features" / f"shard-{i:05d}-k{k}.safetensors"
     if path.exists():
         return Features(**load_file(str(path)))
+    for wider in sorted(run.glob(f"features/shard-{i:05d}-k*.safetensors")):  # k=2 after k=4 on the same data
+        if int(wider.stem.rsplit("-k", 1)[1]) > k:
+            t = load_file(str(wider))
+            return Features(t["hidden"], t["targets"][:, :k].contiguous())
     hidden, targets = [], []
     seqs = read_shard(run, i)
     for b in batches_by_tokens(seqs, batch_tokens):

@@ -161,3 +161,22 @@ def test_static_cache_generation_gives_the_same_answers():
     plain = generate_batch(model, tok, prompts, TrainConfig(**cfg), eos=[2])
     static = generate_batch(model, tok, prompts, TrainConfig(**cfg, gen_static=True), eos=[2])
     assert static == plain and all(len(a) > 0 for a in plain)
+
+
+def test_smaller_k_reuses_wider_features(trained, tmp_path):
+    """k=2 after k=3 on the same data slices the cached features; they equal a fresh k=2 pass."""
+    import shutil
+
+    from collocate.train import shard_features
+    from collocate.zoo import load_backbone
+
+    tmp, cfg, _ = trained
+    model, _ = load_backbone(cfg.model, dtype=torch.bfloat16)  # as training loads it
+    run = Path(cfg.out) / "work"
+    reused = shard_features(None, run, 0, 2, cache=False)  # no model: it must come from the k=3 cache
+    fresh_run = tmp_path / "work"
+    shutil.copytree(run / "data", fresh_run / "data")
+    fresh = shard_features(model, fresh_run, 0, 2, cache=False)
+    assert reused.targets.shape[1] == 2
+    assert torch.equal(reused.targets, fresh.targets)
+    assert torch.equal(reused.hidden, fresh.hidden)
