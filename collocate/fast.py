@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .decode import MAX_CANDIDATES, DecodeConfig, DecodeError, DecodeResult, DecodeStats, Decoder, accept, cut_at_stop, pick
 
 SUPPORTED = ("llama", "qwen2", "mistral")
+SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
 
 
 def fast_or_eager(model, tokenizer=None, bundle=None, **kwargs):
@@ -166,12 +167,15 @@ class StaticLM:
         self.group = n_heads // n_kv
         self.layers = [layer_weights(layer) for layer in self.body.layers]
         w = self.body.embed_tokens.weight
-        # slots 0..max_len-1 hold positions; the `spare` slots after them hold side-by-side candidates
-        shape = (len(self.layers), 1, n_kv, max_len + spare, head_dim)
+        # slots 0..max_len-1 hold positions; the `spare` slots after them hold side-by-side candidates.
+        # The slot count is rounded up to a multiple of 64: attention reads every slot, and an odd row
+        # length such as 2,055 leaves its matmuls unaligned (docs/engine.md: the H200 slowdown of 2026-11-29)
+        n_slots = -(-(max_len + spare) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        shape = (len(self.layers), 1, n_kv, n_slots, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.key_pos = torch.arange(max_len + spare, device=w.device)
-        self.spare_slots = self.key_pos[max_len:]
+        self.key_pos = torch.arange(n_slots, device=w.device)  # slots past max_len + spare: never seen
+        self.spare_slots = self.key_pos[max_len:max_len + spare]
         self.max_len = max_len
         # rotary tables for every position, from the model's own rotary module (any rope scaling it
         # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph

@@ -408,13 +408,14 @@ def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
     return w / w[counts > 0].mean()
 
 
-def train_clp(data: PolicyData, bundle: MTPBundle, features: str, cfg: TrainConfig) -> CLP:
+def train_clp(data: PolicyData, bundle: MTPBundle, features: str, cfg: TrainConfig, device="cpu") -> CLP:
     """Class-weighted CE; the weights ramp linearly from uniform to the relative weights during the
-    first 30% of steps (our reading of the paper's 'relative weighting with linear warm-up')."""
+    first 30% of steps (our reading of the paper's 'relative weighting with linear warm-up').
+    The data stays on the CPU; each batch goes to `device` (the accelerator, when training has one)."""
     first = 1 if bundle.heads.compete else 0
-    clp = CLP(bundle.config.hidden_size, cfg.k, features=features)
+    clp = CLP(bundle.config.hidden_size, cfg.k, features=features).to(device)
     labels = data.clp_labels(first)
-    target_w = class_weights(labels, cfg.k)
+    target_w = class_weights(labels, cfg.k).to(device)
     opt = torch.optim.AdamW(clp.parameters(), lr=1e-2, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     n_steps = cfg.clp_epochs * math.ceil(len(labels) / 512)
@@ -423,16 +424,16 @@ def train_clp(data: PolicyData, bundle: MTPBundle, features: str, cfg: TrainConf
     for _ in range(cfg.clp_epochs):
         for rows in torch.randperm(len(labels), generator=g).split(512):
             ramp = min(1.0, step / warm)
-            w = (1 - ramp) * torch.ones(cfg.k) + ramp * target_w
-            x = clp_inputs(data, rows, first, features)
-            loss = F.cross_entropy(clp.linear(x), labels[rows], weight=w)
+            w = (1 - ramp) * torch.ones(cfg.k, device=device) + ramp * target_w
+            x = clp_inputs(data, rows, first, features).to(device)
+            loss = F.cross_entropy(clp.linear(x), labels[rows].to(device), weight=w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
                 group["lr"] = 1e-2 * 0.5 * (1 + math.cos(math.pi * step / n_steps))
             opt.step()
             step += 1
-    return clp.eval()
+    return clp.cpu().eval()
 
 
 def clp_inputs(data: PolicyData, rows, first: int, features: str) -> torch.Tensor:
@@ -440,20 +441,20 @@ def clp_inputs(data: PolicyData, rows, first: int, features: str) -> torch.Tenso
     return torch.cat([h, data.conf[rows, first:]], -1) if features == "hidden+conf" else h
 
 
-def train_gates(data: PolicyData, bundle: MTPBundle, cfg: TrainConfig) -> Gates:
+def train_gates(data: PolicyData, bundle: MTPBundle, cfg: TrainConfig, device="cpu") -> Gates:
     """Each gate learns P(its head is right | hidden) with BCE, from the same features as CLP."""
-    gates = Gates(bundle.config.hidden_size, bundle.heads.n_heads)
+    gates = Gates(bundle.config.hidden_size, bundle.heads.n_heads).to(device)
     opt = torch.optim.AdamW(gates.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     for _ in range(cfg.clp_epochs):
         for rows in torch.randperm(len(data.hidden), generator=g).split(512):
-            logit = gates(data.hidden[rows].float())
-            y, valid = data.correct[rows].float(), data.valid[rows]
+            logit = gates(data.hidden[rows].to(device).float())
+            y, valid = data.correct[rows].to(device).float(), data.valid[rows].to(device)
             loss = F.binary_cross_entropy_with_logits(logit[valid], y[valid])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return gates.eval()
+    return gates.cpu().eval()
 
 
 @torch.no_grad()
@@ -557,15 +558,16 @@ def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
     train_data = policy_data(model, bundle, cfg, run, train_ids, limit=cfg.policy_positions, seed=cfg.seed)
     held_data = policy_data(model, bundle, cfg, run, held)
     first = 1 if bundle.heads.compete else 0
+    device = model.get_output_embeddings().weight.device  # small models, many steps: the accelerator pays
     out = {"heldout_head_accuracy": head_accuracy(held_data, bundle.heads.offsets),
            "train_head_accuracy": head_accuracy(train_data, bundle.heads.offsets), "clp": {}}
     for features in ("hidden", "hidden+conf"):
-        clp = train_clp(train_data, bundle, features, cfg)
+        clp = train_clp(train_data, bundle, features, cfg, device)
         out["clp"][features] = clp_report(clp, held_data, first)
         if features == cfg.clp_features:
             bundle.clp.load_state_dict(clp.state_dict())
     if cfg.gates:
-        gates = train_gates(train_data, bundle, cfg)  # on the CPU, like the policy data
+        gates = train_gates(train_data, bundle, cfg, device)
         out["gates"] = gate_report(gates, held_data, bundle.heads.offsets)
         bundle.gates.load_state_dict(gates.state_dict())
     return out

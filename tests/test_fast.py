@@ -108,3 +108,17 @@ def test_a_prompt_longer_than_the_fast_cache_says_how_to_fit_it(llama):
         fast.generate(list(range(3, 40)), DecodeConfig(max_new_tokens=4))
     with pytest.raises(DecodeError, match="empty prompt"):
         fast.generate([], DecodeConfig(max_new_tokens=4))
+
+
+def test_cache_slots_are_aligned_and_padding_slots_stay_unseen(llama):
+    """Attention reads every slot, so their count is a multiple of SLOT_MULTIPLE; the padding slots past
+    the spare ones are masked, so a cache with them gives the same tokens as the eager decoder."""
+    from collocate.fast import SLOT_MULTIPLE
+
+    lm = StaticLM(llama, 50, spare=7)
+    assert lm.k_cache.shape[3] % SLOT_MULTIPLE == 0 and lm.k_cache.shape[3] >= 57
+    assert lm.spare_slots.tolist() == list(range(50, 57))
+    fast = FastDecoder(llama, eos_token_ids=[2], graphs=False, max_len=50)
+    cfg = DecodeConfig(max_new_tokens=12)
+    prompt = list(range(3, 20))
+    assert fast.generate(prompt, cfg).tokens == Decoder(llama, eos_token_ids=[2]).generate(prompt, cfg).tokens
