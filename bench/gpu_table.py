@@ -14,7 +14,8 @@ from pathlib import Path
 COLUMNS = ("row", "prompts", "tok/s", "vs our ar", "vs HF static", "tau", "head acc +2/+3/+4", "rep-4", "Δrep-4",
            "exact vs ar", "divergences at near-tie", "wrong head tokens", "GSM8K", "HumanEval")
 LABELS = {"ar": "ours `ar`", "clp": "`clp`", "gate": "`gate`", "compete": "`compete`", "verify": "`verify` (fixed)",
-          "verify-adaptive": "`verify` (adaptive)", "hf": "HF `generate`, eager", "hf-static": "HF `generate`, static cache"}
+          "verify-adaptive": "`verify` (adaptive)", "verify-c3": "`verify --candidates 3`",
+          "verify-c5": "`verify --candidates 5`", "hf": "HF `generate`, eager", "hf-static": "HF `generate`, static cache"}
 
 
 def pct(x):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, stepcost, exactness; start NAME 'STEPS' runs steps as a background job that outlives the call
-# (`S step args` inside), and wait SECONDS follows the jobs and packs the results into $OUT/results.tgz.
-# Sizes are variables, so the same script dry-runs on a CPU.
+# hf MODEL, stepcost, exactness, bundles RUN... . `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
+# $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 W=${COLLOCATE_GPU_HOME:-$HOME/collocate-gpu}
@@ -92,15 +92,19 @@ case ${1:?step} in
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --out "$R/step_cost_${SHAPE:-7b}.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
+  bundles)  # bundles RUN...: trained bundles home in 15 MiB pieces (a returned file may have 16 MiB)
+    for n in "${@:2}"; do files+=("$n/config.json" "$n/model.safetensors" "$n/train_report.json"); done
+    tar -cf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/bundles.tar.part"
+    ls -la "$OUT" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
     name=${2:?job name} src=$W/src/${2}
     rm -rf "$src" && mkdir -p "$src" && cp -r collocate bench pyproject.toml "$src/"
     (cd "$src" && setsid nohup bash -c "S() { bash $src/bench/gpu/session.sh \"\$@\"; }; ${3:?steps}" \
-      > "$W/$name.log" 2>&1 < /dev/null & echo $! > "$W/$name.pid")
-    echo "started $name: $(cat "$W/$name.pid")" ;;
+      > "$W/$name.log" 2>&1 < /dev/null &)
+    echo "started $name" ;;
   wait)  # wait SECONDS: until every started job has ended or SECONDS pass; then the logs and the results
     end=$((SECONDS + ${2:-60}))
-    running() { for p in "$W"/*.pid; do [ -e "$p" ] && kill -0 "$(cat "$p")" 2>/dev/null && echo "$(basename "$p" .pid)"; done; true; }
+    running() { pgrep -af "bash $W/src/" | grep -o "$W/src/[^/ ]*" | sed "s|$W/src/||" | sort -u || true; }  # job names
     while [ -n "$(running)" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     for l in "$W"/*.log; do echo "== $l"; tail -c "${TAIL:-1200}" "$l" | tr '\r' '\n' | tail -n 12; done
     echo "running: $(running | tr '\n' ' ')"
