@@ -274,10 +274,11 @@ def cache_keyword(body) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "cpu",
+def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "auto",
                  dtype: str = "auto", engine: str = "auto"):
     """Backbone + its bundle (checked against each other) + a decoder, from names as the CLI takes them.
-    heads=None picks the bundle shipped for the model, if any, when need_heads."""
+    heads=None picks the bundle shipped for the model, if any, when need_heads; device "auto" is the GPU
+    where there is one, as in the CLI."""
     from .bundle import MTPBundle, default_bundle_for
     from .zoo import load_backbone
 
