@@ -4,7 +4,9 @@
 
 Random weights give honest step timings (the work per step does not depend on the values). Each
 step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
-the same step with uncompiled layers is timed too, to show what compiling buys.
+the same step with uncompiled layers is timed too, to show what compiling buys. --unaligned also
+times the compiled step over max_len + 7 cache slots exactly (2,055 by default), as the engine ran on
+2026-11-29, against the slot count rounded up to a multiple of 64 that it uses now.
 """
 import argparse
 import json
@@ -13,7 +15,7 @@ import statistics
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from collocate.fast import StaticLM
+from collocate.fast import SLOT_MULTIPLE, StaticLM
 
 SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
     ap.add_argument("--context", type=int, default=512, help="tokens already in the cache")
     ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--unaligned", action="store_true", help="also time max_len + 7 slots, not rounded up")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape)
@@ -76,9 +79,15 @@ def main():
     plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in range(1, 6)}
     params = sum(p.numel() for p in model.parameters())
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "params": params, "context": args.context,
+              "cache_slots": lm.k_cache.shape[3], "slot_multiple": SLOT_MULTIPLE,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "ms_per_step": rows, "relative_to_width_1": {m: t / rows[1] for m, t in rows.items()},
               "ms_per_step_uncompiled_layers": plain}
+    if args.unaligned:
+        del lm
+        odd = StaticLM(model, args.max_len, slot_multiple=1)
+        result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
+                                                              for m in range(1, 6)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -153,7 +153,7 @@ def compile_layer():
 class StaticLM:
     """A general forward for pre-norm rotary decoders over a preallocated cache indexed by position."""
 
-    def __init__(self, model, max_len: int, *, spare: int = MAX_CANDIDATES - 1):
+    def __init__(self, model, max_len: int, *, spare: int = MAX_CANDIDATES - 1, slot_multiple: int = SLOT_MULTIPLE):
         cfg = model.config
         self.body = model.base_model
         n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -170,7 +170,7 @@ class StaticLM:
         # slots 0..max_len-1 hold positions; the `spare` slots after them hold side-by-side candidates.
         # The slot count is rounded up to a multiple of 64: attention reads every slot, and an odd row
         # length such as 2,055 leaves its matmuls unaligned (docs/engine.md: the H200 slowdown of 2026-11-29)
-        n_slots = -(-(max_len + spare) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        n_slots = -(-(max_len + spare) // slot_multiple) * slot_multiple
         shape = (len(self.layers), 1, n_kv, n_slots, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)

@@ -118,6 +118,7 @@ def test_cache_slots_are_aligned_and_padding_slots_stay_unseen(llama):
     lm = StaticLM(llama, 50, spare=7)
     assert lm.k_cache.shape[3] % SLOT_MULTIPLE == 0 and lm.k_cache.shape[3] >= 57
     assert lm.spare_slots.tolist() == list(range(50, 57))
+    assert StaticLM(llama, 50, spare=7, slot_multiple=1).k_cache.shape[3] == 57  # as the engine was on 2026-11-29
     fast = FastDecoder(llama, eos_token_ids=[2], graphs=False, max_len=50)
     cfg = DecodeConfig(max_new_tokens=12)
     prompt = list(range(3, 20))
