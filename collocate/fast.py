@@ -32,6 +32,7 @@ from .decode import MAX_CANDIDATES, DecodeConfig, DecodeError, DecodeResult, Dec
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
+SPARE_SLOTS = MAX_CANDIDATES - 1  # slots after the positions, for side-by-side candidates
 
 
 def fast_or_eager(model, tokenizer=None, bundle=None, **kwargs):
@@ -153,7 +154,7 @@ def compile_layer():
 class StaticLM:
     """A general forward for pre-norm rotary decoders over a preallocated cache indexed by position."""
 
-    def __init__(self, model, max_len: int, *, spare: int = MAX_CANDIDATES - 1, slot_multiple: int = SLOT_MULTIPLE):
+    def __init__(self, model, max_len: int, *, spare: int = SPARE_SLOTS, slot_multiple: int = SLOT_MULTIPLE):
         cfg = model.config
         self.body = model.base_model
         n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -214,7 +215,9 @@ class FastDecoder(Decoder):
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
                                       f"use collocate.decode.Decoder for {model.config.model_type}")
         self.model_context = self.context
-        self.context = min(self.context, max_len)
+        # max_len counts cache slots, the spare ones included: 2,048 by default, the row length that
+        # attention was measured fast with (2,048 positions + 7 spare = 2,055 ran at half speed, docs/engine.md)
+        self.context = min(self.context, max_len - SPARE_SLOTS)
         self.lm = StaticLM(model, self.context)
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
