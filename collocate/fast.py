@@ -214,6 +214,8 @@ class FastDecoder(Decoder):
         if model.config.model_type not in SUPPORTED:
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
                                       f"use collocate.decode.Decoder for {model.config.model_type}")
+        if max_len <= SPARE_SLOTS:
+            raise ValueError(f"max_len counts cache slots, {SPARE_SLOTS} of them spare: it must exceed {SPARE_SLOTS}")
         self.model_context = self.context
         # max_len counts cache slots, the spare ones included: 2,048 by default, the row length that
         # attention was measured fast with (2,048 positions + 7 spare = 2,055 ran at half speed, docs/engine.md)
