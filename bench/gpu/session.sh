@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, stepcost, exactness, bundles RUN... . `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# hf MODEL, stepcost, exactness, bundles NAME RUN... . `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -10,7 +10,7 @@ W=${COLLOCATE_GPU_HOME:-$HOME/collocate-gpu}
 export COLLOCATE_CACHE=$W/cache
 R=${RESULTS:-$W/results}  # results live on the machine; `wait` packs them for the trip back
 DEVICE=${DEVICE:-cuda}
-QWENS=${QWENS:-"qwen2.5-coder-1.5b qwen2.5-coder-0.5b"}
+QWENS=${QWENS-"qwen2.5-coder-1.5b qwen2.5-coder-0.5b"}
 KS=${KS:-"4 2"}  # bundle sizes to train on one data set; later ones reuse the first one's answers and features
 SMOL_SAMPLES=${SMOL_SAMPLES:-4000} QWEN_SAMPLES=${QWEN_SAMPLES:-9216} NEW=${NEW:-256}
 BENCH_N=${BENCH_N:-8} HF_N=${HF_N:-1} GEN_BATCH=${GEN_BATCH:-1024} MIX=${MIX:-code}
@@ -56,6 +56,9 @@ case ${1:?step} in
     if [ -d "$W/whl" ] && ! python3 -c "import gguf" 2>/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$W"/whl/*.whl
     fi
+    for t in "$W"/slices/*.runs.tar.part0; do  # bundles (and answers) that an earlier session took home
+      if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xf - -C "$W/runs"; fi
+    done
     mkdir -p "$W/files"
     for q in $QWENS; do
       cat "$W/slices/$q.gguf".part* > "$W/files/$q.gguf"
@@ -92,9 +95,13 @@ case ${1:?step} in
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --unaligned --out "$R/step_cost_${SHAPE:-7b}.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
-  bundles)  # bundles RUN...: trained bundles home in 15 MiB pieces (a returned file may have 16 MiB)
-    for n in "${@:2}"; do files+=("$n/config.json" "$n/model.safetensors" "$n/train_report.json"); done
-    tar -cf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/bundles.tar.part"
+  bundles)  # bundles NAME RUN...: the RUNs' bundles (WITH_DATA=1: and their answers) home as NAME.runs.tar.partN,
+    # 15 MiB pieces (a returned file may have 16 MiB, a call 64 MiB); carried back in, `setup` unpacks them
+    for n in "${@:3}"; do
+      files+=("$n/config.json" "$n/model.safetensors" "$n/train_report.json")
+      if [ -n "${WITH_DATA:-}" ]; then files+=("$n/work/data"); fi
+    done
+    tar -cf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.runs.tar.part"
     ls -la "$OUT" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
     name=${2:?job name} src=$W/src/${2}
