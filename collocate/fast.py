@@ -177,7 +177,6 @@ class StaticLM:
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.key_pos = torch.arange(n_slots, device=w.device)  # slots past max_len + spare: never seen
         self.spare_slots = self.key_pos[max_len:max_len + spare]
-        self.max_len = max_len
         # rotary tables for every position, from the model's own rotary module (any rope scaling it
         # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph
         with torch.no_grad():
