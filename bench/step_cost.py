@@ -6,16 +6,29 @@ Random weights give honest step timings (the work per step does not depend on th
 step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
 the same step with uncompiled layers is timed too, to show what compiling buys. The cache has
 --max-len slots (2,048), as the engine builds it; --unaligned also times the compiled step over
-max-len + 7 slots (2,055), as the engine ran on 2026-11-29.
+max-len + 7 slots (2,055), as the engine ran on 2026-11-29. --modes also times whole decoding steps as
+FastDecoder runs them with a random k=4 bundle (LM head over every fed row and head, the heads, the
+accept rule, the next feed, and the host reading the result), which is what a mode's step costs beyond
+the bare forward.
 """
 import argparse
 import json
 import statistics
+import time
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from collocate.fast import SLOT_MULTIPLE, SPARE_SLOTS, StaticLM
+from collocate.bundle import MTPBundle
+from collocate.decode import DecodeConfig
+from collocate.fast import SLOT_MULTIPLE, SPARE_SLOTS, FastDecoder, StaticLM
+
+MODE_STEPS = {  # name: (config, fed tokens, unchecked tail), as FastDecoder.generate feeds each mode
+    "ar": (DecodeConfig("ar"), 1, 0),
+    "clp, 4 tokens": (DecodeConfig("clp"), 4, 3),
+    "verify, 4 tokens": (DecodeConfig("verify"), 4, 3),
+    "verify --candidates 5, 8 tokens": (DecodeConfig("verify", candidates=5), 8, 7),
+}
 
 SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -65,12 +78,30 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
     return statistics.median(times)
 
 
+def time_mode_steps(model, context: int, reps: int = 50) -> dict[str, float]:
+    """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
+    bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True)
+    dec = FastDecoder(model, bundle=bundle)
+    out = {}
+    with torch.inference_mode():
+        for name, (cfg, m, n_tail) in MODE_STEPS.items():
+            times = []
+            for i in range(reps + 2):  # the first two capture the graph and warm up
+                dec.pos0.fill_(context)
+                t0 = time.perf_counter()
+                dec.run_step(m, n_tail, cfg).tolist()
+                times.append(1000 * (time.perf_counter() - t0))
+            out[name] = statistics.median(times[2:])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
     ap.add_argument("--context", type=int, default=512, help="tokens already in the cache")
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--unaligned", action="store_true", help="also time max_len + 7 slots, not rounded up")
+    ap.add_argument("--modes", action="store_true", help="also time whole steps per decoding mode")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape)
@@ -88,6 +119,8 @@ def main():
         odd = StaticLM(model, args.max_len, slot_multiple=1)
         result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
                                                               for m in range(1, 6)}
+    if args.modes:
+        result["ms_per_mode_step"] = time_mode_steps(model, args.context)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

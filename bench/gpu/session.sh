@@ -92,7 +92,7 @@ case ${1:?step} in
   hf)  # hf MODEL
     hf_rows "${2:?model name}" ;;
   stepcost)
-    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --unaligned --out "$R/step_cost_${SHAPE:-7b}.json" ;;
+    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --unaligned --modes --out "$R/step_cost_${SHAPE:-7b}.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
   bundles)  # bundles NAME RUN...: the RUNs' bundles (WITH_DATA=1: and their answers) home as NAME.runs.tar.partN,
