@@ -78,15 +78,15 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
     return statistics.median(times)
 
 
-def time_mode_steps(model, context: int, reps: int = 50) -> dict[str, float]:
+def time_mode_steps(model, context: int, max_len: int, reps: int = 50) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
     bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True)
-    dec = FastDecoder(model, bundle=bundle)
+    dec = FastDecoder(model, bundle=bundle, max_len=max_len)  # the same 2,048 slots as above
     out = {}
     with torch.inference_mode():
         for name, (cfg, m, n_tail) in MODE_STEPS.items():
             times = []
-            for i in range(reps + 2):  # the first two capture the graph and warm up
+            for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
                 t0 = time.perf_counter()
                 dec.run_step(m, n_tail, cfg).tolist()
@@ -120,7 +120,7 @@ def main():
         result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
                                                               for m in range(1, 6)}
     if args.modes:
-        result["ms_per_mode_step"] = time_mode_steps(model, args.context)
+        result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
