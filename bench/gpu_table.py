@@ -90,8 +90,9 @@ def per_prompt(hf: dict) -> str:
     lines = ["", "Per prompt, tok/s (new tokens / seconds):", "",
              "| prompt | new tokens | " + " | ".join(LABELS[m] for m in modes) + " | ours `ar` / HF static |",
              "|" + "---|" * (len(modes) + 3)]
+    columns = [speeds(hf, m) for m in modes]
     for i, r in enumerate(hf["per_prompt"]["ar"]):
-        tps = [speeds(hf, m)[i] for m in modes]
+        tps = [col[i] for col in columns]
         ratio = (tps[0] / tps[modes.index("hf-static")]) if "hf-static" in modes else None
         lines.append(f"| {r['id']} | {r['new_tokens']} | " + " | ".join(f"{v:.0f}" for v in tps) +
                      f" | {num(ratio, '.2f', 'x')} |")
