@@ -15,8 +15,8 @@ import time
 import torch
 
 from collocate.bundle import MTPBundle
-from collocate.decode import DecodeConfig, Decoder
-from collocate.fast import FastDecoder
+from collocate.decode import DecodeConfig
+from collocate.engine import build_decoder
 from collocate.metrics import first_divergence
 
 from step_cost import build, time_width
@@ -86,10 +86,10 @@ def main():
 
 
 def bf16_checks(res, model, bundle, ps, cfg, args, cuda, save):
-    fast = FastDecoder(model, None, bundle, eos_token_ids=[])
+    fast = build_decoder(model, None, bundle, engine="fast", eos_token_ids=[])
     fast.generate(ps[0], cfg("ar"))
     res["fast_ar"], ar_out = run(fast, ps, cfg("ar"))
-    res["graphs_on"] = fast.graphs_on
+    res["engine"] = fast.backend.describe()
     save()
     for label, c in [("verify", cfg("verify")), ("verify_adaptive", cfg("verify", adaptive=True)),
                      ("verify_c5", cfg("verify", candidates=5)),
@@ -102,9 +102,9 @@ def bf16_checks(res, model, bundle, ps, cfg, args, cuda, save):
             res[f"fast_{label}"]["divergence_gaps"] = [None if d is None else gap(model, p + a[:d])
                                                        for d, p, a in zip(divs, ps, ar_out)]
     if cuda:
-        res[f"step_ms_{args.shape}"] = {m: time_width(model, fast.lm, m, 512) for m in range(1, 6)}
+        res[f"step_ms_{args.shape}"] = {m: time_width(model, fast.backend.lm, m, 512) for m in range(1, 6)}
     save()
-    eager = Decoder(model, None, bundle, eos_token_ids=[])
+    eager = build_decoder(model, None, bundle, engine="eager", eos_token_ids=[])
     eager.generate(ps[0], DecodeConfig(max_new_tokens=8))
     res["eager_ar"], _ = run(eager, ps[:2], cfg("ar"))
     hf_tok_s(model, ps[0], 8)
@@ -119,19 +119,18 @@ def bf16_checks(res, model, bundle, ps, cfg, args, cuda, save):
 def float32_checks(res, model, bundle, ps, cfg, args):
     """float32: verify must equal ar token for token, and the fast engine the eager one."""
     model = model.float()
-    fast32 = FastDecoder(model, None, bundle, eos_token_ids=[])
+    fast32 = build_decoder(model, None, bundle, engine="fast", eos_token_ids=[])
     a = [fast32.generate(p, cfg("ar")).tokens for p in ps]
     v = [fast32.generate(p, cfg("verify")).tokens for p in ps]
     va = [fast32.generate(p, cfg("verify", adaptive=True)).tokens for p in ps]
     vc = [fast32.generate(p, cfg("verify", candidates=5)).tokens for p in ps]
     n_eager = min(64, args.new)
-    e = [Decoder(model, None, bundle, eos_token_ids=[]).generate(p, DecodeConfig(max_new_tokens=n_eager)).tokens
-         for p in ps[:2]]
+    eager = build_decoder(model, None, bundle, engine="eager", eos_token_ids=[])
+    e = [eager.generate(p, DecodeConfig(max_new_tokens=n_eager)).tokens for p in ps[:2]]
     res["float32"] = {"verify_exact": sum(x == y for x, y in zip(a, v)), "verify_adaptive_exact":
                       sum(x == y for x, y in zip(a, va)), "verify_candidates5_exact": sum(x == y for x, y in zip(a, vc)),
-                      "prompts": len(ps), "compiled_layers": fast32.compile_on,
-                      f"fast_ar_equals_eager_ar_first_{n_eager}_tokens": sum(x[:n_eager] == y for x, y in zip(a, e)),
-                      "graphs_on": fast32.graphs_on}
+                      "prompts": len(ps), "engine": fast32.backend.describe(),
+                      f"fast_ar_equals_eager_ar_first_{n_eager}_tokens": sum(x[:n_eager] == y for x, y in zip(a, e))}
 
 
 if __name__ == "__main__":

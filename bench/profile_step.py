@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from collocate.fast import SPARE_SLOTS, StaticLM
+from collocate.fast import StaticLM
 from step_cost import build
 
 
@@ -23,9 +23,9 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = build(args.shape)
-    lm = StaticLM(model, 2048 - SPARE_SLOTS)  # 2,048 slots in all, as FastDecoder(max_len=2048) builds it
+    lm = StaticLM(model, 2048)  # 2,048 slots, as the fast backend builds it by default
     ids = torch.randint(0, model.config.vocab_size, (args.width,), device="cuda")
-    pos = torch.arange(args.context, args.context + args.width, device="cuda")
+    pos = torch.tensor(args.context, device="cuda")
     head = model.get_output_embeddings()
     with torch.inference_mode():
         for _ in range(3):

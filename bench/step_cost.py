@@ -6,10 +6,10 @@ Random weights give honest step timings (the work per step does not depend on th
 step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
 the same step with uncompiled layers is timed too, to show what compiling buys. The cache has
 --max-len slots (2,048), as the engine builds it; --unaligned also times the compiled step over
-max-len + 7 slots (2,055), as the engine ran on 2026-11-29. --modes also times whole decoding steps as
-FastDecoder runs them with a random k=4 bundle (LM head over every fed row and head, the heads, the
-accept rule, the next feed, and the host reading the result), which is what a mode's step costs beyond
-the bare forward.
+max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding steps as the decode
+loop runs them on the fast backend with a random k=4 bundle (LM head over every fed row and head, the
+heads, the accept rule, the next feed, and the host reading the result), which is what a mode's step
+costs beyond the bare forward.
 """
 import argparse
 import json
@@ -21,13 +21,14 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig
-from collocate.fast import SLOT_MULTIPLE, SPARE_SLOTS, FastDecoder, StaticLM
+from collocate.engine import build_decoder
+from collocate.fast import SLOT_MULTIPLE, StaticLM
 
-MODE_STEPS = {  # name: (config, fed tokens, unchecked tail), as FastDecoder.generate feeds each mode
-    "ar": (DecodeConfig("ar"), 1, 0),
-    "clp, 4 tokens": (DecodeConfig("clp"), 4, 3),
-    "verify, 4 tokens": (DecodeConfig("verify"), 4, 3),
-    "verify --candidates 5, 8 tokens": (DecodeConfig("verify", candidates=5), 8, 7),
+MODE_STEPS = {  # name: (config, fed tokens), as the decode loop feeds each mode
+    "ar": (DecodeConfig("ar"), 1),
+    "clp, 4 tokens": (DecodeConfig("clp"), 4),
+    "verify, 4 tokens": (DecodeConfig("verify"), 4),
+    "verify --candidates 5, 8 tokens": (DecodeConfig("verify", candidates=5), 8),
 }
 
 SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
@@ -53,11 +54,11 @@ def build(shape: str, device: str = "cuda"):
 
 def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, compiled: bool = True) -> float:
     ids = torch.randint(0, model.config.vocab_size, (m,), device="cuda")
-    pos = torch.arange(context, context + m, device="cuda")
+    pos0 = torch.tensor(context, device="cuda")
     head = model.get_output_embeddings()
 
     def step():
-        return head(lm.forward(ids, pos, compiled=compiled)).argmax(-1)
+        return head(lm.forward(ids, pos0, compiled=compiled)).argmax(-1)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -81,15 +82,15 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
 def time_mode_steps(model, context: int, max_len: int, reps: int = 50) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
     bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True)
-    dec = FastDecoder(model, bundle=bundle, max_len=max_len)  # the same 2,048 slots as above
+    dec = build_decoder(model, bundle=bundle, engine="fast", max_len=max_len)  # the same 2,048 slots as above
     out = {}
     with torch.inference_mode():
-        for name, (cfg, m, n_tail) in MODE_STEPS.items():
-            times = []
+        for name, (cfg, m) in MODE_STEPS.items():
+            plan, times = dec.plan(cfg), []
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
                 t0 = time.perf_counter()
-                dec.run_step(m, n_tail, cfg).tolist()
+                dec.run_step(m, plan).read()
                 times.append(1000 * (time.perf_counter() - t0))
             out[name] = statistics.median(times[2:])
     return out
@@ -105,7 +106,7 @@ def main():
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape)
-    lm = StaticLM(model, args.max_len - SPARE_SLOTS)  # as FastDecoder builds it: max_len slots in all
+    lm = StaticLM(model, args.max_len)  # as the fast backend builds it
     rows = {m: time_width(model, lm, m, args.context) for m in range(1, 6)}
     plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in range(1, 6)}
     params = sum(p.numel() for p in model.parameters())
@@ -116,7 +117,7 @@ def main():
               "ms_per_step_uncompiled_layers": plain}
     if args.unaligned:
         del lm
-        odd = StaticLM(model, args.max_len, slot_multiple=1)
+        odd = StaticLM(model, args.max_len + 7, slot_multiple=1)
         result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
                                                               for m in range(1, 6)}
     if args.modes:

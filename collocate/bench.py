@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .decode import DecodeConfig, DecodeResult, DecodeStats, load_decoder
-from .fast import FastDecoder
+from .decode import DecodeConfig, DecodeResult, DecodeStats
+from .engine import load_decoder
 from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
 
 # What the paper's abstract reports, for the table. It gives no per-suite numbers.
@@ -194,16 +194,8 @@ def environment(cfg: BenchConfig, dec) -> dict:
     dev = dec.device
     return {"model": cfg.model, "heads": cfg.heads, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "dtype": str(dec.lm_head.weight.dtype), "torch": torch.__version__, "engine": engine_name(dec),
+            "dtype": str(dec.lm_head.weight.dtype), "torch": torch.__version__, "engine": dec.backend.describe(),
             "date": time.strftime("%Y-%m-%d")}
-
-
-def engine_name(dec) -> str:
-    """What actually ran: the fast engine can lose its graphs or compile at run time (it says so)."""
-    if isinstance(dec, FastDecoder):
-        return "fast" + (" (compiled layers" if dec.compile_on else " (plain layers") + \
-            (", CUDA graphs)" if dec.graphs_on else ", no graphs)")
-    return "eager"
 
 
 def write_outputs(cfg: BenchConfig, results: dict, dec, *, quiet: bool = False) -> dict:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .engine import ENGINES
 from .zoo import DEFAULT_MODEL, ZOO, is_cached, model_dir
 
 
@@ -44,7 +45,7 @@ def cmd_info(args) -> int:
 
 
 def load_for_decoding(args, *, need_heads: bool):
-    from .decode import load_decoder
+    from .engine import load_decoder
 
     dec = load_decoder(args.model, heads=args.heads, need_heads=need_heads, device=args.device, dtype=args.dtype,
                        engine=args.engine)
@@ -60,26 +61,21 @@ def decode_config(args, mode: str):
 
 
 def cmd_generate(args) -> int:
-    from .data import encode
+    from .api import Generator
     from .decode import UNVERIFIED, DecodeError
 
     cfg = decode_config(args, args.mode)
     if not args.prompt.strip():
         raise DecodeError("empty prompt: give --prompt some text")
-    dec, tokenizer = load_for_decoding(args, need_heads=args.mode != "ar")
-    ids = encode(tokenizer, args.prompt, chat=args.chat)
-    printed = ""
-    out: list[int] = []
-
-    def stream(new):  # decode the whole answer each time: correct across multi-byte tokens
-        nonlocal printed
-        out.extend(new)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
-
-    r = dec.generate(ids, cfg, on_tokens=stream)
+    gen = Generator(load_for_decoding(args, need_heads=args.mode != "ar")[0])
+    pieces = gen.stream(args.prompt, cfg, chat=args.chat)
+    while True:
+        try:
+            sys.stdout.write(next(pieces))
+            sys.stdout.flush()
+        except StopIteration as done:
+            r = done.value
+            break
     s = r.stats
     extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in UNVERIFIED else ""
     extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""
@@ -167,7 +163,7 @@ def add_decoding_args(p, *, mode: bool = True):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
+    p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
                         "Mistral); auto: fast on CUDA where it supports the model, else eager")
     p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
@@ -175,7 +171,7 @@ def add_decoding_args(p, *, mode: bool = True):
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
         p.add_argument("--candidates", type=int, default=1,
-                       help="verify: also check the +2 head's next best tokens in the same pass (fast engine)")
+                       help="verify: also check the +2 head's next best tokens in the same pass")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .rules import leading_true, span_at_threshold
+
+GATE_THRESHOLD = 0.5  # a gate's default: accept while P(head right) >= 0.5
+
 
 def head_confidence(head_logits: torch.Tensor) -> torch.Tensor:
     """(..., n_heads, V) -> (..., n_heads): each head's top-1 probability."""
@@ -40,16 +44,9 @@ class CLP(nn.Module):
         x = self.inputs(h, head_logits)
         return self.linear(x.to(self.linear.weight.dtype))
 
-    def accept(self, h, head_logits, *, threshold: float | None = None) -> torch.Tensor:
+    def accept(self, h, head_logits, *, threshold: float | torch.Tensor | None = None) -> torch.Tensor:
         """argmax, or with a threshold the longest length whose P(all of it correct) >= threshold."""
-        logits = self(h, head_logits).float()
-        if threshold is None:
-            return logits.argmax(-1)
-        p = logits.softmax(-1)
-        p_at_least = p.flip(-1).cumsum(-1).flip(-1)  # P(label >= c); c = 0 is always 1
-        idx = torch.arange(self.k, device=p.device)
-        ok = (p_at_least >= threshold) | (idx == 0)
-        return torch.where(ok, idx, 0).amax(-1)
+        return span_at_threshold(self(h, head_logits).float(), threshold)
 
 
 class Gates(nn.Module):
@@ -67,11 +64,6 @@ class Gates(nn.Module):
         h = h.to(self.mlps[0][0].weight.dtype)
         return torch.cat([mlp(h) for mlp in self.mlps], dim=-1)
 
-    def accept(self, h, head_logits=None, *, threshold: float | None = None) -> torch.Tensor:
-        """Accept head tokens in order until the first gate under the threshold (default 0.5)."""
-        return leading_passes(self(h).float().sigmoid(), threshold)
-
-
-def leading_passes(p: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """How many gate probabilities, in order, clear the threshold (0.5 by default) before the first miss."""
-    return (p >= (0.5 if threshold is None else threshold)).long().cumprod(-1).sum(-1)
+    def accept(self, h, head_logits=None, *, threshold: float | torch.Tensor = GATE_THRESHOLD) -> torch.Tensor:
+        """Accept head tokens in order until the first gate under the threshold."""
+        return leading_true(self(h).float().sigmoid() >= threshold)

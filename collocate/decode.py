@@ -1,36 +1,41 @@
-"""The decoding engine: one loop, five modes, batch 1, greedy.
+"""The decode loop: one host loop over a backend, with a drafter and an acceptance rule per mode.
 
-    dec = Decoder(model, tokenizer, bundle)
+    dec = build_decoder(model, tokenizer, bundle)        # collocate.engine: the eager or the fast backend
     result = dec.generate(prompt_ids, DecodeConfig(mode="verify", max_new_tokens=128))
-    print(result.text, result.stats.tau)
+    for tokens in dec.stream(prompt_ids, cfg): ...        # the same loop, a chunk of new tokens per step
 
-Every step feeds the tokens of the previous step, reads the backbone's hidden states, and
-  1. checks the fed tail against the backbone's own argmax (verify: keeps the agreeing prefix;
-     unverified modes: counts wrong head tokens, for free);
-  2. takes the backbone's argmax as token t+1 (Backbone-as-Architect) and the heads for t+2..t+k;
-  3. asks the mode how many head tokens to take.
-Modes: ar (plain greedy), clp, gate, compete (unverified), verify (lossless, drafts checked next pass).
+A step feeds the root (the backbone's newest token) and a draft after it, and then, all on the device:
+  1. checks the fed draft against the backbone's own argmax: `verify` keeps the longest agreeing path
+     (rules.longest_accepted); the unverified modes fed head tokens they had emitted already, and count
+     the ones the backbone disagrees with, for free;
+  2. takes the backbone's argmax after the last kept row as the next root (Backbone-as-Architect;
+     `compete` lets a +1 head replace it);
+  3. has the drafter propose the next draft from that row's heads, and the mode's rule say how many of
+     its tokens to feed (verify: all, or CLP's count with --adaptive) or to emit unchecked (clp, gate,
+     compete).
+The host reads one small StepResult a step and keeps the books: budget, EOS, stop strings, stats,
+streaming. Backends (backend.HFBackend, fast.StaticBackend) only run the forward and keep or drop
+what it wrote.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from .clp import leading_passes
+from .clp import GATE_THRESHOLD
+from .draft import DraftTree, HeadDrafter
+from .rules import Kept, compete, leading_true, longest_accepted, span_at_threshold
 
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
+MAX_CANDIDATES = 8
 
 
 class DecodeError(ValueError):
     """Bad input to the decoder: empty or too-long prompt, a mode the bundle cannot run."""
-
-
-MAX_CANDIDATES = 8  # the fast engine keeps this many spare cache slots for side-by-side candidates
 
 
 @dataclass
@@ -39,7 +44,7 @@ class DecodeConfig:
     max_new_tokens: int = 256
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
-    candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side (fast engine)
+    candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -93,107 +98,184 @@ class DecodeResult:
     text: str
     stats: DecodeStats
     finish_reason: str  # eos | length | stop
-    proposals: list[tuple[int, list[int]]] = field(default_factory=list)  # (index of t+1, head tokens)
+    proposals: list[tuple[int, list[int]]] = field(default_factory=list)  # (index of the root, head tokens)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every step of one generation does. Graphs are keyed by it and the feed width, never by a
+    threshold's value (that lives in a device tensor)."""
+    mode: str
+    tree: DraftTree  # the draft fed after the root (unverified modes: the head tokens they may take)
+    adaptive: bool = False
+    clp_argmax: bool = False  # CLP without a threshold takes its argmax
+
+    @property
+    def verify(self) -> bool:
+        return self.mode == "verify"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Every feed width a step of this plan can have (the context edge adds width 1)."""
+        if self.verify and not self.adaptive:
+            return (1 + self.tree.n,)
+        return tuple(range(1, self.tree.n + 2))
+
+
+class StepOut(NamedTuple):
+    """One step's result, on the device."""
+    emitted: torch.Tensor  # tokens to emit now; the first n_emitted count
+    n_emitted: torch.Tensor  # ()
+    next_width: torch.Tensor  # () rows the next step feeds: the root and next_width - 1 draft tokens
+    kept: torch.Tensor  # () verify: fed drafts the backbone agreed with
+    wrong: torch.Tensor  # () unverified: fed head tokens the backbone's argmax disagrees with
+    overrides: torch.Tensor  # () compete: +1 head tokens emitted over the backbone's own
+    proposal: torch.Tensor  # (k-1,) the +2..+k heads' argmax from the new root's row
+
+
+class Next(NamedTuple):
+    """What follows a step's new root, on the device."""
+    root: torch.Tensor  # () the root token (the backbone's own; `compete`: maybe the +1 head's)
+    draft: torch.Tensor  # (n,) draft tokens from the root's heads
+    n: torch.Tensor  # () how many of them the next step feeds (unverified modes: emitted now, unchecked)
+    overrides: torch.Tensor  # () compete: 1 when the +1 head replaced the backbone's token
 
 
 @dataclass
-class Proposal:
-    emitted: list[int]  # tokens to emit now: t+1, then any accepted head tokens
-    unchecked: int  # trailing head tokens of `emitted` the next pass will check
-    drafts: list[int]  # every head proposal for t+2..t+k (verify feeds these)
-    overrides: int = 0  # compete: +1 head tokens emitted over the backbone's own choice
+class StepResult:
+    """StepOut on the host."""
+    emitted: list[int]
+    n_emitted: int
+    next_width: int
+    kept: int
+    wrong: int
+    overrides: int
+    proposal: list[int]
 
 
-def accept(bundle, cfg: DecodeConfig, h, own, heads_tok, head_logits):
-    """The acceptance rules of the unverified modes, in tensor ops only (the fast engine runs them inside
-    a CUDA graph). Returns (tokens: t+1 then the head tokens, how many head tokens to take, overrides)."""
-    zero = torch.zeros((), dtype=torch.long, device=own.device)
-    if cfg.mode == "clp":  # one span decision
-        return torch.cat([own.view(1), heads_tok]), bundle.clp.accept(h, head_logits, threshold=cfg.threshold), zero
-    p = bundle.gates(h).float().sigmoid()
-    if cfg.mode == "gate":  # one by one until the first gate below the threshold
-        return torch.cat([own.view(1), heads_tok]), leading_passes(p[-heads_tok.shape[0]:], cfg.threshold), zero
-    # compete: the +1 head replaces the backbone's token when its gate agrees; the rest as gates
-    override = (leading_passes(p[:1], cfg.threshold) == 1) & (heads_tok[0] != own)
-    first = torch.where(override, heads_tok[0], own)
-    return torch.cat([first.view(1), heads_tok[1:]]), leading_passes(p[1:], cfg.threshold), override.long()
+class Packed(NamedTuple):
+    """A StepOut as one tensor, so the host reads a step with one copy; `read` names the fields again."""
+    flat: torch.Tensor
+    shapes: tuple[tuple[int, ...], ...]  # each field's shape, in StepOut's order
 
+    @staticmethod
+    def of(out: StepOut) -> "Packed":
+        return Packed(torch.cat([t.reshape(-1).long() for t in out]), tuple(tuple(t.shape) for t in out))
 
-def pick(logits: torch.Tensor) -> torch.Tensor:
-    """The one token-choice rule of every mode: greedy."""
-    return logits.argmax(-1)
-
-
-def leading_true(mask: torch.Tensor) -> int:
-    """Length of the all-true prefix of a 1-D bool tensor."""
-    return int(mask.long().cumprod(0).sum())
-
-
-def check_supported(model) -> None:
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            raise DecodeError(f"{cfg.model_type} applies {attr} to its logits; collocate decodes through the "
-                              "plain LM head and does not support it yet")
+    def read(self) -> StepResult:
+        values, start, named = self.flat.tolist(), 0, {}  # the one host sync of a step
+        for name, shape in zip(StepOut._fields, self.shapes):
+            size = shape[0] if shape else 1
+            named[name] = values[start:start + size] if shape else values[start]
+            start += size
+        return StepResult(**named)
 
 
 class Decoder:
-    """Eager reference engine over any HF causal LM (DynamicCache); the fast engine is tested against it."""
+    """The decode loop over a backend (the HF model with its cache, or the static cache with graphs)."""
 
-    checks_candidates = False  # verify --candidates: the fast engine only (side-by-side cache slots)
-
-    def __init__(self, model, tokenizer=None, bundle=None, *, eos_token_ids: list[int] | None = None):
-        check_supported(model)
-        self.model, self.tokenizer, self.bundle = model, tokenizer, bundle
-        self.body = model.base_model  # the transformer without its LM head: gives hidden states
-        self.lm_head = model.get_output_embeddings()
+    def __init__(self, backend, tokenizer=None, bundle=None, *, eos_token_ids: list[int] | None = None):
+        self.backend, self.tokenizer, self.bundle = backend, tokenizer, bundle
+        self.model = backend.model
+        self.lm_head = self.model.get_output_embeddings()
         self.device = self.lm_head.weight.device
         if bundle is not None:
             bundle.to(self.device)
-        self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer))
-        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.cache_kw = cache_keyword(self.body)
+            self.drafter = HeadDrafter(bundle)
+        self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, tokenizer))
+        width = 1 + (bundle.k - 1 + MAX_CANDIDATES - 1 if bundle is not None else 0)
+        self.feed = torch.zeros(width, dtype=torch.long, device=self.device)  # the next step's tokens
+        self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
+        self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
 
-    # -- the pieces every mode shares -------------------------------------------------------------
-    def new_cache(self):
-        from transformers import DynamicCache
+    # -- one step: tensor work only (the fast backend captures it) ----------------------------------
+    def step(self, ids: torch.Tensor, plan: Plan, tree: DraftTree | None) -> StepOut:
+        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt, all of it committed)."""
+        h = self.backend.forward(ids, self.pos0, tree)  # (m, d); K/V written at slots pos0..pos0+m-1
+        prefill = tree is None
+        if prefill:  # only the prompt's last row matters
+            advance = torch.full((), ids.shape[0], device=self.device)
+            h, ids, tree = h[-1:], ids[-1:], DraftTree(())
+        t = tree.tensors(self.device)
+        own_logits, heads = self.logits(h, plan)
+        own = own_logits.argmax(-1)  # (m,) the backbone's token after each fed row
+        kept, wrong = self.check(own, ids, t, plan)
+        if not prefill:  # (a prompt keeps all it wrote)
+            self.backend.keep(self.pos0, kept, tree)
+            advance = 1 + kept.count
+        if heads is not None:  # (n_heads, V) from the root's row
+            heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
+        nxt = self.next_draft(plan, h.index_select(0, kept.row.view(1))[0], own[kept.row], heads)
+        if plan.verify:  # emit the kept path, then the backbone's token after it
+            path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
+            emitted = torch.where(torch.arange(path_tokens.shape[0], device=self.device) == kept.count,
+                                  nxt.root, path_tokens)
+            n_emitted = kept.count + 1
+        else:  # emit the root and the head tokens the rule takes; the next step feeds (checks) them
+            emitted, n_emitted = torch.cat([nxt.root.view(1), nxt.draft]), nxt.n + 1
+        self.feed[: 1 + nxt.draft.shape[0]].copy_(torch.cat([nxt.root.view(1), nxt.draft]))
+        self.pos0.add_(advance)
+        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count if plan.verify else torch.zeros_like(wrong), wrong,
+                       nxt.overrides, nxt.draft[: self.bundle.k - 1] if self.bundle is not None else nxt.draft)
 
-        return DynamicCache(config=self.model.config)
+    def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan) -> tuple[Kept, torch.Tensor]:
+        """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with."""
+        if plan.verify:
+            return longest_accepted(own, ids, tree), torch.zeros((), dtype=torch.long, device=self.device)
+        # the fed head tokens were emitted already: keep them all, count the wrong ones
+        last = torch.full((), ids.shape[0] - 1, device=self.device)
+        kept = Kept(last, last, torch.arange(1, ids.shape[0], device=self.device))
+        return kept, (own[tree.parents] != ids[1:]).sum()
 
-    def forward(self, ids: list[int], cache) -> torch.Tensor:
-        """Feed ids after what the cache holds; (m, d) last-layer hidden states."""
-        x = torch.tensor([ids], device=self.device)
-        return self.body(input_ids=x, use_cache=True, **{self.cache_kw: cache}).last_hidden_state[0]
+    def logits(self, h: torch.Tensor, plan: Plan):
+        """Own-token logits of every row (m, V) and, except in `ar`, the heads' logits (r, n_heads, V) of
+        every row that can become the next root (verify: any; else the last): one LM-head matmul."""
+        if plan.mode == "ar":
+            return self.lm_head(h), None
+        roots = h if plan.verify else h[-1:]
+        states = self.bundle.heads(roots, with_first=plan.mode == "compete").to(h.dtype)  # (r, n_heads, d)
+        logits = self.lm_head(torch.cat([h, states.flatten(0, 1)]))
+        return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
-    def head_tokens(self, h: torch.Tensor, *, with_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head argmax tokens and logits from one hidden row: offsets 2..k (and +1 if with_first)."""
-        states = self.bundle.heads(h, with_first=with_first)
-        logits = self.lm_head(states.to(self.lm_head.weight.dtype))  # one matmul for all heads
-        return pick(logits), logits
+    def next_draft(self, plan: Plan, h_root: torch.Tensor, own: torch.Tensor, heads: torch.Tensor | None) -> "Next":
+        """The mode's rule at the new root, from its hidden row, the backbone's token and the heads' logits."""
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        if plan.mode == "ar":
+            return Next(own, zero[None][:0], zero, zero)
+        threshold = None if plan.clp_argmax else self.threshold
+        if plan.verify:
+            draft = self.drafter.propose(heads, plan.tree)
+            if plan.adaptive:
+                return Next(own, draft, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
+            return Next(own, draft, torch.full((), plan.tree.n, device=self.device), zero)
+        tokens = heads.argmax(-1)
+        if plan.mode == "clp":
+            return Next(own, tokens, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
+        gate_p = self.bundle.gates(h_root).float().sigmoid()
+        if plan.mode == "gate":
+            return Next(own, tokens, leading_true(gate_p[-tokens.shape[0]:] >= threshold), zero)
+        first, n, overrides = compete(own, tokens, gate_p, threshold)
+        return Next(first, tokens[1:], n, overrides)
 
-    # -- the acceptance rules ---------------------------------------------------------------------
-    def propose(self, h: torch.Tensor, own: int, cfg: DecodeConfig) -> Proposal:
-        """What to emit after the newest token, from its hidden row and the backbone's own choice."""
-        if cfg.mode == "ar":
-            return Proposal([own], 0, [])
-        tokens, logits = self.head_tokens(h, with_first=cfg.mode == "compete")
-        if cfg.mode == "verify":
-            n = int(self.bundle.clp.accept(h, logits, threshold=cfg.threshold)) if cfg.adaptive else len(tokens)
-            return Proposal([own], 0, tokens.tolist()[:n])
-        emitted, n, overrides = accept(self.bundle, cfg, h, torch.tensor(own, device=self.device), tokens, logits)
-        n = int(n)
-        drafts = tokens.tolist()[1:] if cfg.mode == "compete" else tokens.tolist()
-        return Proposal(emitted.tolist()[: 1 + n], n, drafts, overrides=int(overrides))
+    def run_step(self, width: int, plan: Plan) -> Packed:
+        """A step of this width from the feed buffer (the fast backend replays its graph)."""
+        def step() -> Packed:
+            return Packed.of(self.step(self.feed[:width], plan, plan.tree.first(width - 1)))
+
+        return self.backend.run((plan, width), step, state=(self.feed, self.pos0))
 
     # -- the loop ---------------------------------------------------------------------------------
+    def plan(self, cfg: DecodeConfig) -> Plan:
+        if cfg.mode == "ar":
+            return Plan("ar", DraftTree(()))
+        tree = self.drafter.tree(candidates=cfg.candidates)
+        clp_rule = cfg.mode == "clp" or cfg.adaptive
+        return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None)
+
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
         if len(prompt_ids) == 0:
             raise DecodeError("empty prompt: give at least one token")
-        if len(prompt_ids) >= self.context:
-            raise DecodeError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of "
-                              f"{self.context} tokens")
-        if cfg.candidates > 1 and not self.checks_candidates:
-            raise DecodeError("--candidates needs the fast engine (--engine fast; on a GPU, the default)")
+        self.backend.check_fits(len(prompt_ids))
         if cfg.mode != "ar" and self.bundle is None:
             raise DecodeError(f"mode '{cfg.mode}' needs an MTP bundle (--heads DIR)")
         if cfg.mode in ("gate", "compete") and self.bundle.gates is None:
@@ -202,49 +284,39 @@ class Decoder:
             raise DecodeError("mode 'compete' needs a bundle trained with a +1 head (collocate train --compete)")
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
-                 on_tokens: Callable[[list[int]], None] | None = None,
-                 on_step: Callable[[object, list[int]], None] | None = None) -> DecodeResult:
+    def stream(self, prompt_ids: list[int], cfg: DecodeConfig | None = None) -> Iterator[list[int]]:
+        """Yield each step's new tokens; the generator's return value is the DecodeResult."""
         cfg = cfg or DecodeConfig()
         prompt_ids = list(prompt_ids)
         self.validate(prompt_ids, cfg)
-        budget = min(cfg.max_new_tokens, self.context - len(prompt_ids) - (self.bundle.k if self.bundle else 1))
+        plan = self.plan(cfg)
+        self.threshold.fill_(GATE_THRESHOLD if cfg.threshold is None else cfg.threshold)
+        if self.backend.captures:
+            self.warm_up(plan)
+        capacity, n_prompt = self.backend.capacity, len(prompt_ids)
+        budget = min(cfg.max_new_tokens, capacity - n_prompt)  # the answer may fill the context, no more
         stats, out, proposals = DecodeStats(), [], []
-        cache, feed, n_tail = self.new_cache(), prompt_ids, 0  # n_tail: unchecked tokens at the end of feed
-        finish = "length"
         start = time.perf_counter()
+        self.backend.reset()
+        self.pos0.zero_()
+        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None)).read()
+        fed = 0  # draft tokens fed in the step just read
         while True:
-            h = self.forward(feed, cache)[-(n_tail + 1):]  # (n_tail+1, d): the rows we need
-            stats.steps += 1
-            own = pick(self.lm_head(h)).tolist()  # own[i]: the backbone's token after tail row i
-            agree = torch.tensor(own[:-1]) == torch.tensor(feed[len(feed) - n_tail:], dtype=torch.long)
-            if cfg.mode == "verify":
-                a = leading_true(agree)
-                if n_tail > a:
-                    cache.crop(-(n_tail - a))  # drop the rejected drafts: exact rollback
-                emitted = feed[len(feed) - n_tail:][:a] + [own[a]]
-                stats.drafted, stats.draft_accepted = stats.drafted + n_tail, stats.draft_accepted + a
-                drafts = self.propose(h[a], own[a], cfg).drafts
-                feed, n_tail, new_head = [own[a]] + drafts, len(drafts), drafts
-                base = len(out) + len(emitted) - 1  # index in out of the token the heads continue
-            else:
-                stats.head_checked += n_tail
-                stats.head_wrong += int((~agree).sum())
-                prop = self.propose(h[-1], own[-1], cfg)
-                feed, emitted, n_tail, new_head = prop.emitted, prop.emitted, prop.unchecked, prop.drafts
-                stats.head_accepted += n_tail + prop.overrides
-                stats.head_checked += prop.overrides
-                stats.head_wrong += prop.overrides
-                base = len(out)
-            proposals.append((base, new_head))
+            account(stats, res, fed, plan)
+            emitted = res.emitted[: res.n_emitted]
+            if plan.mode != "ar":
+                root = len(out) + (len(emitted) - 1 if plan.verify else 0)
+                proposals.append((root, res.proposal[: res.next_width - 1] if plan.verify else res.proposal))
             emitted, finish = self.cut(emitted, out, budget, cfg)
             out += emitted
-            if on_tokens and emitted:
-                on_tokens(emitted)
-            if on_step:
-                on_step(cache, prompt_ids + out)
+            if emitted:
+                yield emitted
             if finish != "continue":
                 break
+            width = res.next_width
+            if plan.verify and n_prompt + len(out) + width - 1 > capacity:
+                width = 1  # near the end of the context there is no room for a draft
+            res, fed = self.run_step(width, plan).read(), width - 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.seconds = time.perf_counter() - start
@@ -254,47 +326,47 @@ class Decoder:
             text = cut_at_stop(text, cfg.stop)
         return DecodeResult(out, text, stats, finish, proposals)
 
+    def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:
+        steps = self.stream(prompt_ids, cfg)
+        while True:
+            try:
+                tokens = next(steps)
+            except StopIteration as done:
+                return done.value
+            if on_tokens:
+                on_tokens(tokens)
+
+    def warm_up(self, plan: Plan) -> None:
+        """Capture every width this plan uses before anything is timed."""
+        for width in plan.widths:
+            self.run_step(width, plan)
+        self.pos0.zero_()
+
     def cut(self, emitted: list[int], out: list[int], budget: int, cfg: DecodeConfig) -> tuple[list[int], str]:
-        """Honour EOS (kept, then stop), max_new_tokens and stop strings within a multi-token step."""
+        """A step's tokens up to the first EOS (kept), stop string or the budget, whichever comes first."""
         for i, t in enumerate(emitted):
+            n = i + 1
             if t in self.eos:
-                return emitted[: i + 1][: budget - len(out)], "eos"
-        if len(out) + len(emitted) >= budget:
-            return emitted[: budget - len(out)], "length"
-        if cfg.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode((out + emitted)[-64:], skip_special_tokens=True)
-            if any(s in tail for s in cfg.stop):
-                return emitted, "stop"
+                return emitted[:n], "eos"
+            if cfg.stop and self.tokenizer is not None:
+                tail = self.tokenizer.decode((out + emitted[:n])[-64:], skip_special_tokens=True)
+                if any(s in tail for s in cfg.stop):
+                    return emitted[:n], "stop"
+            if len(out) + n >= budget:
+                return emitted[:n], "length"
         return emitted, "continue"
 
 
-def cache_keyword(body) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this one knows."""
-    params = inspect.signature(body.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "auto",
-                 dtype: str = "auto", engine: str = "auto"):
-    """Backbone + its bundle (checked against each other) + a decoder, from names as the CLI takes them.
-    heads=None picks the bundle shipped for the model, if any, when need_heads; device "auto" is the GPU
-    where there is one, as in the CLI."""
-    from .bundle import MTPBundle, default_bundle_for
-    from .zoo import load_backbone
-
-    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    backbone, tokenizer = load_backbone(model, dtype=dtypes[dtype], device=device)
-    heads = heads or (default_bundle_for(model) if need_heads else None)
-    bundle = MTPBundle.from_pretrained(heads, backbone=backbone, backbone_name=model) if heads else None
-    if engine == "eager":
-        return Decoder(backbone, tokenizer, bundle)
-    from .fast import FastDecoder, fast_or_eager
-
-    if engine == "fast":  # even where it cannot use graphs (a CPU): for tests and comparisons
-        return FastDecoder(backbone, tokenizer, bundle)
-    if engine != "auto":
-        raise ValueError(f"engine must be auto, eager or fast, not {engine!r}")
-    return fast_or_eager(backbone, tokenizer, bundle)
+def account(stats: DecodeStats, res: StepResult, fed: int, plan: Plan) -> None:
+    stats.steps += 1
+    if plan.verify:
+        stats.drafted += fed
+        stats.draft_accepted += res.kept
+    else:
+        stats.head_checked += fed + res.overrides
+        stats.head_wrong += res.wrong + res.overrides
+        stats.head_accepted += res.n_emitted - 1 + res.overrides
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -20,6 +20,19 @@ def tiny_qwen(seed=0, vocab=96, hidden=32):
     return Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
 
 
+def copy_model():
+    """A tiny Llama that repeats its last token forever: attention and MLP add nothing, and the tied
+    embedding rows have one norm, so each position's logits peak at its own token."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        e = model.model.embed_tokens.weight
+        e.copy_(torch.nn.functional.normalize(torch.randn(e.shape), dim=-1))
+    return model
+
+
 def randomize(module, seed=0, scale=0.5):
     """Give a zero-initialised module random weights, so heads disagree with the backbone."""
     g = torch.Generator().manual_seed(seed)

@@ -3,8 +3,13 @@ import torch
 from transformers import DynamicCache
 
 from collocate.bundle import MTPBundle
-from collocate.decode import DecodeConfig, DecodeError, Decoder
-from conftest import randomize, tiny_llama, tiny_qwen
+from collocate.decode import DecodeConfig, DecodeError
+from collocate.engine import build_decoder
+from conftest import copy_model, randomize, tiny_llama, tiny_qwen, tiny_tokenizer
+
+
+def eager(model, bundle=None, eos=(2,), tokenizer=None):
+    return build_decoder(model, tokenizer, bundle, engine="eager", eos_token_ids=list(eos))
 
 
 def bundle_for(model, k=4, gates=True, compete=False, seed=0):
@@ -21,7 +26,7 @@ def prompts(n, seed=0, vocab=96):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
 def test_ar_equals_hf_generate(make):
     model = make()
-    dec = Decoder(model, eos_token_ids=[2])
+    dec = eager(model)
     for p in prompts(6):
         ours = dec.generate(p, DecodeConfig(max_new_tokens=40)).tokens
         ref = model.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, eos_token_id=2,
@@ -34,7 +39,7 @@ def test_ar_equals_hf_generate(make):
 def test_verify_is_lossless_with_random_heads(make, adaptive):
     model = make()
     bundle = bundle_for(model)
-    dec = Decoder(model, bundle=bundle, eos_token_ids=[2])
+    dec = eager(model, bundle)
     drafted = accepted = 0
     for p in prompts(12, seed=1):
         ar = dec.generate(p, DecodeConfig(max_new_tokens=48)).tokens
@@ -44,54 +49,78 @@ def test_verify_is_lossless_with_random_heads(make, adaptive):
     assert drafted > 0 and accepted < drafted / 2  # random heads: most drafts are rejected
 
 
-def test_verify_accepts_drafts_from_perfect_heads():
-    """Zero-init heads copy the backbone's next-token guess: on a repeating sequence they hit."""
-    model = tiny_llama()
-    dec = Decoder(model, bundle=MTPBundle.for_backbone(model, k=3, base_model="tiny"), eos_token_ids=[2])
+def test_perfect_heads_get_drafts_accepted_and_random_heads_do_not():
+    """A model that repeats its last token forever: zero-initialised heads (the identity, decoded by the
+    backbone's LM head) then predict every future token right, and random heads almost never do."""
+    model = copy_model()
     p = prompts(1, seed=3)[0]
-    v = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=60))
-    assert v.tokens == dec.generate(p, DecodeConfig(max_new_tokens=60)).tokens
-    assert v.stats.steps <= v.stats.new_tokens
+    ar = eager(model).generate(p, DecodeConfig(max_new_tokens=40)).tokens
+    assert set(ar) == {p[-1]}
+    perfect = MTPBundle.for_backbone(model, k=4, base_model="copy")
+    random = randomize(MTPBundle.for_backbone(model, k=4, base_model="copy"), seed=1, scale=4.0)
+    for candidates in (1, 3):
+        cfg = DecodeConfig(mode="verify", max_new_tokens=40, candidates=candidates)
+        good = eager(model, perfect).generate(p, cfg)
+        assert good.tokens == ar
+        assert good.stats.steps == 11  # the prefill's token, then 3 drafts + 1 a step
+        assert good.stats.draft_accepted == 3 * (good.stats.steps - 1) > 0
+    bad = eager(model, random).generate(p, DecodeConfig(mode="verify", max_new_tokens=40))
+    assert bad.tokens == ar and bad.stats.drafted > 0
+    assert bad.stats.draft_accepted == 0 and bad.stats.steps == 40
 
 
-def layer_keys(cache, i):
-    return cache.layers[i].keys
-
-
-def test_cache_rollback_exact_at_every_step():
+def test_cache_keeps_exactly_the_accepted_tokens_at_every_step():
+    """After each step the HF cache holds the prompt and every emitted token but the newest, exactly as a
+    fresh forward over them gives it: rejected drafts and candidates leave no trace."""
     model = tiny_llama()
-    dec = Decoder(model, bundle=bundle_for(model, seed=2), eos_token_ids=[2])
-    seen = []
+    for candidates in (1, 4):
+        dec = eager(model, bundle_for(model, seed=2))
+        p = prompts(1)[0]
+        out, steps = [], dec.stream(p, DecodeConfig(mode="verify", max_new_tokens=30, candidates=candidates))
+        for chunk in steps:
+            out += chunk
+            if len(out) == 30:  # the last step's tokens may be cut by the budget, not its cache
+                break
+            cache, fed = dec.backend.cache, p + out[:-1]
+            assert cache.get_seq_length() == len(fed)
+            ref = DynamicCache(config=model.config)
+            model.model(torch.tensor([fed]), use_cache=True, **{dec.backend.cache_kw: ref})
+            for layer, want in zip(cache.layers, ref.layers):
+                torch.testing.assert_close(layer.keys, want.keys, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(layer.values, want.values, rtol=1e-5, atol=1e-5)
 
-    def check(cache, tokens):
-        fed = tokens[:-1]  # the newest token has not been fed yet
-        assert cache.get_seq_length() == len(fed)
-        ref = DynamicCache(config=model.config)
-        model.model(torch.tensor([fed]), use_cache=True, **{Decoder(model).cache_kw: ref})
-        for i in range(model.config.num_hidden_layers):
-            torch.testing.assert_close(layer_keys(cache, i), layer_keys(ref, i), rtol=1e-5, atol=1e-5)
-        seen.append(len(tokens))
 
-    result = dec.generate(prompts(1)[0], DecodeConfig(mode="verify", max_new_tokens=30), on_step=check)
-    assert len(seen) == result.stats.steps and result.stats.drafted > result.stats.draft_accepted
+def test_stop_strings_end_the_answer_at_the_same_token_in_every_mode():
+    """The answer ends with the token that completes a stop string, whichever step brought it; the text
+    ends before the stop string."""
+    model, tok = tiny_llama(tie=False), tiny_tokenizer()  # (tied, the tiny Llama soon repeats one token)
+    p = prompts(1, seed=0)[0]
+    free = eager(model, eos=()).generate(p, DecodeConfig(max_new_tokens=30)).tokens
+    i = next(i for i in range(6, 30) if tok.decode(free[i - 1:i + 1]) not in tok.decode(free[:i]))
+    stop = tok.decode(free[i - 1:i + 1])  # two words, seen first at tokens i-1, i
+    want = tok.decode(free[: i + 1])
+    for mode, candidates in (("ar", 1), ("verify", 1), ("verify", 3)):
+        dec = eager(model, bundle_for(model, seed=2), eos=(), tokenizer=tok)
+        r = dec.generate(p, DecodeConfig(mode=mode, max_new_tokens=30, stop=(stop,), candidates=candidates))
+        assert (r.finish_reason, r.tokens, r.text) == ("stop", free[: i + 1], want[: want.index(stop)])
+    r = dec.generate(p, DecodeConfig(mode="clp", threshold=0.0, max_new_tokens=30, stop=(stop,)))
+    assert r.finish_reason != "stop" or stop in tok.decode(r.tokens) and stop not in tok.decode(r.tokens[:-1])
 
 
 def test_eos_inside_accepted_span_is_cut():
     model = tiny_llama()
     p = prompts(1, seed=5)[0]
-    free = Decoder(model, eos_token_ids=[]).generate(p, DecodeConfig(max_new_tokens=30)).tokens
+    free = eager(model, eos=()).generate(p, DecodeConfig(max_new_tokens=30)).tokens
     eos = free[7]  # pretend a token the model emits mid-stream is EOS
     for mode in ("ar", "verify", "clp", "gate"):
-        dec = Decoder(model, bundle=MTPBundle.for_backbone(model, k=4, base_model="t", has_gates=True),
-                      eos_token_ids=[eos])
+        dec = eager(model, MTPBundle.for_backbone(model, k=4, base_model="t", has_gates=True), eos=(eos,))
         r = dec.generate(p, DecodeConfig(mode=mode, max_new_tokens=30, threshold=0.0 if mode == "gate" else None))
         assert r.finish_reason == "eos" and r.tokens[-1] == eos and eos not in r.tokens[:-1]
 
 
 def test_max_new_tokens_honoured_in_multi_token_steps():
     model = tiny_llama()
-    dec = Decoder(model, bundle=MTPBundle.for_backbone(model, k=4, base_model="t", has_gates=True),
-                  eos_token_ids=[])
+    dec = eager(model, MTPBundle.for_backbone(model, k=4, base_model="t", has_gates=True), eos=())
     for mode in ("ar", "verify", "clp", "gate"):
         for n in (1, 5, 7):
             r = dec.generate(prompts(1)[0], DecodeConfig(mode=mode, max_new_tokens=n, threshold=0.0))
@@ -100,7 +129,7 @@ def test_max_new_tokens_honoured_in_multi_token_steps():
 
 def test_unverified_modes_count_wrong_head_tokens():
     model = tiny_llama()
-    dec = Decoder(model, bundle=bundle_for(model, compete=True), eos_token_ids=[2])
+    dec = eager(model, bundle_for(model, compete=True))
     for mode in ("gate", "compete"):
         r = dec.generate(prompts(1)[0], DecodeConfig(mode=mode, max_new_tokens=40, threshold=0.0))
         assert r.stats.head_accepted > 0 and r.stats.head_checked > 0
@@ -110,7 +139,7 @@ def test_unverified_modes_count_wrong_head_tokens():
 
 def test_clear_errors(llama):
     plain = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
-    dec = Decoder(llama, bundle=plain, eos_token_ids=[2])
+    dec = eager(llama, plain)
     with pytest.raises(DecodeError, match="empty prompt"):
         dec.generate([], DecodeConfig())
     with pytest.raises(DecodeError, match="does not fit the model's context of 256"):
@@ -118,7 +147,7 @@ def test_clear_errors(llama):
     with pytest.raises(DecodeError, match="needs gates"):
         dec.generate([5], DecodeConfig(mode="gate"))
     with pytest.raises(DecodeError, match="needs an MTP bundle"):
-        Decoder(llama).generate([5], DecodeConfig(mode="clp"))
+        eager(llama).generate([5], DecodeConfig(mode="clp"))
     with pytest.raises(DecodeError, match="unknown mode"):
         DecodeConfig(mode="fast")
     with pytest.raises(DecodeError, match="mode .verify. only"):

@@ -9,7 +9,8 @@ import torch
 
 from collocate import data
 from collocate.bundle import BundleError, MTPBundle, default_bundle_for
-from collocate.decode import DecodeConfig, DecodeError, Decoder
+from collocate.decode import DecodeConfig, DecodeError
+from collocate.engine import build_decoder
 from collocate.zoo import ZOO, load_backbone, resolve
 
 pytestmark = pytest.mark.integration
@@ -65,23 +66,28 @@ def test_unknown_model_name_lists_the_zoo():
 
 def test_ar_equals_hf_generate_on_embedded_model(smol, eval_prompts):
     model, tok = smol
-    dec = Decoder(model, tok)
-    for p in eval_prompts[::10]:
+    dec = build_decoder(model, tok)
+    for p in eval_prompts[::17]:  # one prompt of each suite
         ours = dec.generate(p.ids, DecodeConfig(max_new_tokens=40)).tokens
         ref = model.generate(torch.tensor([p.ids]), max_new_tokens=40, do_sample=False,
                              eos_token_id=sorted(dec.eos), pad_token_id=tok.pad_token_id or 0)
         assert ours == ref[0, len(p.ids):].tolist()
 
 
-def test_verify_equals_ar_on_50_prompts_in_float32(smol, bundle, eval_prompts):
-    dec = Decoder(smol.model, smol.tokenizer, bundle)
+def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_prompts):
+    """verify, verify --candidates 5 and adaptive verify, on the eager and the fast backend, give ar's tokens
+    (the committed CPU bench runs the same on 30 prompts: bench/results/cpu-smollm2-engines)."""
+    model, tok = smol
+    decoders = [build_decoder(model, tok, bundle, engine="eager"), build_decoder(model, tok, bundle, engine="fast", max_len=512)]
+    modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw) for kw in ({}, {"candidates": 5}, {"adaptive": True})]
     accepted = 0
-    assert len(eval_prompts) >= 50
-    for p in eval_prompts:
-        ar = dec.generate(p.ids, DecodeConfig(max_new_tokens=32))
-        v = dec.generate(p.ids, DecodeConfig(mode="verify", max_new_tokens=32))
-        assert v.tokens == ar.tokens, p.id
-        accepted += v.stats.draft_accepted
+    for p in eval_prompts[::10]:
+        ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens
+        for dec in decoders:
+            for cfg in modes:
+                v = dec.generate(p.ids, cfg)
+                assert v.tokens == ar, (p.id, dec.backend.describe(), cfg)
+                accepted += v.stats.draft_accepted
     assert accepted > 0  # the trained heads do get drafts accepted
 
 
@@ -89,9 +95,9 @@ def test_verify_divergences_in_bf16_start_at_near_ties(bundle, eval_prompts):
     from collocate.bench import top2_gap
 
     model, tok = load_backbone(MODEL, dtype=torch.bfloat16)
-    dec = Decoder(model, tok, bundle)
+    dec = build_decoder(model, tok, bundle)
     gaps = []
-    for p in eval_prompts[:20]:
+    for p in eval_prompts[::6]:
         ar = dec.generate(p.ids, DecodeConfig(max_new_tokens=32)).tokens
         v = dec.generate(p.ids, DecodeConfig(mode="verify", max_new_tokens=32)).tokens
         div = next((i for i, (a, b) in enumerate(zip(ar, v)) if a != b), None)
@@ -103,7 +109,7 @@ def test_verify_divergences_in_bf16_start_at_near_ties(bundle, eval_prompts):
 def test_clear_errors_on_embedded_model(smol, bundle, tmp_path):
     from conftest import tiny_llama
 
-    dec = Decoder(smol.model, smol.tokenizer, bundle)
+    dec = build_decoder(smol.model, smol.tokenizer, bundle)
     with pytest.raises(DecodeError, match="empty prompt"):
         dec.generate([], DecodeConfig())
     with pytest.raises(DecodeError, match="context"):
@@ -112,7 +118,7 @@ def test_clear_errors_on_embedded_model(smol, bundle, tmp_path):
         MTPBundle.from_pretrained(default_bundle_for(MODEL), backbone=tiny_llama(), backbone_name="tiny")
     no_gates = MTPBundle.for_backbone(smol.model, k=4, base_model=MODEL)
     with pytest.raises(DecodeError, match="needs gates"):
-        Decoder(smol.model, smol.tokenizer, no_gates).generate([1, 2], DecodeConfig(mode="gate"))
+        build_decoder(smol.model, smol.tokenizer, no_gates).generate([1, 2], DecodeConfig(mode="gate"))
 
 
 def test_cli_generate_streams_and_reports(capsys):
@@ -141,3 +147,15 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
     table = (out / "results.md").read_text()
     assert "| verify |" in table and "paper" in table
     assert (out / "speed_quality.png").stat().st_size > 10_000
+
+
+def test_public_api_generates_and_streams_the_same_text():
+    from collocate import Generator
+
+    gen = Generator.from_pretrained(MODEL, engine="fast", max_len=512)
+    ar = gen.generate("Name three colors.", max_new_tokens=24)
+    r = gen.generate("Name three colors.", mode="verify", max_new_tokens=24)
+    pieces = gen.stream("Name three colors.", DecodeConfig(mode="verify", max_new_tokens=24))
+    assert r.tokens == ar.tokens and "".join(pieces) == r.text
+    with pytest.raises(DecodeError, match="empty prompt"):
+        gen.generate("  ")

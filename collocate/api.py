@@ -1,0 +1,84 @@
+"""The public Python API: a backbone, its MTP bundle and the engine that fits them, in one object.
+
+    from collocate import Generator
+    gen = Generator.from_pretrained("smollm2-135m")         # the shipped bundle; or heads="runs/my-heads"
+    r = gen.generate("Why is the sky blue?", mode="verify", max_new_tokens=128)
+    print(r.text, r.stats.tau, r.stats.tok_per_s)
+    for piece in gen.stream("Write a haiku about rain.", mode="verify"):
+        print(piece, end="", flush=True)
+
+A text prompt goes through the model's chat template (chat=False feeds it raw); a list of token ids is
+fed as it is. Options are DecodeConfig's fields (mode, max_new_tokens, threshold, adaptive, candidates,
+stop), given as keywords or as a DecodeConfig.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from .decode import DecodeConfig, DecodeError, DecodeResult, Decoder
+
+
+class Generator:
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.tokenizer = decoder.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, heads: str | None = None, device: str = "auto", dtype: str = "auto",
+                        engine: str = "auto", **backend_options) -> "Generator":
+        """model: a short name (`collocate models`), a hub id, a local folder or a .gguf file. heads: a bundle
+        folder or shipped name (default: the bundle shipped for the model, if any). engine: auto | eager |
+        fast; backend_options (max_len, graphs, compile) go to the fast backend."""
+        from .engine import load_decoder
+
+        return cls(load_decoder(model, heads=heads, device=device, dtype=dtype, engine=engine, **backend_options))
+
+    def encode(self, prompt: str | list[int], *, chat: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if not prompt.strip():
+            raise DecodeError("empty prompt: give some text")
+        from .data import encode
+
+        return encode(self.tokenizer, prompt, chat=chat)
+
+    def generate(self, prompt: str | list[int], config: DecodeConfig | None = None, *, chat: bool = True,
+                 **options) -> DecodeResult:
+        return self.decoder.generate(self.encode(prompt, chat=chat), config or DecodeConfig(**options))
+
+    def stream(self, prompt: str | list[int], config: DecodeConfig | None = None, *, chat: bool = True,
+               **options) -> Iterator[str]:
+        """The answer's text, piece by piece as steps finish; the generator returns the DecodeResult."""
+        steps = self.decoder.stream(self.encode(prompt, chat=chat), config or DecodeConfig(**options))
+        text = TextStream(self.tokenizer)
+        while True:
+            try:
+                piece = text.add(next(steps))
+            except StopIteration as done:
+                result = done.value
+                break
+            if piece:
+                yield piece
+        if text.rest():
+            yield text.rest()
+        return result
+
+
+class TextStream:
+    """New text for new tokens. The whole answer is decoded each time, so a character split across
+    tokens comes out whole; text ending in an unfinished character waits for the next tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.printed = text[len(self.printed):], text
+        return piece
+
+    def rest(self) -> str:
+        """What is held back at the end (an unfinished character, as the tokenizer decodes it)."""
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)[len(self.printed):]

@@ -1,0 +1,95 @@
+"""The reference backend: the Hugging Face model itself over its DynamicCache.
+
+    backend = HFBackend(model)     # any HF causal LM
+    dec = Decoder(backend, tokenizer, bundle)
+
+A backend runs the forward over given ids at given positions with a given draft tree, and then keeps
+what the acceptance rule kept and drops the rest. This one hands a tree to HF as a 4-D attention mask
+(a row sees the prefix and its ancestors) with position ids by depth, and keeps a path by cutting the
+cache back and gathering the kept rows. The fast backend (fast.StaticBackend) is tested against it
+token for token.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .decode import DecodeError
+from .draft import DraftTree
+from .rules import Kept
+
+
+def check_supported(model) -> None:
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(cfg, attr, None) not in (None, 1.0):
+            raise DecodeError(f"{cfg.model_type} applies {attr} to its logits; collocate decodes through the "
+                              "plain LM head and does not support it yet")
+
+
+def model_context(model) -> int:
+    return getattr(model.config, "max_position_embeddings", None) or 1 << 30
+
+
+class HFBackend:
+    captures = False  # steps run as they are, no graphs
+
+    def __init__(self, model):
+        check_supported(model)
+        self.model = model
+        self.body = model.base_model  # the transformer without its LM head: gives hidden states
+        self.capacity = model_context(model)
+        self.cache_kw = cache_keyword(self.body)
+        self.cache = None
+
+    def describe(self) -> str:
+        return "eager"
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.capacity:
+            raise DecodeError(f"prompt of {n_prompt} tokens does not fit the model's context of {self.capacity} tokens")
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None) -> torch.Tensor:
+        """(m,) ids after what the cache holds -> (m, d) last-layer hidden states."""
+        past = self.cache.get_seq_length()
+        extra = {}
+        if tree is None or tree.is_chain:  # HF's own causal mask
+            positions = torch.arange(past, past + ids.shape[0], device=ids.device)
+        else:
+            t = tree.tensors(ids.device)
+            positions = past + t.depths
+            dtype = self.model.get_output_embeddings().weight.dtype
+            sees = torch.cat([t.visible.new_ones(t.visible.shape[0], past), t.visible], 1)  # (m, past + m)
+            mask = torch.zeros(sees.shape, dtype=dtype, device=ids.device).masked_fill(~sees, torch.finfo(dtype).min)
+            extra["attention_mask"] = mask[None, None]  # additive, which eager and SDPA attention both take
+        out = self.body(input_ids=ids[None], position_ids=positions[None], use_cache=True,
+                        **{self.cache_kw: self.cache}, **extra)
+        return out.last_hidden_state[0]
+
+    def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
+        """Keep the root and the kept path; drop every other row this step wrote."""
+        start = self.cache.get_seq_length() - tree.n - 1  # the root's position
+        count = int(kept.count)
+        if tree.is_chain:
+            if count < tree.n:
+                self.cache.crop(count - tree.n)  # a negative count drops that many from the end
+            return
+        rows = torch.cat([torch.arange(start + 1), start + kept.path[:count].cpu()])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, rows.to(layer.keys.device))
+            layer.values = layer.values.index_select(-2, rows.to(layer.values.device))
+
+    def run(self, key, step, *, state):
+        return step()
+
+
+def cache_keyword(body) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this one knows."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
