@@ -205,7 +205,8 @@ class Decoder:
             advance = 1 + kept.count
         if heads is not None:  # (n_heads, V) from the root's row
             heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
-        nxt = self.next_draft(plan, h.index_select(0, kept.row.view(1))[0], own[kept.row], heads)
+        root = kept.row.view(1)  # (1,): index_select, since indexing by a 0-d tensor reads it on the host
+        nxt = self.next_draft(plan, h.index_select(0, root)[0], own.index_select(0, root)[0], heads)
         if plan.verify:  # emit the kept path, then the backbone's token after it
             path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
             emitted = torch.where(torch.arange(path_tokens.shape[0], device=self.device) == kept.count,

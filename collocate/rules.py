@@ -36,10 +36,10 @@ def longest_accepted(own: torch.Tensor, fed: torch.Tensor, tree) -> Kept:
         return Kept(count, count, torch.arange(1, fed.shape[0], device=fed.device))
     ok = torch.cat([torch.ones_like(fed[:1], dtype=torch.bool), fed[1:] == own[tree.parents]])  # (n+1,)
     kept = (ok[None, :] | ~tree.visible).all(-1)  # (n+1,): every row on the way is ok
-    row = torch.where(kept, tree.depths, -1).argmax()
+    row = torch.where(kept, tree.depths, -1).argmax().view(1)  # (1,): no indexing by a 0-d tensor (a host read)
     depth = torch.arange(1, tree.max_depth + 1, device=fed.device)[:, None]  # (D, 1)
-    on_path = tree.visible[row][None, :] & (tree.depths[None, :] == depth)  # (D, n+1)
-    return Kept(row, tree.depths[row], on_path.long().argmax(-1))
+    on_path = tree.visible.index_select(0, row) & (tree.depths[None, :] == depth)  # (D, n+1)
+    return Kept(row[0], tree.depths.index_select(0, row)[0], on_path.long().argmax(-1))
 
 
 def span_at_threshold(length_logits: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:

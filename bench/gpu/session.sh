@@ -80,7 +80,7 @@ case ${1:?step} in
   train-qwen)  # train-qwen [MODEL]: that model, or every model in QWENS at once (2026-11-28, both at once:
     # 1.5B answers at 3.9K tok/s and 0.5B at 5.5K tok/s). Each stage resumes: re-run a call cut by a limit.
     for q in ${2:-$QWENS}; do
-      train_set "$W/models/$q" "$QWEN_SAMPLES" "$W/runs/$q" --mix "$MIX" > "$W/train-$q.log" 2>&1 &
+      train_set "$W/models/$q" "$QWEN_SAMPLES" "$W/runs/$q" --mix "$MIX" ${TRAIN_FLAGS:-} > "$W/train-$q.log" 2>&1 &
     done
     wait || true
     for q in ${2:-$QWENS}; do
