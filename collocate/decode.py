@@ -127,7 +127,7 @@ class StepOut(NamedTuple):
     emitted: torch.Tensor  # tokens to emit now; the first n_emitted count
     n_emitted: torch.Tensor  # ()
     next_width: torch.Tensor  # () rows the next step feeds: the root and next_width - 1 draft tokens
-    kept: torch.Tensor  # () verify: fed drafts the backbone agreed with
+    kept: torch.Tensor  # () fed drafts kept (verify: those the backbone agreed with; else all)
     wrong: torch.Tensor  # () unverified: fed head tokens the backbone's argmax disagrees with
     overrides: torch.Tensor  # () compete: +1 head tokens emitted over the backbone's own
     proposal: torch.Tensor  # (k-1,) the +2..+k heads' argmax from the new root's row
@@ -205,19 +205,19 @@ class Decoder:
             advance = 1 + kept.count
         if heads is not None:  # (n_heads, V) from the root's row
             heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
-        root = kept.row.view(1)  # (1,): index_select, since indexing by a 0-d tensor reads it on the host
-        nxt = self.next_draft(plan, h.index_select(0, root)[0], own.index_select(0, root)[0], heads)
+        nxt = self.next_draft(plan, h, kept.row.view(1), own, heads)
+        fed_next = torch.cat([nxt.root.view(1), nxt.draft])  # the next step's feed
         if plan.verify:  # emit the kept path, then the backbone's token after it
             path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
             emitted = torch.where(torch.arange(path_tokens.shape[0], device=self.device) == kept.count,
                                   nxt.root, path_tokens)
             n_emitted = kept.count + 1
         else:  # emit the root and the head tokens the rule takes; the next step feeds (checks) them
-            emitted, n_emitted = torch.cat([nxt.root.view(1), nxt.draft]), nxt.n + 1
-        self.feed[: 1 + nxt.draft.shape[0]].copy_(torch.cat([nxt.root.view(1), nxt.draft]))
+            emitted, n_emitted = fed_next, nxt.n + 1
+        self.feed[: fed_next.shape[0]].copy_(fed_next)
         self.pos0.add_(advance)
-        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count if plan.verify else torch.zeros_like(wrong), wrong,
-                       nxt.overrides, nxt.draft[: self.bundle.k - 1] if self.bundle is not None else nxt.draft)
+        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides,
+                       nxt.draft[: self.bundle.k - 1] if self.bundle is not None else nxt.draft)
 
     def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan) -> tuple[Kept, torch.Tensor]:
         """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with."""
@@ -238,11 +238,15 @@ class Decoder:
         logits = self.lm_head(torch.cat([h, states.flatten(0, 1)]))
         return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
-    def next_draft(self, plan: Plan, h_root: torch.Tensor, own: torch.Tensor, heads: torch.Tensor | None) -> "Next":
-        """The mode's rule at the new root, from its hidden row, the backbone's token and the heads' logits."""
+    def next_draft(self, plan: Plan, h: torch.Tensor, root: torch.Tensor, own: torch.Tensor,
+                   heads: torch.Tensor | None) -> "Next":
+        """The mode's rule at the new root (row `root`, shape (1,): index_select, since indexing by a 0-d
+        tensor reads it on the host), from its hidden row, the backbone's token and the heads' logits."""
         zero = torch.zeros((), dtype=torch.long, device=self.device)
+        own = own.index_select(0, root)[0]
         if plan.mode == "ar":
             return Next(own, zero[None][:0], zero, zero)
+        h_root = h.index_select(0, root)[0]
         threshold = None if plan.clp_argmax else self.threshold
         if plan.verify:
             draft = self.drafter.propose(heads, plan.tree)
