@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .engine import ENGINES
+from .train.config import add_arguments as add_train_arguments
 from .zoo import DEFAULT_MODEL, ZOO, is_cached, model_dir
 
 
@@ -92,16 +93,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, run_training
+    from .train import run_training
+    from .train.config import from_args
 
-    cfg = TrainConfig(model=args.model, out=args.out, k=args.k, samples=args.samples, epochs=args.epochs,
-                      mix=tuple(x for x in (args.mix or "").split(",") if x), max_new_tokens=args.max_new_tokens,
-                      gen_batch=args.gen_batch, gen_static=args.gen_static, shard_size=args.shard_size, lr=args.lr, batch=args.batch,
-                      grad_accum=args.grad_accum, distill=args.distill, clp_features=args.clp_features,
-                      gates=not args.no_gates, compete=args.compete, cache_hidden=not args.no_cache_hidden,
-                      budget_minutes=args.budget_minutes, seed=args.seed, prompts_file=args.prompts,
-                      only=args.only, chat=not args.no_chat)
-    run_training(cfg)
+    run_training(from_args(args))
     return 0
 
 
@@ -195,31 +190,7 @@ def parser() -> argparse.ArgumentParser:
     add_decoding_args(p, mode=False)
     p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, stop=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--out", required=True)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--budget-minutes", type=float)
-    p.add_argument("--mix", help="add prompt kinds: gsm,code")
-    p.add_argument("--max-new-tokens", type=int, default=192, help="answer length of the distilled data")
-    p.add_argument("--gen-batch", type=int, default=64)
-    p.add_argument("--gen-static", action="store_true",
-                   help="data stage: HF generate with a static cache, every prompt padded to the longest allowed "
-                        "(256 tokens), so transformers compiles it once on CUDA; same answers")
-    p.add_argument("--shard-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--distill", type=float, default=0.0, help="weight of the KL term to the backbone")
-    p.add_argument("--clp-features", default="hidden", choices=["hidden", "hidden+conf"])
-    p.add_argument("--no-gates", action="store_true")
-    p.add_argument("--compete", action="store_true", help="also train a +1 head (head-competition baseline)")
-    p.add_argument("--no-cache-hidden", action="store_true", help="recompute hidden states every epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines instead of ShareGPT")
-    p.add_argument("--no-chat", action="store_true", help="feed prompts raw, without the chat template")
-    p.add_argument("--only", choices=["data", "features"], help="stop after this stage (resume later)")
+    add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
     add_decoding_args(p, mode=False)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from collocate.bundle import BundleError, MTPBundle
-from collocate.train import PolicyData, TrainConfig, run_training, train_clp, train_gates
+from collocate.train import TrainConfig, run_training
+from collocate.train.policies import PolicyData, train_clp, train_gates
 from conftest import save_tiny, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,10 +141,10 @@ def test_data_parallel_training_with_accelerate(tmp_path):
     MTPBundle.from_pretrained(out)  # the same bundle format
 
 
-def test_distill_kl_term_trains(tmp_path):
+def test_kl_term_trains(tmp_path):
     model = save_tiny(tmp_path / "tiny")
     prompts = write_prompts(tmp_path / "p.jsonl", 30)
-    report = run_training(tiny_cfg(tmp_path, model, prompts, samples=12, distill=0.5, gates=False, epochs=2))
+    report = run_training(tiny_cfg(tmp_path, model, prompts, samples=12, kl_weight=0.5, gates=False, epochs=2))
     hist = report["stages"]["heads"]["history"]
     assert all(h["loss"] == h["loss"] for h in hist) and hist[-1]["loss"] < hist[0]["loss"]  # finite, falling
     assert "gates" not in report and MTPBundle.from_pretrained(tmp_path / "run").gates is None
@@ -151,7 +152,7 @@ def test_distill_kl_term_trains(tmp_path):
 
 def test_static_cache_generation_gives_the_same_answers():
     """--gen-static pads every batch to one width for a one-time compile; the answers must not change."""
-    from collocate.train import generate_batch
+    from collocate.train.answers import generate_batch
     from conftest import tiny_llama, tiny_tokenizer
 
     model, tok = tiny_llama(), tiny_tokenizer()
@@ -167,7 +168,7 @@ def test_smaller_k_reuses_wider_features(trained, tmp_path):
     """k=2 after k=3 on the same data slices the cached features; they equal a fresh k=2 pass."""
     import shutil
 
-    from collocate.train import shard_features
+    from collocate.train.features import shard_features
     from collocate.zoo import load_backbone
 
     tmp, cfg, _ = trained
@@ -180,3 +181,24 @@ def test_smaller_k_reuses_wider_features(trained, tmp_path):
     assert reused.targets.shape[1] == 2
     assert torch.equal(reused.targets, fresh.targets)
     assert torch.equal(reused.hidden, fresh.hidden)
+
+
+def test_cli_options_are_derived_from_the_config():
+    """Every TrainConfig field is an option of `collocate train`, with the field's default."""
+    from dataclasses import fields
+
+    from collocate.cli import parser
+
+    args = parser().parse_args(["train", "--out", "x"])
+    cfg = TrainConfig(out="x")
+    for f in fields(TrainConfig):
+        assert getattr(args, f.name) == getattr(cfg, f.name), f.name
+    args = parser().parse_args(["train", "--out", "x", "--no-gates", "--mix", "gsm,code", "--kl-weight", "0.5",
+                                "--prompts", "p.jsonl", "--budget-minutes", "3"])
+    from collocate.train.config import from_args
+
+    cfg = from_args(args)
+    assert (cfg.gates, cfg.mix, cfg.kl_weight, cfg.prompts_file, cfg.budget_minutes) == (False, ("gsm", "code"), 0.5,
+                                                                                         "p.jsonl", 3.0)
+    assert set(cfg.data_settings()) == {"model", "samples", "mix", "max_new_tokens", "max_prompt_tokens",
+                                        "shard_size", "seed", "chat", "prompts_file"}

@@ -1,0 +1,125 @@
+"""Stage 1, data: the backbone's own greedy answers to real prompts, in atomic shards and a manifest.
+
+    collocate train --model smollm2-135m --samples 2000 --out runs/x --only data
+
+Each shard is written whole or not at all, so a killed run resumes with nothing lost or repeated, and
+the prompt list is fixed at the first run so a restart sees the very same one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .common import is_main, rank_world, save_atomic, write_atomic
+from .config import TrainConfig
+
+
+def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
+    """The encoded prompt list, fixed at the first run so a restart sees the very same one."""
+    path = run / "data" / "prompts.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["settings"] != cfg.data_settings():
+            raise ValueError(f"{run} was started with other data settings {saved['settings']}; "
+                             "use another --out or the same settings")
+        return saved["ids"]
+    from ..data import encode, suite_prompts, training_prompts
+
+    if cfg.prompts_file:
+        texts = [p.text for p in suite_prompts(cfg.prompts_file)]
+    else:
+        texts = training_prompts(cfg.samples * 2, mix=cfg.mix, seed=cfg.seed)  # spare for length filtering
+    ids = [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
+    if len(ids) < cfg.samples:
+        raise ValueError(f"only {len(ids)} usable prompts for --samples {cfg.samples}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))
+    return ids[: cfg.samples]
+
+
+def shard_path(run: Path, i: int) -> Path:
+    return run / "data" / f"shard-{i:05d}.safetensors"
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: TrainConfig, eos: list[int]) -> list[list[int]]:
+    """Greedy answers for a batch of prompts: left padding, KV cache, cut after the first EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    # with a static cache every batch is padded to the longest allowed prompt: one shape, one compile
+    width = cfg.max_prompt_tokens if cfg.gen_static else max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    extra = {"cache_implementation": "static"} if cfg.gen_static else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=pad, **extra)[:, width:].tolist()
+    answers = []
+    for row in out:
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def generate_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
+    """Stage 1. Shards are written whole or not at all, so a restart never loses or repeats one."""
+    from ..decode import eos_ids
+
+    prompts = prepare_prompts(cfg, tokenizer, run)
+    rank, world = rank_world()
+    mine = [i for i in range(cfg.n_shards) if i % world == rank]
+    todo = [i for i in mine if not shard_path(run, i).exists()]
+    eos = eos_ids(model, tokenizer)
+    bar = tqdm(total=len(prompts), desc="data: answers", unit="ans", disable=not is_main(),
+               initial=(cfg.n_shards - len(todo) * world) * cfg.shard_size if todo else len(prompts))
+    start, new_tokens = time.perf_counter(), 0
+    for i in todo:
+        chunk = prompts[i * cfg.shard_size:(i + 1) * cfg.shard_size]
+        order = sorted(range(len(chunk)), key=lambda j: len(chunk[j]))  # similar lengths batch together
+        answers = [None] * len(chunk)
+        for b in range(0, len(order), cfg.gen_batch):
+            idx = order[b:b + cfg.gen_batch]
+            for j, ans in zip(idx, generate_batch(model, tokenizer, [chunk[j] for j in idx], cfg, eos)):
+                answers[j] = ans
+            new_tokens += sum(len(answers[j]) for j in idx)
+            bar.update(len(idx) * world)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+        write_shard(run, i, chunk, answers)
+    bar.close()
+    return write_manifest(cfg, run)
+
+
+def write_shard(run: Path, i: int, prompts: list[list[int]], answers: list[list[int]]) -> None:
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    save_atomic({"tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
+                 "offsets": offsets.to(torch.int64),
+                 "prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.int64)}, shard_path(run, i))
+
+
+def read_shard(run: Path, i: int) -> list[tuple[list[int], int]]:
+    """[(token ids of prompt+answer, prompt length)] of one shard."""
+    t = load_file(str(shard_path(run, i)))
+    toks, off, plen = t["tokens"].tolist(), t["offsets"].tolist(), t["prompt_lens"].tolist()
+    return [(toks[off[j]:off[j + 1]], plen[j]) for j in range(len(plen))]
+
+
+def write_manifest(cfg: TrainConfig, run: Path) -> dict:
+    shards = []
+    for i in range(cfg.n_shards):
+        if shard_path(run, i).exists():
+            seqs = read_shard(run, i)
+            digest = hashlib.sha256(shard_path(run, i).read_bytes()).hexdigest()[:16]
+            shards.append({"index": i, "samples": len(seqs), "answer_tokens": sum(len(s) - p for s, p in seqs),
+                           "sha256": digest})
+    manifest = {"settings": cfg.data_settings(), "shards": shards,
+                "samples": sum(s["samples"] for s in shards), "answer_tokens": sum(s["answer_tokens"] for s in shards),
+                "complete": len(shards) == cfg.n_shards}
+    if is_main():
+        write_atomic(run / "data" / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest

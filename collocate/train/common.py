@@ -1,0 +1,34 @@
+"""What every training stage shares: atomic writes (a killed run leaves whole files or none) and which
+process of a data-parallel launch this is."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def save_atomic(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def say(msg: str) -> None:
+    if is_main():
+        tqdm.write(f"collocate train: {msg}")

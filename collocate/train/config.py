@@ -1,0 +1,99 @@
+"""TrainConfig: every training setting, named once. The `collocate train` options are derived from its
+fields (name, default, type and help), and the data stage's identity from the fields marked `data`.
+
+    cfg = TrainConfig(out="runs/x", k=4, samples=2000)
+    parser = argparse.ArgumentParser(); add_arguments(parser); cfg = from_args(parser.parse_args())
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from ..zoo import DEFAULT_MODEL
+
+
+def setting(default=MISSING, help: str = "", *, data: bool = False, flag: str | None = None, type=None,
+            choices=None):
+    """A field with what its command-line option needs. data=True: a data-stage setting (a run started with
+    other values of these refuses to resume)."""
+    meta = {"help": help, "data": data, "flag": flag, "type": type, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    out: str = setting(help="run folder: the bundle, its report, and work/ (answers, features, checkpoints)")
+    model: str = setting(DEFAULT_MODEL, "short name, hub id, local folder or .gguf file", data=True)
+    k: int = setting(4, "heads predict t+2..t+k")
+    samples: int = setting(2000, "self-distilled answers", data=True)
+    mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated: gsm,code", data=True)
+    max_new_tokens: int = setting(192, "answer length of the distilled data", data=True)
+    max_prompt_tokens: int = setting(256, "longer prompts are skipped", data=True)
+    gen_batch: int = setting(64, "answers generated at once")
+    gen_static: bool = setting(False, "data stage: HF generate with a static cache, every prompt padded to "
+                                      "max-prompt-tokens, so CUDA compiles it once; same answers")
+    shard_size: int = setting(128, "answers per shard (the unit of resuming)", data=True)
+    heldout_shards: int = setting(1, "last shards kept out of training, for the held-out reports")
+    epochs: int = setting(2, "head-training epochs")
+    lr: float = setting(1e-3, "head learning rate (AdamW, warm-up then cosine)")
+    batch: int = setting(512, "positions per head-training batch")
+    grad_accum: int = setting(1, "batches per optimiser step")
+    warmup: float = setting(0.05, "share of head-training steps spent warming up")
+    kl_weight: float = setting(0.0, "weight of a KL term to the backbone's own distribution")
+    clp_features: str = setting("hidden", "what the shipped CLP reads", choices=("hidden", "hidden+conf"))
+    clp_epochs: int = setting(4, "CLP and gate epochs")
+    policy_positions: int = setting(100_000, "training positions sampled for CLP and gates")
+    gates: bool = setting(True, "train the gate baseline")
+    compete: bool = setting(False, "also train a +1 head (head-competition baseline)")
+    cache_hidden: bool = setting(True, "keep hidden states on disk between epochs")
+    budget_minutes: float | None = setting(None, "stop head training after this many minutes", type=float)
+    seed: int = setting(0, "prompt sampling and data order", data=True)
+    chat: bool = setting(True, "wrap prompts in the model's chat template", data=True)
+    prompts_file: str | None = setting(None, 'JSONL of {"prompt": ...} lines instead of ShareGPT', data=True,
+                                       flag="--prompts")
+    only: str | None = setting(None, "stop after this stage (resume later)", choices=("data", "features"))
+
+    def __post_init__(self):
+        self.mix = tuple(self.mix)
+        if self.k < 2:
+            raise ValueError(f"--k must be >= 2, got {self.k}")
+        if self.samples < 2:
+            raise ValueError("--samples must be at least 2")
+        if self.only not in (None, "data", "features"):
+            raise ValueError(f"--only takes 'data' or 'features', got {self.only!r}")
+        if self.epochs < 1 or self.batch < 1 or self.grad_accum < 1:
+            raise ValueError("--epochs, --batch and --grad-accum must be >= 1")
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.samples / self.shard_size)
+
+    def data_settings(self) -> dict:
+        """What makes the answers what they are: a resumed run must have the same."""
+        values = asdict(self)
+        out = {f.name: values[f.name] for f in fields(self) if f.metadata["data"] and values[f.name] is not None}
+        out["mix"] = list(out["mix"])
+        return out
+
+
+def add_arguments(parser) -> None:
+    """One option per TrainConfig field: --name-with-dashes; a bool that defaults on gets --no-name."""
+    for f in fields(TrainConfig):
+        m, flag = f.metadata, f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.default is MISSING:
+            parser.add_argument(flag, dest=f.name, required=True, help=m["help"])
+        elif isinstance(f.default, bool):
+            off = f.default
+            parser.add_argument(("--no-" + flag[2:]) if off else flag, dest=f.name, action="store_false" if off
+                                else "store_true", help=("turn off: " if off else "") + m["help"])
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, default=f.default, help=m["help"],
+                                type=lambda s: tuple(x for x in s.split(",") if x))
+        else:
+            kind = m["type"] or (str if f.default is None else type(f.default))
+            parser.add_argument(flag, dest=f.name, default=f.default, type=kind, choices=m["choices"],
+                                help=m["help"] + (f" (default {f.default})" if f.default is not None else ""))
+
+
+def from_args(args) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

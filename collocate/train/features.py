@@ -1,0 +1,67 @@
+"""Stage 2, features: the backbone's last hidden state at every answer position, and the tokens t+1..t+k
+that follow it, cached per shard (a smaller k reuses a wider k's cache)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .answers import read_shard
+from .common import save_atomic
+
+
+@dataclass
+class Features:
+    hidden: torch.Tensor  # (N, d) last hidden state at answer positions t (predicting t+1)
+    targets: torch.Tensor  # (N, k) tokens t+1..t+k of the backbone's own sequence, -100 past the end
+
+
+@torch.inference_mode()
+def shard_features(model, run: Path, i: int, k: int, *, cache: bool, batch_tokens: int = 8192) -> Features:
+    path = run / "features" / f"shard-{i:05d}-k{k}.safetensors"
+    if path.exists():
+        return Features(**load_file(str(path)))
+    for wider in sorted(run.glob(f"features/shard-{i:05d}-k*.safetensors")):  # k=2 after k=4 on the same data
+        if int(wider.stem.rsplit("-k", 1)[1]) > k:
+            t = load_file(str(wider))
+            return Features(t["hidden"], t["targets"][:, :k].contiguous())
+    hidden, targets = [], []
+    seqs = read_shard(run, i)
+    for b in batches_by_tokens(seqs, batch_tokens):
+        hb = body_hidden(model, [s for s, _ in b])
+        for (seq, plen), h in zip(b, hb):
+            rows = range(plen - 1, len(seq) - 1)  # t such that t+1 is an answer token
+            hidden.append(h[plen - 1:len(seq) - 1].to(torch.bfloat16).cpu())
+            tgt = torch.full((len(rows), k), -100, dtype=torch.long)
+            for j in range(1, k + 1):
+                n = max(0, min(len(rows), len(seq) - (plen - 1) - j))
+                tgt[:n, j - 1] = torch.tensor(seq[plen - 1 + j:plen - 1 + j + n])
+            targets.append(tgt)
+    feats = Features(torch.cat(hidden), torch.cat(targets))
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(asdict(feats), path)
+    return feats
+
+
+def batches_by_tokens(seqs, budget: int):
+    batch, longest = [], 0
+    for s in sorted(seqs, key=lambda x: len(x[0])):
+        longest = max(longest, len(s[0]))
+        if batch and longest * (len(batch) + 1) > budget:
+            yield batch
+            batch, longest = [], len(s[0])
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def body_hidden(model, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Last-layer hidden states of each sequence (right padding; causal, so padding is harmless)."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
+    h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return [h[j, :len(s)] for j, s in enumerate(seqs)]

@@ -1,0 +1,91 @@
+"""The whole training run, stage after stage, each resumable: data, features, heads, policies."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bundle import MTPBundle
+from .answers import generate_answers, write_manifest
+from .common import is_main, say, write_atomic
+from .config import TrainConfig
+from .features import shard_features
+from .heads import train_heads
+from .policies import train_policies
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+
+    from ..zoo import load_backbone
+
+    accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    run = Path(cfg.out) / "work"
+    run.mkdir(parents=True, exist_ok=True)
+    device = accel.device
+    # bf16 everywhere: CPUs with AVX512-BF16/AMX run it several times faster than float32
+    backbone = load_backbone(cfg.model, dtype=torch.bfloat16, device=device)
+    model, tokenizer = backbone
+    report = {"config": asdict(cfg), "device": device_name(device), "processes": accel.num_processes, "stages": {}}
+
+    t0 = time.perf_counter()
+    manifest = generate_answers(model, tokenizer, cfg, run)
+    accel.wait_for_everyone()
+    manifest = write_manifest(cfg, run)
+    report["stages"]["data"] = {"seconds": add_stage_time(run, "data", time.perf_counter() - t0),
+                                "samples": manifest["samples"],
+                                "answer_tokens": manifest["answer_tokens"]}
+    say(f"data: {manifest['samples']} answers, {manifest['answer_tokens']} tokens")
+    if cfg.only == "data":
+        return report
+
+    held = list(range(cfg.n_shards - cfg.heldout_shards, cfg.n_shards))
+    train_ids = [i for i in range(cfg.n_shards) if i not in held]
+    t0 = time.perf_counter()
+    for i in tqdm(range(cfg.n_shards), desc="features", unit="shard", disable=not is_main()):
+        if i % accel.num_processes == accel.process_index:
+            shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
+    accel.wait_for_everyone()
+    report["stages"]["features"] = {"seconds": add_stage_time(run, "features", time.perf_counter() - t0)}
+    if cfg.only == "features":
+        return report
+
+    bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
+                                    compete=cfg.compete, clp_features=cfg.clp_features).to(device)
+    t0 = time.perf_counter()
+    report["stages"]["heads"] = {**train_heads(model, bundle, cfg, run, train_ids, accel)}
+    report["stages"]["heads"]["seconds"] = add_stage_time(run, "heads", time.perf_counter() - t0)
+    if accel.is_main_process:
+        bundle.heads.eval()
+        t0 = time.perf_counter()
+        report.update(train_policies(model, bundle, cfg, run, train_ids, held))
+        report["stages"]["policies"] = {"seconds": add_stage_time(run, "policies", time.perf_counter() - t0)}
+        report["params"] = bundle.param_counts()
+        bundle.to("cpu").save_pretrained(cfg.out)
+        write_atomic(Path(cfg.out) / "train_report.json", json.dumps(report, indent=1))
+        say(f"wrote {cfg.out}: heads held-out top-1 " + ", ".join(
+            f"{o} {v['top1']:.1%}" for o, v in report["heldout_head_accuracy"].items()))
+    accel.wait_for_everyone()
+    return report
+
+
+def add_stage_time(run: Path, stage: str, seconds: float) -> float:
+    """Wall time of a stage summed over every (resumed) run of it, kept in work/stage_seconds.json."""
+    path = run / "stage_seconds.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = times.get(stage, 0.0) + seconds
+    if is_main():
+        write_atomic(path, json.dumps(times, indent=1))
+    return times[stage]
+
+
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
