@@ -27,7 +27,7 @@ import torch
 
 from .clp import GATE_THRESHOLD
 from .draft import DraftTree, HeadDrafter
-from .rules import Kept, compete, leading_true, longest_accepted, span_at_threshold
+from .rules import Kept, compete, leading_true, longest_accepted, pick, span_at_threshold
 
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
@@ -198,7 +198,7 @@ class Decoder:
             h, ids, tree = h[-1:], ids[-1:], DraftTree(())
         t = tree.tensors(self.device)
         own_logits, heads = self.logits(h, plan)
-        own = own_logits.argmax(-1)  # (m,) the backbone's token after each fed row
+        own = pick(own_logits)  # (m,) the backbone's token after each fed row
         kept, wrong = self.check(own, ids, t, plan)
         if not prefill:  # (a prompt keeps all it wrote)
             self.backend.keep(self.pos0, kept, tree)
@@ -253,7 +253,7 @@ class Decoder:
             if plan.adaptive:
                 return Next(own, draft, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
             return Next(own, draft, torch.full((), plan.tree.n, device=self.device), zero)
-        tokens = heads.argmax(-1)
+        tokens = pick(heads)
         if plan.mode == "clp":
             return Next(own, tokens, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
         gate_p = self.bundle.gates(h_root).float().sigmoid()

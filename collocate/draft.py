@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rules import pick
+
 
 @dataclass(frozen=True)
 class DraftTree:
@@ -100,7 +102,7 @@ class HeadDrafter:
     @staticmethod
     def propose(head_logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         """(k-1, V) logits of heads +2..+k from the root's row -> (tree.n,) draft tokens."""
-        chain = head_logits.argmax(-1)  # (k-1,)
+        chain = pick(head_logits)  # (k-1,)
         extra = tree.n - chain.shape[0]
         if extra <= 0:
             return chain[: tree.n]

@@ -16,6 +16,11 @@ from typing import NamedTuple
 import torch
 
 
+def pick(logits: torch.Tensor) -> torch.Tensor:
+    """The one token-choice rule of every mode, backbone and heads alike: greedy."""
+    return logits.argmax(-1)
+
+
 def leading_true(mask: torch.Tensor) -> torch.Tensor:
     """Length of the all-true prefix along the last dimension."""
     return mask.long().cumprod(-1).sum(-1)
