@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (BundleError, DecodeError, ValueError, FileNotFoundError) as e:
+    except (BundleError, DecodeError, ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"collocate: error: {e}", file=sys.stderr)
         return 2
 

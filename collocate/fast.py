@@ -214,6 +214,8 @@ class StaticBackend:
         if model.config.model_type not in SUPPORTED:
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
                                       f"use the eager engine for {model.config.model_type}")
+        if max_len < 2:
+            raise ValueError(f"max_len counts cache slots and must be at least 2, got {max_len}")
         self.model = model
         self.model_context = model_context(model)
         # max_len counts cache slots: 2,048 by default, the row length that attention was measured fast with

@@ -126,6 +126,8 @@ def test_a_prompt_longer_than_the_fast_cache_says_how_to_fit_it(llama):
         dec.generate(list(range(3, 40)), DecodeConfig(max_new_tokens=4))
     with pytest.raises(DecodeError, match="empty prompt"):
         dec.generate([], DecodeConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_len counts cache slots"):
+        fast(llama, max_len=1)
 
 
 def test_cache_slots_are_aligned_and_padding_slots_stay_unseen(llama):
