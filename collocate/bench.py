@@ -4,7 +4,7 @@
 
 Writes results.json (every prompt, every mode), results.md (one row per mode, the paper's numbers
 beside it) and speed_quality.png. Speedups are against our own `ar` in the same run.
-Mode specs: ar, clp, gate, compete, verify, verify-adaptive, hf (HF generate), hf-static
+Mode specs: ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN, hf (HF generate), hf-static
 (HF generate with a static cache); append `@T` to set a threshold, e.g. clp@0.8.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ModeSpec:
     threshold: float | None = None
     adaptive: bool = False
     candidates: int = 1
+    tree: int = 0
 
 
 def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
@@ -64,10 +65,12 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
         return ModeSpec(spec, "verify", threshold, adaptive=True)
     if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
         return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
+    if name.startswith("verify-t") and name[len("verify-t"):].isdigit():  # verify-t16: a 16-node tree
+        return ModeSpec(spec, "verify", threshold, tree=int(name[len("verify-t"):]))
     known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
     if name not in known:
         raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
-                         "verify-cN (N candidates for the first draft)")
+                         "verify-cN (N candidates for the first draft), verify-tN (an N-node tree)")
     return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
 
 
@@ -91,7 +94,7 @@ def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int) -> DecodeR
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
     cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive, candidates=spec.candidates)
+                       adaptive=spec.adaptive, candidates=spec.candidates, tree=spec.tree)
     return dec.generate(ids, cfg)
 
 

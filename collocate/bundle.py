@@ -72,6 +72,19 @@ class MTPBundle(nn.Module):
         self.heads = MTPHeads(config.hidden_size, config.k, layers=config.layers, compete=config.compete)
         self.clp = CLP(config.hidden_size, config.k, features=config.clp_features)
         self.gates = Gates(config.hidden_size, self.heads.n_heads) if config.has_gates else None
+        self.heldout: dict = {}  # the training report's held-out accuracy per offset, when there is one
+
+    def rank_probs(self) -> list[list[float]]:
+        """Per offset +2..+k, P(the backbone's token is the head's r-th guess), from the held-out report.
+        A report from before rank statistics has top-1 and top-5 only: ranks 1-4 then share top5 - top1."""
+        probs = []
+        for offset in range(2, self.k + 1):
+            acc = self.heldout.get(f"+{offset}")
+            if acc is None:
+                raise BundleError("--tree chooses its nodes from the bundle's held-out accuracy, and this bundle "
+                                  "has no train_report.json: train it with `collocate train`, or use --candidates")
+            probs.append(acc.get("rank_probs") or [acc["top1"]] + [(acc["top5"] - acc["top1"]) / 4] * 4)
+        return probs
 
     @classmethod
     def for_backbone(cls, model: nn.Module, *, k: int, base_model: str, **kwargs) -> "MTPBundle":
@@ -129,6 +142,9 @@ class MTPBundle(nn.Module):
             if tensors[name].shape != t.shape:
                 raise BundleError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config says {tuple(t.shape)}")
         bundle.load_state_dict(tensors)
+        report = path / "train_report.json"
+        if report.exists():
+            bundle.heldout = json.loads(report.read_text()).get("heldout_head_accuracy", {})
         if backbone is not None:
             bundle.check_backbone(backbone, backbone_name)
         return bundle.eval().requires_grad_(False)

@@ -58,7 +58,7 @@ def decode_config(args, mode: str):
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
                         adaptive=args.adaptive and mode == "verify", stop=tuple(args.stop or ()),
-                        candidates=args.candidates if mode == "verify" else 1)
+                        candidates=args.candidates if mode == "verify" else 1, tree=args.tree if mode == "verify" else 0)
 
 
 def cmd_generate(args) -> int:
@@ -167,6 +167,9 @@ def add_decoding_args(p, *, mode: bool = True):
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
         p.add_argument("--candidates", type=int, default=1,
                        help="verify: also check the +2 head's next best tokens in the same pass")
+        p.add_argument("--tree", type=int, default=0,
+                       help="verify: draft a static tree of this many nodes (up to 64), from the heads' held-out "
+                            "rank statistics; checked in one pass, lossless")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
@@ -188,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, stop=None)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree=0, stop=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)

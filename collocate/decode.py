@@ -32,6 +32,7 @@ from .rules import Kept, compete, leading_true, longest_accepted, pick, span_at_
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
 MAX_CANDIDATES = 8
+MAX_TREE = 64  # draft nodes of a --tree (a 64-node step costs 1.2x a 1-token one on the H200, bench/README.md)
 
 
 class DecodeError(ValueError):
@@ -45,6 +46,7 @@ class DecodeConfig:
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
+    tree: int = 0  # verify: draft a static tree of this many nodes, chosen from the heads' rank statistics
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -60,6 +62,10 @@ class DecodeConfig:
             raise DecodeError(f"candidates must lie in 1..{MAX_CANDIDATES}, got {self.candidates}")
         if self.candidates > 1 and (self.mode != "verify" or self.adaptive):
             raise DecodeError("--candidates applies to mode 'verify' without --adaptive only")
+        if not 0 <= self.tree <= MAX_TREE:
+            raise DecodeError(f"tree counts draft nodes and must lie in 0..{MAX_TREE}, got {self.tree}")
+        if self.tree and (self.mode != "verify" or self.adaptive or self.candidates > 1):
+            raise DecodeError("--tree applies to mode 'verify' without --adaptive or --candidates only")
         self.stop = tuple(self.stop)
 
 
@@ -183,7 +189,7 @@ class Decoder:
             bundle.to(self.device)
             self.drafter = HeadDrafter(bundle)
         self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, tokenizer))
-        width = 1 + (bundle.k - 1 + MAX_CANDIDATES - 1 if bundle is not None else 0)
+        width = 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0)
         self.feed = torch.zeros(width, dtype=torch.long, device=self.device)  # the next step's tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
@@ -273,7 +279,7 @@ class Decoder:
     def plan(self, cfg: DecodeConfig) -> Plan:
         if cfg.mode == "ar":
             return Plan("ar", DraftTree(()))
-        tree = self.drafter.tree(candidates=cfg.candidates)
+        tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
         return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None)
 

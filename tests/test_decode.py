@@ -71,12 +71,15 @@ def test_perfect_heads_get_drafts_accepted_and_random_heads_do_not():
 
 def test_cache_keeps_exactly_the_accepted_tokens_at_every_step():
     """After each step the HF cache holds the prompt and every emitted token but the newest, exactly as a
-    fresh forward over them gives it: rejected drafts and candidates leave no trace."""
+    fresh forward over them gives it: rejected drafts, candidates and tree branches leave no trace."""
+    from test_fast import with_rank_probs
+
     model = tiny_llama()
-    for candidates in (1, 4):
-        dec = eager(model, bundle_for(model, seed=2))
+    for candidates, tree in ((1, 0), (4, 0), (1, 20)):
+        dec = eager(model, with_rank_probs(bundle_for(model, seed=2)))
         p = prompts(1)[0]
-        out, steps = [], dec.stream(p, DecodeConfig(mode="verify", max_new_tokens=30, candidates=candidates))
+        cfg = DecodeConfig(mode="verify", max_new_tokens=30, candidates=candidates, tree=tree)
+        out, steps = [], dec.stream(p, cfg)
         for chunk in steps:
             out += chunk
             if len(out) == 30:  # the last step's tokens may be cut by the budget, not its cache

@@ -142,3 +142,44 @@ def test_cache_slots_are_aligned_and_padding_slots_stay_unseen(llama):
     prompt = list(range(3, 20))
     assert fast(llama, max_len=50).generate(prompt, cfg).tokens == eager(llama).generate(prompt, cfg).tokens
     assert isinstance(fast(llama).backend, StaticBackend)
+
+
+def with_rank_probs(bundle, probs=(0.3, 0.1, 0.08, 0.06, 0.05, 0.04)):
+    """What a training report gives `--tree`: each head's held-out hit rate per rank."""
+    bundle.heldout = {f"+{o}": {"top1": probs[0], "top5": sum(probs[:5]), "rank_probs": list(probs)}
+                      for o in range(2, bundle.k + 1)}
+    return bundle
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+def test_verify_with_a_tree_is_lossless_on_both_backends(make):
+    """A static tree from rank statistics (several depths, several guesses each): ar's tokens, and the
+    same steps and counts on both backends; a big tree takes fewer steps than the chain."""
+    model = make()
+    bundle = with_rank_probs(bundle_for(model, seed=3))
+    ref, dec = eager(model, bundle), fast(model, bundle)
+    steps = {0: 0, 5: 0, 40: 0}
+    for p in prompts(6, seed=11):
+        ar = ref.generate(p, DecodeConfig(mode="ar", max_new_tokens=60)).tokens
+        for nodes in (0, 5, 40):
+            cfg = DecodeConfig(mode="verify", max_new_tokens=60, tree=nodes)
+            a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+            assert a.tokens == b.tokens == ar and same_stats(a, b)
+            steps[nodes] += a.stats.steps
+    assert steps[40] < steps[0]
+
+
+def test_trees_are_data():
+    from collocate.draft import DraftTree
+
+    t = DraftTree.best([[0.5, 0.2, 0.1], [0.3, 0.1], [0.2]], 6)
+    assert t.parents == (0, 0, 0, 1, 1, 2) and t.ranks == (0, 1, 2, 0, 1, 0)  # (0) (1) (2) (0,0) (0,1) (1,0)
+    assert t.depths == (0, 1, 1, 1, 2, 2, 2)
+    assert DraftTree.chain(3).with_siblings(2) == DraftTree((0, 1, 2, 0, 0), (0, 0, 0, 1, 2))
+    assert DraftTree.best([[0.9], [0.9], [0.9]], 3) == DraftTree.chain(3)
+    with pytest.raises(ValueError, match="every prefix"):
+        DraftTree.from_paths([(0,), (1, 0)])
+    with pytest.raises(DecodeError, match="--tree applies"):
+        DecodeConfig(mode="clp", tree=8)
+    with pytest.raises(DecodeError, match="0..64"):
+        DecodeConfig(mode="verify", tree=65)

@@ -75,11 +75,12 @@ def test_ar_equals_hf_generate_on_embedded_model(smol, eval_prompts):
 
 
 def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_prompts):
-    """verify, verify --candidates 5 and adaptive verify, on the eager and the fast backend, give ar's tokens
-    (the committed CPU bench runs the same on 30 prompts: bench/results/cpu-smollm2-engines)."""
+    """verify, verify --candidates 5, adaptive verify and a 16-node tree, on the eager and the fast backend,
+    give ar's tokens (the committed CPU bench runs more prompts: bench/results/cpu-smollm2-engines)."""
     model, tok = smol
     decoders = [build_decoder(model, tok, bundle, engine="eager"), build_decoder(model, tok, bundle, engine="fast", max_len=512)]
-    modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw) for kw in ({}, {"candidates": 5}, {"adaptive": True})]
+    modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw)
+             for kw in ({}, {"candidates": 5}, {"adaptive": True}, {"tree": 16})]
     accepted = 0
     for p in eval_prompts[::10]:
         ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens

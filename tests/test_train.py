@@ -38,6 +38,9 @@ def test_training_loss_falls_and_report_is_complete(trained):
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["last_loss"] < hist[0]["first_loss"]
     assert set(report["heldout_head_accuracy"]) == {"+2", "+3"}
+    for acc in report["heldout_head_accuracy"].values():  # what --tree chooses from
+        ranks = acc["rank_probs"]
+        assert len(ranks) == 10 and ranks[0] == pytest.approx(acc["top1"]) and sum(ranks[:5]) == pytest.approx(acc["top5"])
     assert set(report["clp"]) == {"hidden", "hidden+conf"}
     for variant in report["clp"].values():
         assert len(variant["confusion"]) == cfg.k and "0.95" in variant["thresholds"]

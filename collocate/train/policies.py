@@ -17,6 +17,8 @@ from .common import is_main
 from .config import TrainConfig
 from .features import shard_features
 
+RANKS = 10  # guesses per head whose hit rates the report keeps (what `--tree` chooses from)
+
 
 @dataclass
 class PolicyData:
@@ -25,6 +27,7 @@ class PolicyData:
     correct: torch.Tensor  # (N, n_heads) bool: head's argmax equals the backbone's own token
     top5: torch.Tensor  # (N, n_heads) bool: the backbone's token in the head's top 5
     valid: torch.Tensor  # (N, n_heads) bool: a target exists
+    rank: torch.Tensor | None = None  # (N, n_heads) the backbone's token's rank in the head's top RANKS, else RANKS
 
     def clp_labels(self, first: int) -> torch.Tensor:
         """Number of consecutive heads (from offset 2) agreeing with the backbone: 0..k-1."""
@@ -48,9 +51,10 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
             h = feats.hidden[rows].to(device, torch.float32)
             logits = bundle.heads.logits(h, lm_head).float()
             tgt = tgt_all[rows].to(device)
-            top5 = logits.topk(5, dim=-1).indices
-            parts.append((feats.hidden[rows], head_confidence(logits).cpu(), (logits.argmax(-1) == tgt).cpu(),
-                          (top5 == tgt[..., None]).any(-1).cpu(), (tgt != -100).cpu()))
+            hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n_heads, RANKS)
+            rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
+            parts.append((feats.hidden[rows], head_confidence(logits).cpu(), (rank == 0).cpu(), (rank < 5).cpu(),
+                          (tgt != -100).cpu(), rank.to(torch.int8).cpu()))
     return PolicyData(*(torch.cat(x) for x in zip(*parts)))
 
 
@@ -139,6 +143,9 @@ def head_accuracy(data: PolicyData, offsets: list[int]) -> dict:
         v = data.valid[:, j]
         out[f"+{o}"] = {"top1": data.correct[v, j].float().mean().item(), "top5": data.top5[v, j].float().mean().item(),
                         "positions": int(v.sum())}
+        if data.rank is not None:  # P(the backbone's token is the head's r-th guess), r < RANKS: what trees are built from
+            out[f"+{o}"]["rank_probs"] = (torch.bincount(data.rank[v, j].long(), minlength=RANKS + 1)[:RANKS]
+                                          / max(int(v.sum()), 1)).tolist()
     return out
 
 
