@@ -9,13 +9,13 @@
 
 A text prompt goes through the model's chat template (chat=False feeds it raw); a list of token ids is
 fed as it is. Options are DecodeConfig's fields (mode, max_new_tokens, threshold, adaptive, candidates,
-stop), given as keywords or as a DecodeConfig.
+tree, stop), given as keywords or as a DecodeConfig. The streamed pieces join to the result's text.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
-from .decode import DecodeConfig, DecodeError, DecodeResult, Decoder
+from .decode import DecodeConfig, DecodeError, DecodeResult, Decoder, cut_at_stop
 
 
 class Generator:
@@ -49,8 +49,9 @@ class Generator:
     def stream(self, prompt: str | list[int], config: DecodeConfig | None = None, *, chat: bool = True,
                **options) -> Iterator[str]:
         """The answer's text, piece by piece as steps finish; the generator returns the DecodeResult."""
-        steps = self.decoder.stream(self.encode(prompt, chat=chat), config or DecodeConfig(**options))
-        text = TextStream(self.tokenizer)
+        config = config or DecodeConfig(**options)
+        steps = self.decoder.stream(self.encode(prompt, chat=chat), config)
+        text = TextStream(self.tokenizer, config.stop)
         while True:
             try:
                 piece = text.add(next(steps))
@@ -59,26 +60,36 @@ class Generator:
                 break
             if piece:
                 yield piece
-        if text.rest():
-            yield text.rest()
+        rest = text.rest()
+        if rest:
+            yield rest
         return result
 
 
 class TextStream:
     """New text for new tokens. The whole answer is decoded each time, so a character split across
-    tokens comes out whole; text ending in an unfinished character waits for the next tokens."""
+    tokens comes out whole: text ending in an unfinished character waits for the next tokens, and so
+    does a tail that may be the start of a stop string. The pieces join to the final text, which ends
+    before the first stop string."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.stops, self.tokens, self.printed = tokenizer, tuple(stops), [], ""
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # characters a stop string could still claim
+
+    def text(self) -> str:
+        return cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stops)
 
     def add(self, tokens: list[int]) -> str:
         self.tokens += tokens
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.text()
         if text.endswith("\ufffd"):
             return ""
-        piece, self.printed = text[len(self.printed):], text
+        safe = text[: max(len(self.printed), len(text) - self.hold)]
+        piece, self.printed = safe[len(self.printed):], safe
         return piece
 
     def rest(self) -> str:
-        """What is held back at the end (an unfinished character, as the tokenizer decodes it)."""
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)[len(self.printed):]
+        """What is still held back, at the end."""
+        text = self.text()
+        piece, self.printed = text[len(self.printed):], text
+        return piece

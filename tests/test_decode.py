@@ -4,6 +4,7 @@ from transformers import DynamicCache
 
 from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig, DecodeError
+from collocate.api import Generator
 from collocate.engine import build_decoder
 from conftest import copy_model, randomize, tiny_llama, tiny_qwen, tiny_tokenizer
 
@@ -106,6 +107,9 @@ def test_stop_strings_end_the_answer_at_the_same_token_in_every_mode():
         dec = eager(model, bundle_for(model, seed=2), eos=(), tokenizer=tok)
         r = dec.generate(p, DecodeConfig(mode=mode, max_new_tokens=30, stop=(stop,), candidates=candidates))
         assert (r.finish_reason, r.tokens, r.text) == ("stop", free[: i + 1], want[: want.index(stop)])
+        streamed = Generator(dec).stream(p, DecodeConfig(mode=mode, max_new_tokens=30, stop=(stop,),
+                                                         candidates=candidates))
+        assert "".join(streamed) == r.text  # the stream holds back what a stop string could still claim
     r = dec.generate(p, DecodeConfig(mode="clp", threshold=0.0, max_new_tokens=30, stop=(stop,)))
     assert r.finish_reason != "stop" or stop in tok.decode(r.tokens) and stop not in tok.decode(r.tokens[:-1])
 
