@@ -57,8 +57,7 @@ def decode_config(args, mode: str):
     from .decode import DecodeConfig
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                        adaptive=args.adaptive and mode == "verify", stop=tuple(args.stop or ()),
-                        candidates=args.candidates if mode == "verify" else 1, tree=args.tree if mode == "verify" else 0)
+                        adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates, tree=args.tree)
 
 
 def cmd_generate(args) -> int:

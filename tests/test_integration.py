@@ -131,6 +131,8 @@ def test_cli_generate_streams_and_reports(capsys):
     assert out.strip() and "[verify]" in err and "tau" in err
     assert main(["generate", "--prompt", "   ", "--mode", "ar"]) == 2
     assert "empty prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--mode", "clp", "--tree", "4"]) == 2  # an impossible flag
+    assert "--tree applies to mode 'verify'" in capsys.readouterr().err
 
 
 def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
