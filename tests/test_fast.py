@@ -183,3 +183,8 @@ def test_trees_are_data():
         DecodeConfig(mode="clp", tree=8)
     with pytest.raises(DecodeError, match="0..64"):
         DecodeConfig(mode="verify", tree=65)
+    from collocate.bundle import BundleError
+
+    model = tiny_llama()  # a bundle with no training report has no rank statistics to choose a tree from
+    with pytest.raises(BundleError, match="train_report.json"):
+        eager(model, bundle_for(model)).generate([5, 6], DecodeConfig(mode="verify", tree=8))
