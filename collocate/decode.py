@@ -222,8 +222,16 @@ class Decoder:
             emitted, n_emitted = fed_next, nxt.n + 1
         self.feed[: fed_next.shape[0]].copy_(fed_next)
         self.pos0.add_(advance)
-        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides,
-                       nxt.draft[: self.bundle.k - 1] if self.bundle is not None else nxt.draft)
+        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, self.proposal(plan, nxt, heads))
+
+    def proposal(self, plan: Plan, nxt: "Next", heads: torch.Tensor | None) -> torch.Tensor:
+        """The +2..+k heads' argmax from the root (for head accuracy): the draft's chain where it has one."""
+        if heads is None:
+            return nxt.draft
+        k = self.bundle.k
+        if not plan.verify or plan.tree.first(k - 1) == DraftTree.chain(k - 1):
+            return nxt.draft[: k - 1]
+        return pick(heads[-(k - 1):])
 
     def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan) -> tuple[Kept, torch.Tensor]:
         """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with."""
