@@ -42,6 +42,13 @@ def randomize(module, seed=0, scale=0.5):
     return module
 
 
+def with_rank_probs(bundle, probs=(0.3, 0.1, 0.08, 0.06, 0.05, 0.04)):
+    """What a training report gives `--tree`: each head's held-out hit rate per rank."""
+    bundle.heldout = {f"+{o}": {"top1": probs[0], "top5": sum(probs[:5]), "rank_probs": list(probs)}
+                      for o in range(2, bundle.k + 1)}
+    return bundle
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -6,7 +6,7 @@ from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig, DecodeError
 from collocate.api import Generator
 from collocate.engine import build_decoder
-from conftest import copy_model, randomize, tiny_llama, tiny_qwen, tiny_tokenizer
+from conftest import copy_model, randomize, tiny_llama, tiny_qwen, tiny_tokenizer, with_rank_probs
 
 
 def eager(model, bundle=None, eos=(2,), tokenizer=None):
@@ -73,8 +73,6 @@ def test_perfect_heads_get_drafts_accepted_and_random_heads_do_not():
 def test_cache_keeps_exactly_the_accepted_tokens_at_every_step():
     """After each step the HF cache holds the prompt and every emitted token but the newest, exactly as a
     fresh forward over them gives it: rejected drafts, candidates and tree branches leave no trace."""
-    from test_fast import with_rank_probs
-
     model = tiny_llama()
     for candidates, tree in ((1, 0), (4, 0), (1, 20)):
         dec = eager(model, with_rank_probs(bundle_for(model, seed=2)))

@@ -9,7 +9,7 @@ import torch
 from collocate.decode import DecodeConfig, DecodeError
 from collocate.engine import build_decoder
 from collocate.fast import StaticBackend, StaticLM
-from conftest import randomize, tiny_llama, tiny_qwen
+from conftest import randomize, tiny_llama, tiny_qwen, with_rank_probs
 from test_decode import bundle_for, eager, prompts
 
 
@@ -142,13 +142,6 @@ def test_cache_slots_are_aligned_and_padding_slots_stay_unseen(llama):
     prompt = list(range(3, 20))
     assert fast(llama, max_len=50).generate(prompt, cfg).tokens == eager(llama).generate(prompt, cfg).tokens
     assert isinstance(fast(llama).backend, StaticBackend)
-
-
-def with_rank_probs(bundle, probs=(0.3, 0.1, 0.08, 0.06, 0.05, 0.04)):
-    """What a training report gives `--tree`: each head's held-out hit rate per rank."""
-    bundle.heldout = {f"+{o}": {"top1": probs[0], "top5": sum(probs[:5]), "rank_probs": list(probs)}
-                      for o in range(2, bundle.k + 1)}
-    return bundle
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
