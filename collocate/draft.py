@@ -100,12 +100,10 @@ class DraftTree:
     @functools.cached_property
     def visible(self) -> tuple[tuple[bool, ...], ...]:
         """visible[r][c]: row c is row r or one of its ancestors (what row r may attend to in the feed)."""
-        rows = [[False] * (self.n + 1) for _ in range(self.n + 1)]
-        for r in range(self.n + 1):
+        rows = [[c == 0 for c in range(self.n + 1)]]  # the root sees itself
+        for r, parent in enumerate(self.parents, start=1):
+            rows.append(list(rows[parent]))  # what its parent sees, and itself
             rows[r][r] = True
-            if r:
-                rows[r] = [a or b for a, b in zip(rows[r], rows[self.parents[r - 1]])]
-                rows[r][r] = True
         return tuple(tuple(row) for row in rows)
 
     @functools.lru_cache(maxsize=None)
@@ -145,7 +143,7 @@ class HeadDrafter:
     @staticmethod
     def propose(head_logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         """(k-1, V) logits of heads +2..+k from the root's row -> (tree.n,) draft tokens."""
-        if not any(tree.ranks):  # a chain of argmaxes: no top-k needed
+        if tree.is_chain and not any(tree.ranks):  # a chain of argmaxes: no top-k needed
             return pick(head_logits)[: tree.n]
         t = tree.tensors(head_logits.device)
         guesses = head_logits.topk(max(tree.ranks) + 1, dim=-1).indices  # (k-1, R)
