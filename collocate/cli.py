@@ -62,20 +62,13 @@ def decode_config(args, mode: str):
 
 def cmd_generate(args) -> int:
     from .api import Generator
-    from .decode import UNVERIFIED, DecodeError
+    from .decode import UNVERIFIED, DecodeError, drain
 
     cfg = decode_config(args, args.mode)
     if not args.prompt.strip():
         raise DecodeError("empty prompt: give --prompt some text")
     gen = Generator(load_for_decoding(args, need_heads=args.mode != "ar")[0])
-    pieces = gen.stream(args.prompt, cfg, chat=args.chat)
-    while True:
-        try:
-            sys.stdout.write(next(pieces))
-            sys.stdout.flush()
-        except StopIteration as done:
-            r = done.value
-            break
+    r = drain(gen.stream(args.prompt, cfg, chat=args.chat), lambda piece: print(piece, end="", flush=True))
     s = r.stats
     extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in UNVERIFIED else ""
     extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""

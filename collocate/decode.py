@@ -347,14 +347,7 @@ class Decoder:
 
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
                  on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:
-        steps = self.stream(prompt_ids, cfg)
-        while True:
-            try:
-                tokens = next(steps)
-            except StopIteration as done:
-                return done.value
-            if on_tokens:
-                on_tokens(tokens)
+        return drain(self.stream(prompt_ids, cfg), on_tokens)
 
     def warm_up(self, plan: Plan) -> None:
         """Capture every width this plan uses before anything is timed."""
@@ -375,6 +368,17 @@ class Decoder:
             if len(out) + n >= budget:
                 return emitted[:n], "length"
         return emitted, "continue"
+
+
+def drain(steps: Iterator, each: Callable | None = None):
+    """Run a stream to its end, handing each chunk to `each`; returns the stream's return value (the result)."""
+    while True:
+        try:
+            chunk = next(steps)
+        except StopIteration as done:
+            return done.value
+        if each:
+            each(chunk)
 
 
 def account(stats: DecodeStats, res: StepResult, fed: int, plan: Plan) -> None:
