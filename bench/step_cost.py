@@ -1,15 +1,17 @@
-"""Milliseconds per decoding step at widths 1..5 for random-weight models of exact Qwen2.5 shapes.
+"""Milliseconds per decoding step by width for random-weight models of exact Qwen2.5 shapes.
 
     python bench/step_cost.py --shape 7b --out bench/results/gpu-2026-11-28/step_cost_7b.json
+    python bench/step_cost.py --shape 1.5b --widths 1,16,32,64 --modes --out step_cost_1.5b.json
 
 Random weights give honest step timings (the work per step does not depend on the values). Each
 step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
 the same step with uncompiled layers is timed too, to show what compiling buys. The cache has
 --max-len slots (2,048), as the engine builds it; --unaligned also times the compiled step over
 max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding steps as the decode
-loop runs them on the fast backend with a random k=4 bundle (LM head over every fed row and head, the
+loop runs them on the fast backend with random k=4 bundles (LM head over every fed row and head, the
 heads, the accept rule, the next feed, and the host reading the result), which is what a mode's step
-costs beyond the bare forward.
+costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per depth; with
+a 32K draft vocabulary, a fifth of it) and --exact.
 """
 import argparse
 import json
@@ -20,16 +22,27 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from collocate.bundle import MTPBundle
-from collocate.decode import DecodeConfig
+from collocate.decode import EXACT_WIDTH, DecodeConfig
+from collocate.draft import MAX_TREE, best_paths
 from collocate.engine import build_decoder
 from collocate.fast import SLOT_MULTIPLE, StaticLM
 
-MODE_STEPS = {  # name: (config, fed tokens), as the decode loop feeds each mode
-    "ar": (DecodeConfig("ar"), 1),
-    "clp, 4 tokens": (DecodeConfig("clp"), 4),
-    "verify, 4 tokens": (DecodeConfig("verify"), 4),
-    "verify --candidates 5, 8 tokens": (DecodeConfig("verify", candidates=5), 8),
+MODE_STEPS = {  # name: (drafter, draft vocabulary, config, fed tokens), as the decode loop feeds each mode
+    "ar": ("heads", 0, DecodeConfig("ar"), 1),
+    "clp, 4 tokens": ("heads", 0, DecodeConfig("clp"), 4),
+    "verify, 4 tokens": ("heads", 0, DecodeConfig("verify"), 4),
+    "verify --candidates 5, 8 tokens": ("heads", 0, DecodeConfig("verify", candidates=5), 8),
+    **{f"verify --tree-size {n}": ("heads", 0, DecodeConfig("verify", tree_size=n), n + 1) for n in (16, 32, 64)},
+    **{f"{d} verify, 4 tokens": (d, 0, DecodeConfig("verify"), 4) for d in ("tc-depth", "tc-shared")},
+    **{f"tc-depth verify --tree-size {n}": ("tc-depth", 0, DecodeConfig("verify", tree_size=n), n + 1)
+       for n in (16, 32)},
+    "tc-depth, 32K draft vocab, verify --tree-size 32": ("tc-depth", 32768, DecodeConfig("verify", tree_size=32), 33),
+    "ar --exact": ("heads", 0, DecodeConfig("ar", exact=True), EXACT_WIDTH),
+    "verify --exact": ("heads", 0, DecodeConfig("verify", exact=True), EXACT_WIDTH),
 }
+# a plausible shape of held-out hit rates per rank for +2..+4 (timing needs the tree's shape, not its accuracy)
+RANK_PROBS = [[0.5, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01], [0.3, 0.1, 0.05, 0.04, 0.03, 0.02],
+              [0.2, 0.08, 0.05, 0.04, 0.03]]
 
 SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -79,13 +92,25 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
     return statistics.median(times)
 
 
+def random_bundle(model, drafter: str, vocab: int) -> MTPBundle:
+    vocab = min(vocab, model.config.vocab_size // 2)  # (the tiny shape has 512 tokens)
+    bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True, drafter=drafter,
+                                    draft_vocab=vocab)
+    bundle.config.tree = [list(p) for p in best_paths(RANK_PROBS, MAX_TREE)]
+    if vocab:
+        bundle.draft_ids.copy_(torch.randperm(model.config.vocab_size)[:vocab])
+    return bundle
+
+
 def time_mode_steps(model, context: int, max_len: int, reps: int = 50) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
-    bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True)
-    dec = build_decoder(model, bundle=bundle, engine="fast", max_len=max_len)  # the same 2,048 slots as above
-    out = {}
+    out, decoders = {}, {}
     with torch.inference_mode():
-        for name, (cfg, m) in MODE_STEPS.items():
+        for name, (drafter, vocab, cfg, m) in MODE_STEPS.items():
+            if (drafter, vocab) not in decoders:  # the same 2,048 slots as above
+                decoders = {(drafter, vocab): build_decoder(model, bundle=random_bundle(model, drafter, vocab),
+                                                            engine="fast", max_len=max_len)}
+            dec = decoders[drafter, vocab]
             plan, times = dec.plan(cfg), []
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
@@ -103,23 +128,25 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--unaligned", action="store_true", help="also time max_len + 7 slots, not rounded up")
     ap.add_argument("--modes", action="store_true", help="also time whole steps per decoding mode")
+    ap.add_argument("--widths", default="1,2,3,4,5", help="bare-step widths to time, comma-separated")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape)
     lm = StaticLM(model, args.max_len)  # as the fast backend builds it
-    rows = {m: time_width(model, lm, m, args.context) for m in range(1, 6)}
-    plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in range(1, 6)}
+    widths = [int(w) for w in args.widths.split(",")]
+    rows = {m: time_width(model, lm, m, args.context) for m in widths}
+    plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in widths}
     params = sum(p.numel() for p in model.parameters())
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "params": params, "context": args.context,
               "cache_slots": lm.k_cache.shape[3], "slot_multiple": SLOT_MULTIPLE,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "ms_per_step": rows, "relative_to_width_1": {m: t / rows[1] for m, t in rows.items()},
+              "ms_per_step": rows, "relative_to_width_1": {m: t / rows[widths[0]] for m, t in rows.items()},
               "ms_per_step_uncompiled_layers": plain}
     if args.unaligned:
         del lm
         odd = StaticLM(model, args.max_len + 7, slot_multiple=1)
         result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
-                                                              for m in range(1, 6)}
+                                                              for m in widths}
     if args.modes:
         result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len)
     print(json.dumps(result, indent=1))

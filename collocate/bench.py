@@ -46,6 +46,7 @@ class BenchConfig:
     prompts_file: str | None = None
     near_tie_eps: float = 0.5
     engine: str = "auto"  # auto | eager | fast (see fast.py); auto: fast on CUDA
+    exact: bool = False  # every mode (ar included) at one step width: verify bitwise ar's
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ModeSpec:
     threshold: float | None = None
     adaptive: bool = False
     candidates: int = 1
-    tree: int = 0
+    tree_size: int | None = None
 
 
 def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
@@ -66,7 +67,7 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
     if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
         return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
     if name.startswith("verify-t") and name[len("verify-t"):].isdigit():  # verify-t16: a 16-node tree
-        return ModeSpec(spec, "verify", threshold, tree=int(name[len("verify-t"):]))
+        return ModeSpec(spec, "verify", threshold, tree_size=int(name[len("verify-t"):]))
     known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
     if name not in known:
         raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
@@ -90,11 +91,11 @@ def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> De
                         "eos" if tokens and tokens[-1] in dec.eos else "length")
 
 
-def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int) -> DecodeResult:
+def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: bool = False) -> DecodeResult:
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
     cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive, candidates=spec.candidates, tree=spec.tree)
+                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size, exact=exact)
     return dec.generate(ids, cfg)
 
 
@@ -138,6 +139,7 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs:
     toks, secs = sum(r["new_tokens"] for r in rows), sum(r["seconds"] for r in rows)
     s = {"prompts": len(rows), "new_tokens": toks, "seconds": secs, "tok_per_s": toks / max(secs, 1e-9),
          "tau": toks / max(sum(r["steps"] for r in rows), 1),
+         "ms_per_step": 1000 * secs / max(sum(r["steps"] for r in rows), 1),
          **{f"rep{n}": mean(r["rep"][n] for r in rows) for n in (2, 3, 4)}}
     checked = sum(r["head_checked"] for r in rows)
     s["wrong_share"] = sum(r["head_wrong"] for r in rows) / checked if checked else None
@@ -170,13 +172,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     prompts = [p for s in suites for p in data.prompts(s, tokenizer, n=cfg.n)]
     n_heads = dec.bundle.k - 1 if dec.bundle else 0
     for spec in specs:  # warm-up: first-call costs stay out of every timing
-        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens))
+        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens), exact=cfg.exact)
     results: dict[str, dict] = {}
     reference: list[DecodeResult] | None = None  # ar's answers, which every other mode is compared with
     for spec in specs:
         rows, accs, answers = [], [], []
         for i, p in enumerate(tqdm(prompts, desc=f"bench {spec.label}", unit="prompt")):
-            r = run_one(dec, spec, p.ids, cfg.max_new_tokens)
+            r = run_one(dec, spec, p.ids, cfg.max_new_tokens, exact=cfg.exact)
             answers.append(r)
             rows.append(score_prompt(dec, p, r, reference[i] if reference else None, cfg.near_tie_eps))
             rows[-1]["suite"] = suite_of(p.id)
@@ -222,15 +224,15 @@ def markdown_table(doc: dict) -> str:
     env, cfg = doc["environment"], doc["config"]
     lines = [f"# collocate bench: {env['model']} on {env['device']}", "",
              f"{env['date']}, {env['dtype']}, torch {env['torch']}, engine {env['engine']}, batch 1, greedy, "
-             f"max {cfg['max_new_tokens']} new tokens, suites {', '.join(cfg['suites'])} ({cfg['n']} prompts each). "
+             f"max {cfg['max_new_tokens']} new tokens{', --exact' if cfg.get('exact') else ''}, suites {', '.join(cfg['suites'])} ({cfg['n']} prompts each). "
              "Speedup is tok/s against our own `ar` in the same run.", "",
-             "| mode | tau | tok/s | speedup | rep-4 | Δrep-4 | exact vs ar | divergences at near-tie | wrong head tokens "
+             "| mode | tau | ms/step | tok/s | speedup | rep-4 | Δrep-4 | exact vs ar | divergences at near-tie | wrong head tokens "
              "| head acc +2.. | GSM8K | HumanEval | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, s in doc["summary"].items():
         ties = f"{s['divergences_at_near_tie']}/{s['divergences']}" if s.get("divergences") else "-"
         acc = " / ".join(fmt(a, ".0%") for a in s.get("head_accuracy") or []) or "-"
-        lines.append(f"| {mode} | {fmt(s['tau'])} | {fmt(s['tok_per_s'], '.1f')} | {fmt(s.get('speedup'), '.2f', 'x')} "
+        lines.append(f"| {mode} | {fmt(s['tau'])} | {fmt(s.get('ms_per_step'), '.2f')} | {fmt(s['tok_per_s'], '.1f')} | {fmt(s.get('speedup'), '.2f', 'x')} "
                      f"| {fmt(s['rep4'], '.3f')} | {fmt(s.get('delta_rep4'), '+.3f')} | {fmt(s.get('exact_match'), '.0%')} "
                      f"| {ties} | {fmt(s['wrong_share'], '.0%')} | {acc} | {fmt(s['gsm8k_acc'], '.0%')} "
                      f"| {fmt(s['humaneval_pass1'], '.0%')} | {PAPER.get(mode.split('@')[0], '')} |")

@@ -1,11 +1,13 @@
-"""The bundle: MTP heads + CLP (+ optional gates), saved as config.json + model.safetensors.
+"""The bundle: MTP heads (a drafter) + CLP (+ optional gates), saved as config.json + model.safetensors.
 
     bundle = MTPBundle.from_pretrained("runs/smollm2-k4", backbone=model)  # checks the fingerprint
     bundle.save_pretrained("out/")
 
 config.json carries a fingerprint of the backbone (hidden size, vocab size, a hash of the LM-head
 weights), so loading heads onto a model they were not trained for fails loudly instead of decoding
-garbage.
+garbage. Format 2 adds the drafter type ("heads": independent heads; "tc-depth", "tc-shared":
+token-conditioned, heads.TokenHeads), an optional draft vocabulary, and the draft tree: rank paths
+best first, so its first N are the best N-node tree (`--tree-size N`).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .clp import CLP, Gates
-from .heads import MTPHeads
+from .draft import MAX_TREE, DraftTree, best_paths
+from .heads import MTPHeads, TokenHeads
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DRAFTERS = ("heads",) + TokenHeads.DESIGNS
 BUNDLED = Path(__file__).parent / "bundles"
 
 
@@ -61,18 +65,46 @@ class BundleConfig:
     compete: bool = False
     clp_features: str = "hidden"
     has_gates: bool = False
+    drafter: str = "heads"  # one of DRAFTERS
+    draft_vocab: int = 0  # token-conditioned heads: draft over this many most-used tokens (0: all)
+    tree: list = field(default_factory=list)  # rank paths, best first (DraftTree.from_paths of a prefix)
     fingerprint: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.drafter not in DRAFTERS:
+            raise BundleError(f"unknown drafter type '{self.drafter}' (this collocate knows {', '.join(DRAFTERS)}): "
+                              "the bundle needs a newer collocate")
+        if self.compete and self.drafter != "heads":
+            raise BundleError("a +1 head (compete) exists for independent heads only, not for token-conditioned ones")
+        self.tree = [list(p) for p in self.tree]
 
 
 class MTPBundle(nn.Module):
     def __init__(self, config: BundleConfig):
         super().__init__()
         self.config = config
-        self.heads = MTPHeads(config.hidden_size, config.k, layers=config.layers, compete=config.compete)
+        if config.drafter == "heads":
+            self.heads = MTPHeads(config.hidden_size, config.k, layers=config.layers, compete=config.compete)
+        else:
+            self.heads = TokenHeads(config.hidden_size, config.k, design=config.drafter)
         self.clp = CLP(config.hidden_size, config.k, features=config.clp_features)
         self.gates = Gates(config.hidden_size, self.heads.n_heads) if config.has_gates else None
+        # token-conditioned drafts may read only the LM-head rows of these tokens (the most used first)
+        self.register_buffer("draft_ids", torch.zeros(config.draft_vocab, dtype=torch.long)
+                             if config.draft_vocab else None)
         self.heldout: dict = {}  # the training report's held-out accuracy per offset, when there is one
+
+    @property
+    def token_conditioned(self) -> bool:
+        return self.config.drafter != "heads"
+
+    def tree(self, n: int) -> DraftTree:
+        """The best n-node draft tree: the first n of the stored paths, else chosen from the held-out report."""
+        if not 1 <= n <= MAX_TREE:
+            raise BundleError(f"tree size must lie in 1..{MAX_TREE} draft nodes (what a step can feed), got {n}")
+        paths = self.config.tree or best_paths(self.rank_probs(), MAX_TREE)
+        return DraftTree.from_paths(paths[:n])
 
     def rank_probs(self) -> list[list[float]]:
         """Per offset +2..+k, P(the backbone's token is the head's r-th guess), from the held-out report.
@@ -81,7 +113,7 @@ class MTPBundle(nn.Module):
         for offset in range(2, self.k + 1):
             acc = self.heldout.get(f"+{offset}")
             if acc is None:
-                raise BundleError("--tree chooses its nodes from the bundle's held-out accuracy, and this bundle "
+                raise BundleError("--tree-size chooses its nodes from the bundle's held-out accuracy, and this bundle "
                                   "has no train_report.json: train it with `collocate train`, or use --candidates")
             probs.append(acc.get("rank_probs") or [acc["top1"]] + [(acc["top5"] - acc["top1"]) / 4] * 4)
         return probs
@@ -174,6 +206,8 @@ def read_config(path: Path) -> BundleConfig:
         return BundleConfig(**raw)
     except TypeError as e:
         raise BundleError(f"{path / 'config.json'} is not a collocate bundle config: {e}") from None
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
 
 
 def default_bundle_for(model_name: str) -> str | None:

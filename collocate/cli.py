@@ -57,7 +57,8 @@ def decode_config(args, mode: str):
     from .decode import DecodeConfig
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                        adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates, tree=args.tree)
+                        adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
+                        tree_size=args.tree_size, exact=args.exact)
 
 
 def cmd_generate(args) -> int:
@@ -98,7 +99,8 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(model=args.model, heads=args.heads, suites=tuple(args.suite.split(",")),
                       modes=tuple(args.modes.split(",")), n=args.n, max_new_tokens=args.max_new_tokens,
                       out=args.out, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine)
+                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine,
+                      exact=args.exact)
     run_bench(cfg)
     return 0
 
@@ -159,10 +161,17 @@ def add_decoding_args(p, *, mode: bool = True):
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
         p.add_argument("--candidates", type=int, default=1,
                        help="verify: also check the +2 head's next best tokens in the same pass")
-        p.add_argument("--tree", type=int, default=0,
-                       help="verify: draft a static tree of this many nodes (up to 64), from the heads' held-out "
-                            "rank statistics; checked in one pass, lossless")
+        p.add_argument("--tree-size", type=int, default=None,
+                       help="verify: draft the bundle's best tree of this many nodes (1..64), chosen from its "
+                            "heads' held-out rank statistics; checked in one pass, lossless")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        add_exact_arg(p)
+
+
+def add_exact_arg(p):
+    p.add_argument("--exact", action="store_true",
+                   help="ar, verify: feed every step at one width, so verify is bitwise ar's in bf16 too "
+                        "(fast engine; a tree keeps only its leading chain)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -183,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree=0, stop=None)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree_size=None, stop=None,
+                   exact=False)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
@@ -193,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="ar,clp,gate,compete,verify")
     p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines, used instead of --suite")
     p.add_argument("--n", type=int, default=10, help="prompts per suite")
+    add_exact_arg(p)
     p.add_argument("--near-tie-eps", type=float, default=0.5, help="logit gap under which a divergence is a near-tie")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(fn=cmd_bench)

@@ -26,13 +26,15 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from .clp import GATE_THRESHOLD
-from .draft import DraftTree, HeadDrafter
+from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter
 from .rules import Kept, compete, leading_true, longest_accepted, pick, span_at_threshold
 
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
 MAX_CANDIDATES = 8
-MAX_TREE = 64  # draft nodes of a --tree (a 64-node step costs 1.2x a 1-token one on the H200, bench/README.md)
+# --exact feeds every step this many rows, ar included, so that no row's arithmetic depends on the step's
+# width (matmul kernels are chosen by shape); 16 rows cost ~1.07x a 1-row step on the H200 (bench/README.md)
+EXACT_WIDTH = 16
 
 
 class DecodeError(ValueError):
@@ -46,7 +48,8 @@ class DecodeConfig:
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
-    tree: int = 0  # verify: draft a static tree of this many nodes, chosen from the heads' rank statistics
+    tree_size: int | None = None  # verify: draft the bundle's best tree of this many nodes
+    exact: bool = False  # every step at one width (EXACT_WIDTH rows): verify bitwise equal to ar in any dtype
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -62,10 +65,14 @@ class DecodeConfig:
             raise DecodeError(f"candidates must lie in 1..{MAX_CANDIDATES}, got {self.candidates}")
         if self.candidates > 1 and (self.mode != "verify" or self.adaptive):
             raise DecodeError("--candidates applies to mode 'verify' without --adaptive only")
-        if not 0 <= self.tree <= MAX_TREE:
-            raise DecodeError(f"tree counts draft nodes and must lie in 0..{MAX_TREE}, got {self.tree}")
-        if self.tree and (self.mode != "verify" or self.adaptive or self.candidates > 1):
-            raise DecodeError("--tree applies to mode 'verify' without --adaptive or --candidates only")
+        if self.tree_size is not None and not 1 <= self.tree_size <= MAX_TREE:
+            raise DecodeError(f"tree size counts draft nodes and must lie in 1..{MAX_TREE}, got {self.tree_size}")
+        if self.tree_size and (self.mode != "verify" or self.adaptive or self.candidates > 1):
+            raise DecodeError("--tree-size applies to mode 'verify' without --adaptive or --candidates only")
+        if self.exact and self.mode not in ("ar", "verify"):
+            raise DecodeError("--exact applies to the lossless modes, ar and verify")
+        if self.exact and (self.tree_size or 0) + 1 > EXACT_WIDTH:
+            raise DecodeError(f"--exact feeds {EXACT_WIDTH} rows a step: a tree of at most {EXACT_WIDTH - 1} nodes")
         self.stop = tuple(self.stop)
 
 
@@ -115,6 +122,7 @@ class Plan:
     tree: DraftTree  # the draft fed after the root (unverified modes: the head tokens they may take)
     adaptive: bool = False
     clp_argmax: bool = False  # CLP without a threshold takes its argmax
+    exact: bool = False  # every step feeds EXACT_WIDTH rows; those past the draft are padding, never kept
 
     @property
     def verify(self) -> bool:
@@ -123,9 +131,21 @@ class Plan:
     @property
     def widths(self) -> tuple[int, ...]:
         """Every feed width a step of this plan can have (the context edge adds width 1)."""
+        if self.exact:
+            return (EXACT_WIDTH,)
         if self.verify and not self.adaptive:
             return (1 + self.tree.n,)
         return tuple(range(1, self.tree.n + 2))
+
+    def fed(self, width: int) -> DraftTree:
+        """The tree a step of this width feeds after the root: a prefix of the draft, or (exact) the whole
+        draft padded to EXACT_WIDTH - 1 nodes (a chain stays a chain, so it keeps the causal mask)."""
+        if not self.exact:
+            return self.tree.first(width - 1)
+        pad = EXACT_WIDTH - 1 - self.tree.n
+        if self.tree.is_chain:
+            return DraftTree.chain(EXACT_WIDTH - 1)
+        return DraftTree(self.tree.parents + (0,) * pad, self.tree.ranks + (0,) * pad)
 
 
 class StepOut(NamedTuple):
@@ -187,11 +207,13 @@ class Decoder:
         self.device = self.lm_head.weight.device
         if bundle is not None:
             bundle.to(self.device)
-            self.drafter = HeadDrafter(bundle)
+            self.drafter = TokenDrafter(bundle, self.lm_head, self.model.get_input_embeddings()) \
+                if bundle.token_conditioned else HeadDrafter(bundle)
         self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, tokenizer))
-        width = 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0)
+        width = max(EXACT_WIDTH, 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0))
         self.feed = torch.zeros(width, dtype=torch.long, device=self.device)  # the next step's tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
+        self.n_fed = torch.zeros((), dtype=torch.long, device=self.device)  # draft rows of the feed (--exact)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
 
     # -- one step: tensor work only (the fast backend captures it) ----------------------------------
@@ -205,6 +227,9 @@ class Decoder:
         t = tree.tensors(self.device)
         own_logits, heads = self.logits(h, plan)
         own = pick(own_logits)  # (m,) the backbone's token after each fed row
+        if plan.exact and not prefill:  # padding never matches, nor a node off the leading chain (see check)
+            rows = torch.arange(ids.shape[0], device=self.device)
+            ids = torch.where(rows <= self.n_fed.clamp(max=tree.chain_rows), ids, -1)
         kept, wrong = self.check(own, ids, t, plan)
         if not prefill:  # (a prompt keeps all it wrote)
             self.backend.keep(self.pos0, kept, tree)
@@ -221,21 +246,24 @@ class Decoder:
         else:  # emit the root and the head tokens the rule takes; the next step feeds (checks) them
             emitted, n_emitted = fed_next, nxt.n + 1
         self.feed[: fed_next.shape[0]].copy_(fed_next)
+        self.n_fed.copy_(nxt.n)
         self.pos0.add_(advance)
-        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, self.proposal(plan, nxt, heads))
+        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, self.proposal(plan, nxt))
 
-    def proposal(self, plan: Plan, nxt: "Next", heads: torch.Tensor | None) -> torch.Tensor:
-        """The +2..+k heads' argmax from the root (for head accuracy): the draft's chain where it has one."""
-        if heads is None:
+    def proposal(self, plan: Plan, nxt: "Next") -> torch.Tensor:
+        """The drafter's argmax chain from the root, +2..+k (for head accuracy); -1 past the tree's chain."""
+        n = self.bundle.k - 1 if self.bundle is not None else 0
+        if plan.mode == "ar":
             return nxt.draft
-        k = self.bundle.k
-        if not plan.verify or plan.tree.first(k - 1) == DraftTree.chain(k - 1):
-            return nxt.draft[: k - 1]
-        return pick(heads[-(k - 1):])
+        if plan.mode == "compete" or plan.tree.chain_rows >= n:
+            return nxt.draft[:n]
+        return torch.cat([nxt.draft[: plan.tree.chain_rows], nxt.draft.new_full((n - plan.tree.chain_rows,), -1)])
 
     def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan) -> tuple[Kept, torch.Tensor]:
-        """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with."""
-        if plan.verify:
+        """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with.
+        --exact keeps a tree's leading chain only: a node off it attends to ancestors at other slots than
+        ar would, so its result may differ in the last bit."""
+        if plan.verify or plan.exact:
             return longest_accepted(own, ids, tree), torch.zeros((), dtype=torch.long, device=self.device)
         # the fed head tokens were emitted already: keep them all, count the wrong ones
         last = torch.full((), ids.shape[0] - 1, device=self.device)
@@ -243,12 +271,16 @@ class Decoder:
         return kept, (own[tree.parents] != ids[1:]).sum()
 
     def logits(self, h: torch.Tensor, plan: Plan):
-        """Own-token logits of every row (m, V) and, except in `ar`, the heads' logits (r, n_heads, V) of
-        every row that can become the next root (verify: any; else the last): one LM-head matmul."""
-        if plan.mode == "ar":
+        """Own-token logits of every row (m, V) and, for independent heads, the heads' logits
+        (r, n_heads, V) of every row that can become the next root (verify: any; else the last), in one
+        LM-head matmul (--exact: two, so the own logits' matmul has the same shape in every mode).
+        Token-conditioned heads draft after the root is known (TokenDrafter.propose)."""
+        if plan.mode == "ar" or not self.drafter.fused:
             return self.lm_head(h), None
         roots = h if plan.verify else h[-1:]
         states = self.bundle.heads(roots, with_first=plan.mode == "compete").to(h.dtype)  # (r, n_heads, d)
+        if plan.exact:
+            return self.lm_head(h), self.lm_head(states)
         logits = self.lm_head(torch.cat([h, states.flatten(0, 1)]))
         return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
@@ -262,14 +294,18 @@ class Decoder:
             return Next(own, zero[None][:0], zero, zero)
         h_root = h.index_select(0, root)[0]
         threshold = None if plan.clp_argmax else self.threshold
+        if plan.mode == "compete":  # the +1 head's token and then the others': independent heads only
+            tokens = pick(heads)
+        else:
+            draft = self.drafter.propose(plan.tree, h=h_root, root=own, head_logits=heads)
+            tokens = draft.tokens
         if plan.verify:
-            draft = self.drafter.propose(heads, plan.tree)
             if plan.adaptive:
-                return Next(own, draft, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
-            return Next(own, draft, torch.full((), plan.tree.n, device=self.device), zero)
-        tokens = pick(heads)
+                length = span_at_threshold(self.bundle.clp(h_root, draft.chain_logits), threshold)
+                return Next(own, tokens, length, zero)
+            return Next(own, tokens, torch.full((), plan.tree.n, device=self.device), zero)
         if plan.mode == "clp":
-            return Next(own, tokens, span_at_threshold(self.bundle.clp(h_root, heads), threshold), zero)
+            return Next(own, tokens, span_at_threshold(self.bundle.clp(h_root, draft.chain_logits), threshold), zero)
         gate_p = self.bundle.gates(h_root).float().sigmoid()
         if plan.mode == "gate":
             return Next(own, tokens, leading_true(gate_p[-tokens.shape[0]:] >= threshold), zero)
@@ -278,18 +314,21 @@ class Decoder:
 
     def run_step(self, width: int, plan: Plan) -> Packed:
         """A step of this width from the feed buffer (the fast backend replays its graph)."""
-        def step() -> Packed:
-            return Packed.of(self.step(self.feed[:width], plan, plan.tree.first(width - 1)))
+        fed = plan.fed(width)
 
-        return self.backend.run((plan, width), step, state=(self.feed, self.pos0))
+        def step() -> Packed:
+            return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed))
+
+        return self.backend.run((plan, fed.n + 1), step, state=(self.feed, self.pos0, self.n_fed))
 
     # -- the loop ---------------------------------------------------------------------------------
     def plan(self, cfg: DecodeConfig) -> Plan:
         if cfg.mode == "ar":
-            return Plan("ar", DraftTree(()))
-        tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree)
+            return Plan("ar", DraftTree(()), exact=cfg.exact)
+        tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
-        return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None)
+        return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None,
+                    exact=cfg.exact)
 
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
         if len(prompt_ids) == 0:
@@ -301,6 +340,9 @@ class Decoder:
             raise DecodeError(f"mode '{cfg.mode}' needs gates, and this bundle has none (train with --gates)")
         if cfg.mode == "compete" and not self.bundle.heads.compete:
             raise DecodeError("mode 'compete' needs a bundle trained with a +1 head (collocate train --compete)")
+        if cfg.exact and not getattr(self.backend, "fixed_rows", False):
+            raise DecodeError("--exact needs the fast engine's static cache (--engine fast): the eager one's "
+                              "attention length changes with every step")
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], cfg: DecodeConfig | None = None) -> Iterator[list[int]]:
@@ -313,7 +355,11 @@ class Decoder:
         if self.backend.captures:
             self.warm_up(plan)
         capacity, n_prompt = self.backend.capacity, len(prompt_ids)
-        budget = min(cfg.max_new_tokens, capacity - n_prompt)  # the answer may fill the context, no more
+        # the answer may fill the context, no more (--exact: less the padding rows every step writes)
+        budget = min(cfg.max_new_tokens, capacity - n_prompt - (EXACT_WIDTH - 1 if cfg.exact else 0))
+        if budget < 1:
+            raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {EXACT_WIDTH}-row steps "
+                              f"in a context of {capacity}")
         stats, out, proposals = DecodeStats(), [], []
         start = time.perf_counter()
         self.backend.reset()
@@ -333,7 +379,7 @@ class Decoder:
             if finish != "continue":
                 break
             width = res.next_width
-            if plan.verify and n_prompt + len(out) + width - 1 > capacity:
+            if plan.verify and not plan.exact and n_prompt + len(out) + width - 1 > capacity:
                 width = 1  # near the end of the context there is no room for a draft
             res, fed = self.run_step(width, plan).read(), width - 1
         if self.device.type == "cuda":

@@ -4,23 +4,29 @@
     tree = DraftTree.chain(3).with_siblings(4)     # ... and 4 more guesses for d1, side by side
     tree = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])   # ranks along each path (Medusa's choices)
     tree = DraftTree.best(rank_probs, 16)          # the 16 nodes with the most expected accepted tokens
-    tokens = HeadDrafter(bundle).propose(head_logits, tree)   # (tree.n,): a token per node
+    draft = HeadDrafter(bundle).propose(tree, head_logits=logits)      # independent heads: draft.tokens (tree.n,)
+    draft = TokenDrafter(bundle, lm_head, embed).propose(tree, h=h, root=y1)  # token-conditioned, depth by depth
 
 A step feeds the root (the token the backbone chose) at row 0 and draft node i at row i + 1. Node i's
 parent is the row `parents[i]` (< i + 1), so any prefix of the nodes is a tree too: that is how an
 adaptive draft is cut short. Node i at depth d is the `ranks[i]`-th guess of the head for offset d + 1
 (rank 0: its argmax). A chain, side-by-side candidates and a full tree are the same structure; the
-backends turn it into positions (row depth) and an attention mask (a row sees its ancestors).
+backends turn it into positions (row depth) and an attention mask (a row sees its ancestors). Rows
+start with the argmax chain, so the likeliest path needs no K/V move when it is kept.
 """
 from __future__ import annotations
 
 import functools
 import heapq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .rules import pick
+
+MAX_TREE = 64  # draft nodes a step can feed (a 64-node step costs 1.2x a 1-token one on the H200, bench/README.md)
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,8 @@ class DraftTree:
     @staticmethod
     def from_paths(paths) -> "DraftTree":
         """A tree from its nodes' rank paths, e.g. (0, 1): the second guess after the first head's argmax.
-        Every prefix of a path must be a path too; rows are ordered by depth, then path."""
-        paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+        Every prefix of a path must be a path too; rows are the argmax chain first, then by depth and path."""
+        paths = sorted({tuple(p) for p in paths}, key=lambda p: (any(p), len(p), p))
         row = {p: i + 1 for i, p in enumerate(paths)}
         missing = [p for p in paths if len(p) > 1 and p[:-1] not in row]
         if missing or any(len(p) == 0 or min(p) < 0 for p in paths):
@@ -58,21 +64,7 @@ class DraftTree:
 
     @staticmethod
     def best(rank_probs: list[list[float]], n: int) -> "DraftTree":
-        """The n nodes with the largest P(accepted), taking a node's chance as the product of its path's
-        rank probabilities (rank_probs[d][r]: the head for offset d + 2 has the backbone's token at rank r).
-        Best-first from the root: a child is never likelier than its parent, so this set is prefix-closed
-        and maximises the expected number of accepted drafts under that independence assumption."""
-        frontier = [(-p, (r,)) for r, p in enumerate(rank_probs[0]) if p > 0]
-        heapq.heapify(frontier)
-        chosen = []
-        while frontier and len(chosen) < n:
-            neg, path = heapq.heappop(frontier)
-            chosen.append(path)
-            if len(path) < len(rank_probs):
-                for r, p in enumerate(rank_probs[len(path)]):
-                    if p > 0:
-                        heapq.heappush(frontier, (neg * p, path + (r,)))
-        return DraftTree.from_paths(chosen)
+        return DraftTree.from_paths(best_paths(rank_probs, n))
 
     def first(self, n: int) -> "DraftTree":
         return DraftTree(self.parents[:n], self.ranks[:n])
@@ -98,6 +90,24 @@ class DraftTree:
         return max(self.depths)
 
     @functools.cached_property
+    def chain_rows(self) -> int:
+        """How many leading nodes form a chain from the root (rows 1..c, each the child of the row before)."""
+        return next((i for i, p in enumerate(self.parents) if p != i), self.n)
+
+    @functools.cached_property
+    def levels(self) -> tuple["Level", ...]:
+        """Per depth d, the rows at depth d that have children, and those children: what a drafter that
+        conditions on each parent's token computes, one depth after another."""
+        out = []
+        for d in range(self.max_depth):
+            rows = sorted({p for p in self.parents if self.depths[p] == d})
+            kids = [i for i, p in enumerate(self.parents) if self.depths[p] == d]
+            out.append(Level(rows=tuple(rows), parents=tuple(self.parents[r - 1] if r else 0 for r in rows),
+                             children=tuple(kids), child_of=tuple(rows.index(self.parents[i]) for i in kids),
+                             ranks=tuple(self.ranks[i] for i in kids)))
+        return tuple(out)
+
+    @functools.cached_property
     def visible(self) -> tuple[tuple[bool, ...], ...]:
         """visible[r][c]: row c is row r or one of its ancestors (what row r may attend to in the feed)."""
         rows = [[c == 0 for c in range(self.n + 1)]]  # the root sees itself
@@ -113,7 +123,49 @@ class DraftTree:
                            ranks=torch.tensor(self.ranks, dtype=torch.long, device=device),
                            depths=torch.tensor(self.depths, dtype=torch.long, device=device),
                            visible=torch.tensor(self.visible, dtype=torch.bool, device=device),
-                           max_depth=self.max_depth, is_chain=self.is_chain)
+                           max_depth=self.max_depth, is_chain=self.is_chain,
+                           levels=tuple(lv.tensors(device) for lv in self.levels))
+
+
+def best_paths(rank_probs: list[list[float]], n: int) -> list[tuple[int, ...]]:
+    """The n rank paths with the largest P(accepted), best first, taking a node's chance as the product of
+    its path's rank probabilities (rank_probs[d][r]: the head for offset d + 2 has the backbone's token at
+    rank r). Best-first from the root: a child is never likelier than its parent, so every prefix of the
+    list is prefix-closed and maximises the expected accepted drafts for its size (under that independence)."""
+    frontier = [(-p, (r,)) for r, p in enumerate(rank_probs[0]) if p > 0]
+    heapq.heapify(frontier)
+    chosen = []
+    while frontier and len(chosen) < n:
+        neg, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < len(rank_probs):
+            for r, p in enumerate(rank_probs[len(path)]):
+                if p > 0:
+                    heapq.heappush(frontier, (neg * p, path + (r,)))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Level:
+    rows: tuple[int, ...]  # feed rows at this depth with children
+    parents: tuple[int, ...]  # each such row's parent row (the root's: 0, unused)
+    children: tuple[int, ...]  # draft nodes one depth down
+    child_of: tuple[int, ...]  # each child's parent, as an index into rows
+    ranks: tuple[int, ...]  # each child's rank among its parent's guesses
+
+    def tensors(self, device) -> "LevelTensors":
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return LevelTensors(t(self.rows), t(self.parents), t(self.children), t(self.child_of), t(self.ranks),
+                            max(self.ranks) + 1)
+
+
+class LevelTensors(NamedTuple):
+    rows: torch.Tensor
+    parents: torch.Tensor
+    children: torch.Tensor
+    child_of: torch.Tensor
+    ranks: torch.Tensor
+    top: int  # guesses needed per row
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,12 +176,21 @@ class TreeTensors:
     visible: torch.Tensor  # (n + 1, n + 1) bool: row r attends to row c
     max_depth: int
     is_chain: bool
+    levels: tuple[LevelTensors, ...]
+
+
+class Draft(NamedTuple):
+    tokens: torch.Tensor  # (tree.n,) a token per node
+    chain_logits: torch.Tensor | None  # (k-1, V) the argmax chain's logits per offset, when the drafter has them
 
 
 class HeadDrafter:
-    """The MTP heads as a drafter: node i at depth d is the ranks[i]-th guess of the head for offset
-    d + 1. The chain is each head's argmax; side-by-side candidates are the +2 head's runners-up; a tree
-    (`--tree N`) is chosen from the heads' held-out rank statistics (bundle.rank_probs)."""
+    """The independent MTP heads as a drafter: node i at depth d is the ranks[i]-th guess of the head
+    for offset d + 1. The chain is each head's argmax; side-by-side candidates are the +2 head's
+    runners-up; a tree (`--tree-size N`) is the bundle's, chosen from its held-out rank statistics.
+    `fused`: the heads' states join the backbone's LM-head matmul (decode.Decoder.logits)."""
+
+    fused = True
 
     def __init__(self, bundle):
         self.bundle = bundle
@@ -137,14 +198,54 @@ class HeadDrafter:
 
     def tree(self, *, candidates: int = 1, nodes: int = 0) -> DraftTree:
         if nodes:
-            return DraftTree.best(self.bundle.rank_probs(), nodes)
+            return self.bundle.tree(nodes)
         return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
 
-    @staticmethod
-    def propose(head_logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
-        """(k-1, V) logits of heads +2..+k from the root's row -> (tree.n,) draft tokens."""
+    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
+        """(k-1, V) logits of heads +2..+k from the root's row -> a token per node."""
         if tree.is_chain and not any(tree.ranks):  # a chain of argmaxes: no top-k needed
-            return pick(head_logits)[: tree.n]
+            return Draft(pick(head_logits)[: tree.n], head_logits)
         t = tree.tensors(head_logits.device)
         guesses = head_logits.topk(max(tree.ranks) + 1, dim=-1).indices  # (k-1, R)
-        return guesses[t.depths[1:] - 1, t.ranks]
+        return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
+
+
+class TokenDrafter(HeadDrafter):
+    """Token-conditioned heads as a drafter: a node's guesses come from its parent's state updated by its
+    parent's token, so a tree is drafted one depth after another, each depth one LM-head matmul over the
+    rows that have children. With a draft vocabulary (bundle.draft_ids, the tokens the answers use most)
+    that matmul reads only those rows of the LM head."""
+
+    fused = False
+
+    def __init__(self, bundle, lm_head, embed):
+        super().__init__(bundle)
+        self.heads, self.embed = bundle.heads, embed
+        ids = bundle.draft_ids
+        weight = lm_head.weight
+        self.vocab = ids.to(weight.device) if ids is not None else None
+        self.weight = weight.index_select(0, self.vocab) if ids is not None else weight  # (V', d)
+        self.bias = getattr(lm_head, "bias", None)
+        if self.bias is not None and ids is not None:
+            self.bias = self.bias.index_select(0, self.vocab)
+
+    def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None) -> Draft:
+        """h (d,) the root's hidden row and root () its token -> a token per node."""
+        t = tree.tensors(h.device)
+        tokens = torch.cat([root.view(1), root.new_zeros(tree.n)])  # by feed row; rows 1.. filled depth by depth
+        states = h.new_zeros(tree.n + 1, h.shape[-1])
+        chain = []
+        for d, lv in enumerate(t.levels):
+            before = h[None] if d == 0 else states.index_select(0, lv.parents)  # (r, d) the parents' states
+            s = self.heads.update(before, self.embed(tokens.index_select(0, lv.rows)), d).to(h.dtype)
+            states = states.index_copy(0, lv.rows, s)
+            logits = F.linear(s, self.weight, self.bias)  # (r, V')
+            guesses = logits.topk(lv.top, dim=-1).indices[lv.child_of, lv.ranks]  # (children,)
+            if self.vocab is not None:
+                guesses = self.vocab.index_select(0, guesses)
+            tokens = tokens.index_copy(0, lv.children + 1, guesses)
+            chain.append(logits[0])
+        # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
+        # as training computed them)
+        full_chain = tree.is_chain and tree.n == self.k - 1
+        return Draft(tokens[1:], torch.stack(chain) if full_chain else None)

@@ -209,6 +209,8 @@ class StaticLM:
 class StaticBackend:
     """The static cache with compiled layers and CUDA graphs, for Llama, Qwen2 and Mistral."""
 
+    fixed_rows = True  # attention reads every slot at every step: a row's arithmetic has one shape (--exact)
+
     def __init__(self, model, *, max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None):
         check_supported(model)
         if model.config.model_type not in SUPPORTED:

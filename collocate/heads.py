@@ -1,7 +1,9 @@
 """MTP heads: residual blocks on the backbone's last hidden state, decoded by its own frozen LM head.
 
-    heads = MTPHeads(hidden=576, k=4)          # offsets +2, +3, +4
+    heads = MTPHeads(hidden=576, k=4)          # offsets +2, +3, +4, each from the hidden state alone
     logits = heads.logits(h, lm_head)         # (B, T, k-1, V), one matmul through the LM head
+    heads = TokenHeads(hidden=576, k=4)        # +j also sees the token chosen at +j-1
+    logits = heads.logits(h, lm_head, tokens=y, embed=model.get_input_embeddings())
 
 Backbone-as-Architect: the backbone's LM head picks token t+1; head j predicts token t+j for
 j = 2..k. `compete=True` adds a head for +1, the head-competition baseline the paper beats.
@@ -43,13 +45,83 @@ class MTPHeads(nn.Module):
     def n_heads(self) -> int:
         return len(self.offsets)
 
-    def forward(self, h: torch.Tensor, *, with_first: bool = True) -> torch.Tensor:
-        """(..., d) hidden -> (..., n_heads, d) head states, ready for the LM head.
+    def forward(self, h: torch.Tensor, *, with_first: bool = True, tokens=None, embed=None) -> torch.Tensor:
+        """(..., d) hidden -> (..., n_heads, d) head states, ready for the LM head (tokens and embed are
+        what TokenHeads reads; these heads see the hidden state only).
         with_first=False leaves out a +1 (competition) head, for every mode but `compete`."""
         blocks = self.blocks if with_first or not self.compete else self.blocks[1:]
         x = h.to(self.blocks[0][0].linear.weight.dtype)
         return torch.stack([block(x) for block in blocks], dim=-2)
 
-    def logits(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, lm_head: nn.Module, *, tokens=None, embed=None) -> torch.Tensor:
         """(..., d) -> (..., n_heads, V): all heads through the shared LM head in one matmul."""
         return lm_head(self(h).to(lm_head.weight.dtype))
+
+
+def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x scaled to unit root-mean-square: token embeddings are ~100x smaller than final hidden states."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class TokenBlock(nn.Module):
+    """s + W_out SiLU(W_in [s; e] + b_depth): a state updated by the embedding of one token.
+    W_out starts at zero, so a fresh block passes its state through."""
+
+    def __init__(self, hidden: int, depths: int = 1):
+        super().__init__()
+        self.inp = nn.Linear(2 * hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        # a block shared by several depths is told which one it serves by a learned bias
+        self.depth_bias = nn.Parameter(torch.zeros(depths, hidden)) if depths > 1 else None
+
+    def forward(self, s: torch.Tensor, e: torch.Tensor, depth: int) -> torch.Tensor:
+        u = self.inp(torch.cat([s, unit_rms(e.to(s.dtype))], dim=-1))
+        if self.depth_bias is not None:
+            u = u + self.depth_bias[depth]
+        return s + self.out(F.silu(u))
+
+
+class TokenHeads(nn.Module):
+    """Token-conditioned heads: the state for offset j+1 is the state for offset j updated by the token
+    chosen there, s_1 = U_1(h, y_1), s_j = U_j(s_{j-1}, y_j), with y_1 the backbone's own t+1. Under
+    greedy decoding y_1 is a function of h, so +2 gains little; +3 and further gain most.
+
+    design "tc-depth": one block per offset; "tc-shared": one block for every offset (a learned bias says
+    which), the recurrence EAGLE runs on its features, with fewer weights to read per draft."""
+
+    DESIGNS = ("tc-depth", "tc-shared")
+
+    def __init__(self, hidden: int, k: int, *, design: str = "tc-depth"):
+        super().__init__()
+        if k < 2:
+            raise ValueError(f"k must be >= 2 (k=1 means no heads), got {k}")
+        if design not in self.DESIGNS:
+            raise ValueError(f"token-conditioned design must be one of {', '.join(self.DESIGNS)}, got {design!r}")
+        self.hidden, self.k, self.design, self.compete = hidden, k, design, False
+        self.offsets = list(range(2, k + 1))
+        shared = design == "tc-shared"
+        self.blocks = nn.ModuleList([TokenBlock(hidden, k - 1)] if shared else
+                                    [TokenBlock(hidden) for _ in self.offsets])
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.offsets)
+
+    def update(self, s: torch.Tensor, e: torch.Tensor, depth: int) -> torch.Tensor:
+        """The state for offset depth + 2 from the state before it and the chosen token's embedding."""
+        block = self.blocks[min(depth, len(self.blocks) - 1)]
+        return block(s.to(block.inp.weight.dtype), e, depth)
+
+    def forward(self, h: torch.Tensor, *, tokens: torch.Tensor, embed: nn.Module, with_first: bool = True):
+        """(..., d) hidden and (..., k-1) chosen tokens y_1..y_{k-1} (teacher-forced in training: the
+        backbone's own) -> (..., k-1, d) head states, ready for the LM head."""
+        s, states = h, []
+        for j in range(self.n_heads):
+            s = self.update(s, embed(tokens[..., j].clamp(min=0)), j)  # (-100 past an answer's end: masked)
+            states.append(s)
+        return torch.stack(states, dim=-2)
+
+    def logits(self, h: torch.Tensor, lm_head: nn.Module, *, tokens: torch.Tensor, embed: nn.Module) -> torch.Tensor:
+        return lm_head(self(h, tokens=tokens, embed=embed).to(lm_head.weight.dtype))

@@ -74,10 +74,10 @@ def test_cache_keeps_exactly_the_accepted_tokens_at_every_step():
     """After each step the HF cache holds the prompt and every emitted token but the newest, exactly as a
     fresh forward over them gives it: rejected drafts, candidates and tree branches leave no trace."""
     model = tiny_llama()
-    for candidates, tree in ((1, 0), (4, 0), (1, 20)):
+    for candidates, tree in ((1, None), (4, None), (1, 20)):
         dec = eager(model, with_rank_probs(bundle_for(model, seed=2)))
         p = prompts(1)[0]
-        cfg = DecodeConfig(mode="verify", max_new_tokens=30, candidates=candidates, tree=tree)
+        cfg = DecodeConfig(mode="verify", max_new_tokens=30, candidates=candidates, tree_size=tree)
         out, steps = [], dec.stream(p, cfg)
         for chunk in steps:
             out += chunk

@@ -151,33 +151,34 @@ def test_verify_with_a_tree_is_lossless_on_both_backends(make):
     model = make()
     bundle = with_rank_probs(bundle_for(model, seed=3))
     ref, dec = eager(model, bundle), fast(model, bundle)
-    steps = {0: 0, 5: 0, 40: 0}
+    steps = {None: 0, 5: 0, 40: 0}
     for p in prompts(6, seed=11):
         ar = ref.generate(p, DecodeConfig(mode="ar", max_new_tokens=60)).tokens
-        for nodes in (0, 5, 40):
-            cfg = DecodeConfig(mode="verify", max_new_tokens=60, tree=nodes)
+        for nodes in (None, 5, 40):
+            cfg = DecodeConfig(mode="verify", max_new_tokens=60, tree_size=nodes)
             a, b = ref.generate(p, cfg), dec.generate(p, cfg)
             assert a.tokens == b.tokens == ar and same_stats(a, b)
             steps[nodes] += a.stats.steps
-    assert steps[40] < steps[0]
+    assert steps[40] < steps[None]
 
 
 def test_trees_are_data():
     from collocate.draft import DraftTree
 
     t = DraftTree.best([[0.5, 0.2, 0.1], [0.3, 0.1], [0.2]], 6)
-    assert t.parents == (0, 0, 0, 1, 1, 2) and t.ranks == (0, 1, 2, 0, 1, 0)  # (0) (1) (2) (0,0) (0,1) (1,0)
-    assert t.depths == (0, 1, 1, 1, 2, 2, 2)
+    # the argmax chain first, then by depth: (0) (0,0) (1) (2) (0,1) (1,0)
+    assert t.parents == (0, 1, 0, 0, 1, 3) and t.ranks == (0, 0, 1, 2, 1, 0)
+    assert t.depths == (0, 1, 2, 1, 1, 2, 2) and t.chain_rows == 2
     assert DraftTree.chain(3).with_siblings(2) == DraftTree((0, 1, 2, 0, 0), (0, 0, 0, 1, 2))
     assert DraftTree.best([[0.9], [0.9], [0.9]], 3) == DraftTree.chain(3)
     with pytest.raises(ValueError, match="every prefix"):
         DraftTree.from_paths([(0,), (1, 0)])
-    with pytest.raises(DecodeError, match="--tree applies"):
-        DecodeConfig(mode="clp", tree=8)
-    with pytest.raises(DecodeError, match="0..64"):
-        DecodeConfig(mode="verify", tree=65)
+    with pytest.raises(DecodeError, match="--tree-size applies"):
+        DecodeConfig(mode="clp", tree_size=8)
+    with pytest.raises(DecodeError, match="1..64"):
+        DecodeConfig(mode="verify", tree_size=65)
     from collocate.bundle import BundleError
 
     model = tiny_llama()  # a bundle with no training report has no rank statistics to choose a tree from
     with pytest.raises(BundleError, match="train_report.json"):
-        eager(model, bundle_for(model)).generate([5, 6], DecodeConfig(mode="verify", tree=8))
+        eager(model, bundle_for(model)).generate([5, 6], DecodeConfig(mode="verify", tree_size=8))

@@ -153,6 +153,30 @@ def test_kl_term_trains(tmp_path):
     assert "gates" not in report and MTPBundle.from_pretrained(tmp_path / "run").gates is None
 
 
+def test_token_conditioned_heads_train_and_decode_losslessly(tmp_path):
+    """--drafter tc-shared --draft-vocab: the loss falls; the bundle keeps its drafter, vocabulary and a
+    best-first tree; verify with its tree gives ar's tokens."""
+    from collocate.decode import DecodeConfig
+    from collocate.engine import load_decoder
+
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 30)
+    cfg = tiny_cfg(tmp_path, model, prompts, samples=12, k=4, drafter="tc-shared", draft_vocab=60, gates=False)
+    report = run_training(cfg)
+    hist = report["stages"]["heads"]["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"] and 0.5 < report["draft_vocab_coverage"] <= 1
+    bundle = MTPBundle.from_pretrained(cfg.out)
+    assert bundle.config.drafter == "tc-shared" and len(bundle.draft_ids) == 60 and 1 <= len(bundle.config.tree) <= 64
+    assert bundle.config.tree[0] == [0]
+    dec = load_decoder(model, heads=cfg.out, engine="eager")
+    ar = dec.generate([5, 9, 13], DecodeConfig(max_new_tokens=30)).tokens
+    assert dec.generate([5, 9, 13], DecodeConfig(mode="verify", max_new_tokens=30, tree_size=12)).tokens == ar
+    with pytest.raises(ValueError, match="independent heads"):
+        tiny_cfg(tmp_path, model, prompts, drafter="tc-depth", compete=True)
+    with pytest.raises(ValueError, match="token-conditioned drafters"):
+        tiny_cfg(tmp_path, model, prompts, draft_vocab=100)
+
+
 def test_static_cache_generation_gives_the_same_answers():
     """--gen-static pads every batch to one width for a one-time compile; the answers must not change."""
     from collocate.train.answers import generate_batch

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, stepcost, exactness, bundles NAME RUN... . `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, stepcost, exactness, bundles NAME RUN...,
+# answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -100,10 +101,31 @@ case ${1:?step} in
     (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old-$q")
     cli bench "${common[@]}" --out "$R/ab-new-$q"
     (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old2-$q") ;;
+  train)  # train MODEL NAME BASE FLAGS...: a bundle at runs/NAME from the answers and features of run BASE
+    # (hard links; "-": its own), e.g. other drafters or fewer answers (--train-samples) on the very same data
+    q=${2:?model} name=${3:?run name} base=${4:?base run or -}
+    if [ "$base" != - ]; then
+      mkdir -p "$W/runs/$name/work" && cp -rl "$W/runs/$base/work/data" "$W/runs/$base/work/features" "$W/runs/$name/work/"
+    fi
+    cli train --model "$W/models/$q" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" --shard-size "$GEN_BATCH" \
+      --mix "$MIX" --out "$W/runs/$name" ${GEN_STATIC:+--gen-static} "${@:5}" > "$W/train-$name.log" 2>&1
+    mkdir -p "$R/train" && cp "$W/runs/$name/train_report.json" "$R/train/$name.json" ;;
+  benchrun)  # benchrun MODEL NAME RUN MODES [FLAGS...]: one bench of a bundle's modes -> results/NAME
+    cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
+      --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW" --n "$BENCH_N" --modes "${5:?modes}" \
+      --out "$R/${3:?name}" "${@:6}" ;;
+  v1copy)  # v1copy RUN NAME: RUN's bundle (independent heads) in format 1, which collocate before format 2 reads
+    mkdir -p "$W/runs/${3:?name}" && cp "$W/runs/${2:?run}"/{model.safetensors,train_report.json} "$W/runs/$3/"
+    python3 -c "import json, sys; c = json.load(open(sys.argv[1])); [c.pop(k) for k in ('drafter', 'draft_vocab', 'tree')]; \
+c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/runs/$2/config.json" "$W/runs/$3/config.json" ;;
+  answers)  # answers NAME RUN: a run's answers (token shards, manifest) home as NAME.data.tar.partN, 15 MiB pieces
+    tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"
+    ls -la "$OUT" ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
   stepcost)
-    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --unaligned --modes --out "$R/step_cost_${SHAPE:-7b}.json" ;;
+    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --widths "${WIDTHS:-1,2,3,4,5}" ${UNALIGNED:---unaligned} --modes \
+      --out "$R/step_cost_${SHAPE:-7b}.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
   bundles)  # bundles NAME RUN...: the RUNs' bundles (WITH_DATA=1: and their answers) home as NAME.runs.tar.partN,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from ..heads import TokenHeads
 from ..zoo import DEFAULT_MODEL
 
 
@@ -25,6 +26,11 @@ class TrainConfig:
     out: str = setting(help="run folder: the bundle, its report, and work/ (answers, features, checkpoints)")
     model: str = setting(DEFAULT_MODEL, "short name, hub id, local folder or .gguf file", data=True)
     k: int = setting(4, "heads predict t+2..t+k")
+    drafter: str = setting("heads", "head type: independent heads, or token-conditioned ones (+j sees the token "
+                           "at +j-1; tc-depth: a block per offset, tc-shared: one block for all)",
+                           choices=("heads",) + TokenHeads.DESIGNS)
+    draft_vocab: int = setting(0, "token-conditioned heads: draft over the N tokens the answers use most "
+                                  "(a smaller LM-head read per depth; 0: the whole vocabulary)")
     samples: int = setting(2000, "self-distilled answers", data=True)
     mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated: gsm,code", data=True)
     max_new_tokens: int = setting(192, "answer length of the distilled data", data=True)
@@ -34,6 +40,8 @@ class TrainConfig:
                                       "max-prompt-tokens, so CUDA compiles it once; same answers")
     shard_size: int = setting(128, "answers per shard (the unit of resuming)", data=True)
     heldout_shards: int = setting(1, "last shards kept out of training, for the held-out reports")
+    train_samples: int | None = setting(None, "train on the first N answers only, held out as before (for a "
+                                              "curve of accuracy against data on one held-out set)", type=int)
     epochs: int = setting(2, "head-training epochs")
     lr: float = setting(1e-3, "head learning rate (AdamW, warm-up then cosine)")
     batch: int = setting(512, "positions per head-training batch")
@@ -63,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"--only takes 'data' or 'features', got {self.only!r}")
         if self.epochs < 1 or self.batch < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch and --grad-accum must be >= 1")
+        if self.drafter != "heads" and self.compete:
+            raise ValueError("--compete adds a +1 head to independent heads (--drafter heads) only")
+        if self.draft_vocab < 0 or (self.draft_vocab and self.drafter == "heads"):
+            raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) only")
 
     @property
     def n_shards(self) -> int:

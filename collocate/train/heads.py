@@ -24,11 +24,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def head_loss(heads, offsets: list[int], lm_head, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
-              teacher_h: torch.Tensor | None = None) -> torch.Tensor:
+              teacher_h: torch.Tensor | None = None, embed=None) -> torch.Tensor:
     """CE of every head against its offset's token; + KL to the backbone's own distribution there.
 
-    `heads` maps (B, d) -> (B, n_heads, d): the MTPHeads module or its data-parallel wrapper."""
-    logits = lm_head(heads(h).to(lm_head.weight.dtype)).float()  # (B, n_heads, V): one matmul
+    `heads` maps (B, d) -> (B, n_heads, d): the heads module or its data-parallel wrapper. Token-conditioned
+    heads see the backbone's own tokens t+1.. (teacher forcing: a draft path is only kept where it is right)."""
+    states = heads(h, tokens=targets[:, :-1], embed=embed)
+    logits = lm_head(states.to(lm_head.weight.dtype)).float()  # (B, n_heads, V): one matmul
     tgt = targets[:, [o - 1 for o in offsets]]  # (B, n_heads)
     loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
     if cfg.kl_weight and teacher_h is not None:
@@ -80,7 +82,7 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
                 th = teacher_rows(feats, rows, bundle.heads.offsets).to(device) if cfg.kl_weight else None
                 with accel.autocast():
                     loss = head_loss(heads, bundle.heads.offsets, lm_head, h, feats.targets[rows].to(device),
-                                     cfg, th) / cfg.grad_accum
+                                     cfg, th, model.get_input_embeddings()) / cfg.grad_accum
                 accel.backward(loss)
                 micro += 1
                 if micro % cfg.grad_accum == 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
+from ..draft import MAX_TREE, best_paths
 from .answers import generate_answers, write_manifest
 from .common import is_main, say, write_atomic
 from .config import TrainConfig
@@ -47,6 +49,9 @@ def run_training(cfg: TrainConfig) -> dict:
 
     held = list(range(cfg.n_shards - cfg.heldout_shards, cfg.n_shards))
     train_ids = [i for i in range(cfg.n_shards) if i not in held]
+    if cfg.train_samples:
+        train_ids = train_ids[: max(1, math.ceil(cfg.train_samples / cfg.shard_size))]
+    report["train_shards"] = len(train_ids)
     t0 = time.perf_counter()
     for i in tqdm(range(cfg.n_shards), desc="features", unit="shard", disable=not is_main()):
         if i % accel.num_processes == accel.process_index:
@@ -57,7 +62,10 @@ def run_training(cfg: TrainConfig) -> dict:
         return report
 
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
-                                    compete=cfg.compete, clp_features=cfg.clp_features).to(device)
+                                    compete=cfg.compete, clp_features=cfg.clp_features, drafter=cfg.drafter,
+                                    draft_vocab=cfg.draft_vocab).to(device)
+    if cfg.draft_vocab:
+        bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))
     t0 = time.perf_counter()
     report["stages"]["heads"] = {**train_heads(model, bundle, cfg, run, train_ids, accel)}
     report["stages"]["heads"]["seconds"] = add_stage_time(run, "heads", time.perf_counter() - t0)
@@ -65,6 +73,10 @@ def run_training(cfg: TrainConfig) -> dict:
         bundle.heads.eval()
         t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held))
+        rank_probs = [v["rank_probs"] for v in report["heldout_head_accuracy"].values() if "rank_probs" in v]
+        bundle.config.tree = [list(p) for p in best_paths(rank_probs[-(cfg.k - 1):], MAX_TREE)]
+        if cfg.draft_vocab:
+            report["draft_vocab_coverage"] = vocab_coverage(model, run, held, bundle.draft_ids, cfg)
         report["stages"]["policies"] = {"seconds": add_stage_time(run, "policies", time.perf_counter() - t0)}
         report["params"] = bundle.param_counts()
         bundle.to("cpu").save_pretrained(cfg.out)
@@ -73,6 +85,26 @@ def run_training(cfg: TrainConfig) -> dict:
             f"{o} {v['top1']:.1%}" for o, v in report["heldout_head_accuracy"].items()))
     accel.wait_for_everyone()
     return report
+
+
+def token_counts(model, run: Path, ids: list[int], cfg: TrainConfig) -> torch.Tensor:
+    """How often each token is an answer token (a t+1 target) in these shards."""
+    counts = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.long)
+    for i in ids:
+        t = shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden).targets[:, 0]
+        counts += torch.bincount(t[t >= 0], minlength=len(counts))
+    return counts
+
+
+def most_used(model, run: Path, ids: list[int], cfg: TrainConfig) -> torch.Tensor:
+    """The draft vocabulary: the cfg.draft_vocab tokens the training answers use most, most used first."""
+    return token_counts(model, run, ids, cfg).topk(cfg.draft_vocab).indices
+
+
+def vocab_coverage(model, run: Path, held: list[int], draft_ids: torch.Tensor, cfg: TrainConfig) -> float:
+    """Share of held-out answer tokens inside the draft vocabulary (a token outside it is never drafted)."""
+    counts = token_counts(model, run, held, cfg)
+    return counts[draft_ids.cpu()].sum().item() / max(counts.sum().item(), 1)
 
 
 def add_stage_time(run: Path, stage: str, seconds: float) -> float:

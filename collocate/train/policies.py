@@ -38,8 +38,12 @@ class PolicyData:
 def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list[int], *, batch: int = 1024,
                 limit: int | None = None, seed: int = 0) -> PolicyData:
     """Head outputs at every position of the shards (or an even random sample of `limit` of them)."""
-    lm_head = model.get_output_embeddings()
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     device = lm_head.weight.device
+    outside = None  # tokens a draft vocabulary leaves out: never guessed, as in decoding
+    if bundle.draft_ids is not None:
+        outside = torch.ones(lm_head.weight.shape[0], dtype=torch.bool, device=device)
+        outside[bundle.draft_ids.to(device)] = False
     parts, g = [], torch.Generator().manual_seed(seed)
     per_shard = math.ceil(limit / len(ids)) if limit else None
     for i in tqdm(ids, desc="policies: head outputs", unit="shard", disable=not is_main()):
@@ -49,7 +53,10 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
             torch.arange(len(feats.hidden))
         for rows in keep.split(batch):
             h = feats.hidden[rows].to(device, torch.float32)
-            logits = bundle.heads.logits(h, lm_head).float()
+            chosen = feats.targets[rows, : bundle.k - 1].to(device)  # y_1..y_{k-1}: what token-conditioned heads see
+            logits = bundle.heads.logits(h, lm_head, tokens=chosen, embed=embed).float()
+            if outside is not None:
+                logits = logits.masked_fill(outside, float("-inf"))
             tgt = tgt_all[rows].to(device)
             hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n_heads, RANKS)
             rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)

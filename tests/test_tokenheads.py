@@ -1,0 +1,147 @@
+"""Token-conditioned heads (heads.TokenHeads) as a drafter, draft trees from the bundle, and --exact."""
+import dataclasses
+
+import pytest
+import torch
+
+from collocate.bundle import BundleError, MTPBundle
+from collocate.decode import EXACT_WIDTH, DecodeConfig, DecodeError
+from collocate.draft import DraftTree, TokenDrafter
+from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
+from test_decode import eager, prompts
+from test_fast import fast, same_stats
+
+
+def tc_bundle(model, design="tc-depth", *, vocab=0, seed=1, k=4):
+    b = MTPBundle.for_backbone(model, k=k, base_model="tiny", has_gates=True, drafter=design, draft_vocab=vocab)
+    randomize(b, seed=seed, scale=4.0)
+    if vocab:  # a draft vocabulary that leaves some tokens out
+        b.draft_ids.copy_(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))[:vocab])
+    return with_rank_probs(b)
+
+
+def walk(bundle, model, h, root, path):
+    """Slow reference: the token at a rank path, one state update per step along it."""
+    lm, embed, heads = model.get_output_embeddings(), model.get_input_embeddings(), bundle.heads
+    s, tok = h, root
+    for depth, rank in enumerate(path):
+        s = heads.update(s[None], embed(tok.view(1)), depth)[0].to(h.dtype)
+        logits = lm(s)
+        if bundle.draft_ids is not None:
+            outside = torch.ones_like(logits, dtype=torch.bool)
+            outside[bundle.draft_ids] = False
+            logits = logits.masked_fill(outside, float("-inf"))
+        tok = logits.topk(rank + 1).indices[rank]
+    return int(tok)
+
+
+@pytest.mark.parametrize("design,vocab", [("tc-depth", 0), ("tc-shared", 0), ("tc-shared", 50)])
+def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
+    """The depth-by-depth batched drafter gives every node the token a walk down its own path gives."""
+    model = tiny_llama()
+    bundle = tc_bundle(model, design, vocab=vocab)
+    drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
+    tree = bundle.tree(30)  # no stored tree: the best 30 nodes from the rank statistics
+    h, root = torch.randn(32), torch.tensor(7)
+    draft = drafter.propose(tree, h=h, root=root)
+    rows = rank_paths(tree)
+    for i, path in enumerate(rows):
+        assert int(draft.tokens[i]) == walk(bundle, model, h, root, path), (i, path)
+
+
+def rank_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    out = []
+    for i, p in enumerate(tree.parents):
+        out.append((out[p - 1] if p else ()) + (tree.ranks[i],))
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+@pytest.mark.parametrize("design", ["tc-depth", "tc-shared"])
+def test_token_conditioned_verify_is_lossless_on_both_backends(make, design):
+    """Chain, adaptive, candidates and tree: ar's tokens, with the same counts on both backends."""
+    model = make()
+    bundle = tc_bundle(model, design, vocab=60 if design == "tc-shared" else 0)
+    ref, dec = eager(model, bundle), fast(model, bundle)
+    configs = [dict(), dict(adaptive=True), dict(candidates=4), dict(tree_size=24)]
+    for p in prompts(4, seed=5):
+        ar = ref.generate(p, DecodeConfig(max_new_tokens=40)).tokens
+        for extra in configs:
+            cfg = DecodeConfig(mode="verify", max_new_tokens=40, **extra)
+            a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+            assert a.tokens == b.tokens == ar and same_stats(a, b), extra
+        for mode in ("clp", "gate"):  # unverified: the same tokens on both backends
+            cfg = DecodeConfig(mode=mode, max_new_tokens=40)
+            assert ref.generate(p, cfg).tokens == dec.generate(p, cfg).tokens
+
+
+def test_perfect_token_heads_get_every_draft_accepted():
+    """On a model that repeats its last token, fresh token-conditioned heads (each block the identity)
+    predict every future token; a tree of them keeps its whole chain each step."""
+    model = copy_model()
+    p = prompts(1, seed=3)[0]
+    ar = eager(model).generate(p, DecodeConfig(max_new_tokens=40)).tokens
+    for design in ("tc-depth", "tc-shared"):
+        bundle = with_rank_probs(MTPBundle.for_backbone(model, k=4, base_model="copy", drafter=design))
+        for extra in (dict(), dict(tree_size=10)):
+            r = eager(model, bundle).generate(p, DecodeConfig(mode="verify", max_new_tokens=40, **extra))
+            assert r.tokens == ar and r.stats.steps == 11 and r.stats.draft_accepted == 30
+
+
+def test_tree_is_stored_best_first_and_cut_by_tree_size(tmp_path, llama):
+    bundle = with_rank_probs(MTPBundle.for_backbone(llama, k=4, base_model="tiny"))
+    bundle.config.tree = [[0], [0, 0], [1], [0, 0, 0], [0, 1]]
+    bundle.save_pretrained(tmp_path)
+    loaded = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+    assert loaded.tree(3) == DraftTree.from_paths([(0,), (0, 0), (1,)]) == DraftTree((0, 1, 0), (0, 0, 1))
+    assert loaded.tree(3).chain_rows == 2  # the argmax chain comes first
+    with pytest.raises(BundleError, match=r"1\.\.64"):
+        loaded.tree(65)
+    for bad in (0, -3, 65):
+        with pytest.raises(DecodeError, match=r"tree size .* 1\.\.64"):
+            DecodeConfig(mode="verify", tree_size=bad)
+
+
+def test_bundle_format_2_round_trip_and_unknown_drafter(tmp_path, llama):
+    import json
+
+    b = tc_bundle(llama, "tc-shared", vocab=40)
+    b.save_pretrained(tmp_path)
+    c = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+    assert c.config == b.config and c.token_conditioned and torch.equal(c.draft_ids, b.draft_ids)
+    for (n1, t1), (n2, t2) in zip(b.state_dict().items(), c.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "drafter": "eagle9"}))
+    with pytest.raises(BundleError, match="unknown drafter type 'eagle9'.*newer collocate"):
+        MTPBundle.from_pretrained(tmp_path)
+    with pytest.raises(BundleError, match="independent heads only"):
+        MTPBundle.for_backbone(llama, k=3, base_model="tiny", drafter="tc-depth", compete=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_verify_is_bitwise_ar(dtype):
+    """--exact: every step, ar's included, feeds EXACT_WIDTH rows, so verify (chain, candidates, tree,
+    adaptive; either drafter) gives ar's tokens in bf16 as in float32."""
+    model = tiny_qwen().to(dtype)
+    for bundle in (with_rank_probs(randomize(MTPBundle.for_backbone(model, k=4, base_model="t"), seed=2, scale=4.0)),
+                   tc_bundle(model, "tc-depth")):
+        dec = fast(model, bundle)
+        for p in prompts(4, seed=9):
+            ar = dec.generate(p, DecodeConfig(max_new_tokens=40, exact=True))
+            for extra in (dict(), dict(candidates=4), dict(tree_size=EXACT_WIDTH - 1), dict(adaptive=True)):
+                v = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40, exact=True, **extra))
+                assert v.tokens == ar.tokens, extra
+    assert dataclasses.replace(ar.stats, seconds=0).steps == ar.stats.new_tokens  # ar: one token a step
+
+
+def test_exact_refuses_what_it_cannot_keep(llama):
+    bundle = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
+    with pytest.raises(DecodeError, match="--exact needs the fast engine"):
+        eager(llama, bundle).generate([5, 6], DecodeConfig(exact=True))
+    with pytest.raises(DecodeError, match="lossless modes"):
+        DecodeConfig(mode="clp", exact=True)
+    with pytest.raises(DecodeError, match=f"at most {EXACT_WIDTH - 1} nodes"):
+        DecodeConfig(mode="verify", exact=True, tree_size=EXACT_WIDTH)
+    with pytest.raises(DecodeError, match="no room"):  # a prompt at the context's edge
+        fast(llama, bundle, max_len=64).generate([5] * 60, DecodeConfig(exact=True))
