@@ -195,7 +195,7 @@ def training_prompts(n: int, *, mix: tuple[str, ...] = (), seed: int = 0) -> lis
     chat = first_user_turns(sharegpt())
     random.Random(seed).shuffle(chat)
     out = chat[:share]
-    per_extra = (n - share) // max(len(mix), 1)
+    per_extra = (n - len(out)) // max(len(mix), 1)  # ShareGPT has ~8.9K first turns: the mix fills the rest
     if "gsm" in mix:
         out += gsm_generated(per_extra, seed=seed)
     if "code" in mix:

@@ -240,7 +240,9 @@ class TokenDrafter(HeadDrafter):
             s = self.heads.update(before, self.embed(tokens.index_select(0, lv.rows)), d).to(h.dtype)
             states = states.index_copy(0, lv.rows, s)
             logits = F.linear(s, self.weight, self.bias)  # (r, V')
-            guesses = logits.topk(lv.top, dim=-1).indices[lv.child_of, lv.ranks]  # (children,)
+            # a level of argmaxes (a chain) needs no top-k over the vocabulary
+            best = logits.argmax(-1, keepdim=True) if lv.top == 1 else logits.topk(lv.top, dim=-1).indices
+            guesses = best[lv.child_of, lv.ranks]  # (children,)
             if self.vocab is not None:
                 guesses = self.vocab.index_select(0, guesses)
             tokens = tokens.index_copy(0, lv.children + 1, guesses)

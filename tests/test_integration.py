@@ -80,7 +80,7 @@ def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_p
     model, tok = smol
     decoders = [build_decoder(model, tok, bundle, engine="eager"), build_decoder(model, tok, bundle, engine="fast", max_len=512)]
     modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw)
-             for kw in ({}, {"candidates": 5}, {"adaptive": True}, {"tree": 16})]
+             for kw in ({}, {"candidates": 5}, {"adaptive": True}, {"tree_size": 16})]
     accepted = 0
     for p in eval_prompts[::10]:
         ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens
@@ -131,8 +131,8 @@ def test_cli_generate_streams_and_reports(capsys):
     assert out.strip() and "[verify]" in err and "tau" in err
     assert main(["generate", "--prompt", "   ", "--mode", "ar"]) == 2
     assert "empty prompt" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "Hi", "--mode", "clp", "--tree", "4"]) == 2  # an impossible flag
-    assert "--tree applies to mode 'verify'" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--mode", "clp", "--tree-size", "4"]) == 2  # an impossible flag
+    assert "--tree-size applies to mode 'verify'" in capsys.readouterr().err
 
 
 def test_bench_writes_json_markdown_and_plot(tmp_path, smol):

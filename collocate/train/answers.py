@@ -31,13 +31,19 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
         return saved["ids"]
     from ..data import encode, suite_prompts, training_prompts
 
+    def usable(texts):
+        return [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
+
     if cfg.prompts_file:
-        texts = [p.text for p in suite_prompts(cfg.prompts_file)]
-    else:
-        texts = training_prompts(cfg.samples * 2, mix=cfg.mix, seed=cfg.seed)  # spare for length filtering
-    ids = [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
+        ids = usable(p.text for p in suite_prompts(cfg.prompts_file))
+    else:  # spare prompts for the length filter; a bigger pool where too few fit (most code windows are long)
+        for factor in (2, 4, 8):
+            ids = usable(training_prompts(cfg.samples * factor, mix=cfg.mix, seed=cfg.seed))
+            if len(ids) >= cfg.samples or not cfg.mix:  # (without a mix, ShareGPT's ~8.9K turns are all there is)
+                break
     if len(ids) < cfg.samples:
-        raise ValueError(f"only {len(ids)} usable prompts for --samples {cfg.samples}")
+        hint = "" if cfg.mix else "; add prompt kinds with --mix code"
+        raise ValueError(f"only {len(ids)} usable prompts for --samples {cfg.samples}{hint}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_main():
         write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))

@@ -17,7 +17,7 @@ from .common import is_main
 from .config import TrainConfig
 from .features import shard_features
 
-RANKS = 10  # guesses per head whose hit rates the report keeps (what `--tree` chooses from)
+RANKS = 10  # guesses per head whose hit rates the report keeps (what the draft tree is chosen from)
 
 
 @dataclass
