@@ -1,5 +1,6 @@
 """The fast backend on CUDA (compiled layers, CUDA graphs) against the eager one, on tiny random models
-in float32: every mode, same tokens and stats; and the same with a second threshold on the same graphs.
+in float32: every mode, trees and token-conditioned heads, same tokens and stats; the same with a second
+threshold on the same graphs; and --exact (fast backend only) verify against --exact ar, in bf16.
 
     python bench/cuda_check.py      # prints one line per mode and model; exits 1 on a difference
 
@@ -12,40 +13,65 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import randomize, tiny_llama, tiny_qwen  # noqa: E402
+from conftest import randomize, tiny_llama, tiny_qwen, with_rank_probs  # noqa: E402
 
 from collocate.bundle import MTPBundle  # noqa: E402
 from collocate.decode import DecodeConfig  # noqa: E402
 from collocate.engine import build_decoder  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (a CPU dry run checks the script, not graphs)
 CONFIGS = [dict(mode="ar"), dict(mode="verify"), dict(mode="verify", candidates=5), dict(mode="verify", adaptive=True),
            dict(mode="verify", adaptive=True, threshold=0.3), dict(mode="clp"), dict(mode="clp", threshold=0.5),
            dict(mode="clp", threshold=0.9), dict(mode="gate", threshold=0.0), dict(mode="gate"),
-           dict(mode="compete", threshold=0.0), dict(mode="compete", threshold=0.5)]
+           dict(mode="compete", threshold=0.0), dict(mode="compete", threshold=0.5), dict(mode="verify", tree_size=16)]
+TOKEN_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", adaptive=True),
+                 dict(mode="clp", threshold=0.5)]
+EXACT_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=15), dict(mode="verify", candidates=5)]
+
+
+def compare(name, eager, fast, prompts, configs) -> int:
+    bad = 0
+    for kw in configs:
+        cfg = DecodeConfig(max_new_tokens=48, **kw)
+        same = 0
+        for p in prompts:
+            a, b = eager.generate(p, cfg), fast.generate(p, cfg)
+            same += a.tokens == b.tokens and dataclasses.replace(a.stats, seconds=0) == dataclasses.replace(b.stats, seconds=0)
+        bad += same != len(prompts)
+        print(f"{name:<22} {str(kw):<55} same tokens and stats {same}/{len(prompts)}")
+    return bad
+
+
+def exact(name, model, bundle, prompts) -> int:
+    """bf16, fast backend: verify --exact gives ar --exact's tokens."""
+    fast = build_decoder(model.to(torch.bfloat16), bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256)
+    bad = 0
+    for kw in EXACT_CONFIGS:
+        same = sum(fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True, **kw)).tokens ==
+                   fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True)).tokens for p in prompts)
+        bad += same != len(prompts)
+        print(f"{name:<22} bf16 --exact {str(kw):<42} same tokens as ar --exact {same}/{len(prompts)}")
+    return bad
 
 
 def main() -> int:
     bad = 0
     for make in (tiny_llama, tiny_qwen):
-        model = make().cuda()
-        bundle = randomize(MTPBundle.for_backbone(model, k=4, base_model="tiny", has_gates=True, compete=True),
-                           seed=3, scale=4.0)
-        bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
-        eager = build_decoder(model, bundle=bundle, engine="eager", eos_token_ids=[2])
-        fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256)
+        model = make().to(DEVICE)
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (4,), generator=g)]
-        for kw in CONFIGS:
-            cfg = DecodeConfig(max_new_tokens=48, **kw)
-            same = 0
-            for p in prompts:
-                a, b = eager.generate(p, cfg), fast.generate(p, cfg)
-                same += a.tokens == b.tokens and dataclasses.replace(a.stats, seconds=0) == dataclasses.replace(b.stats, seconds=0)
-            bad += same != len(prompts)
-            print(f"{make.__name__:<11} {str(kw):<55} same tokens and stats {same}/{len(prompts)}")
-        print(f"{make.__name__}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")
+        for drafter, configs in (("heads", CONFIGS), ("tc-shared", TOKEN_CONFIGS)):
+            bundle = randomize(MTPBundle.for_backbone(model, k=4, base_model="tiny", has_gates=True, drafter=drafter,
+                                                      compete=drafter == "heads"), seed=3, scale=4.0)
+            bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
+            with_rank_probs(bundle)
+            eager = build_decoder(model, bundle=bundle, engine="eager", eos_token_ids=[2])
+            fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256)
+            name = f"{make.__name__} {drafter}"
+            bad += compare(name, eager, fast, prompts, configs)
+            print(f"{name}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")
+        bad += exact(make.__name__, model, bundle, prompts)
     return 1 if bad else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
