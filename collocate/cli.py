@@ -58,7 +58,8 @@ def decode_config(args, mode: str):
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
                         adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
-                        tree_size=args.tree_size, exact=args.exact)
+                        tree_size=args.tree_size, exact=args.exact, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_generate(args) -> int:
@@ -166,6 +167,12 @@ def add_decoding_args(p, *, mode: bool = True):
                             "heads' held-out rank statistics; checked in one pass, lossless")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         add_exact_arg(p)
+        p.add_argument("--temperature", type=float, default=0.0,
+                       help="0: greedy; > 0: sample (ar, verify: the same distribution; unverified modes "
+                            "sample t+1 and keep the heads' argmax)")
+        p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (0: all)")
+        p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
+        p.add_argument("--seed", type=int, help="sampling: the same seed gives the same answer")
 
 
 def add_exact_arg(p):
@@ -193,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
     p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree_size=None, stop=None,
-                   exact=False)
+                   exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)

@@ -19,6 +19,7 @@ what it wrote.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
@@ -27,7 +28,8 @@ import torch
 
 from .clp import GATE_THRESHOLD
 from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter
-from .rules import Kept, compete, leading_true, longest_accepted, pick, span_at_threshold
+from .rules import (Kept, Sampling, compete, filtered_probs, leading_true, longest_accepted, pick, residual_draw,
+                    sampled_accepted, span_at_threshold, uniforms)
 
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
@@ -50,6 +52,10 @@ class DecodeConfig:
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
     tree_size: int | None = None  # verify: draft the bundle's best tree of this many nodes
     exact: bool = False  # every step at one width (EXACT_WIDTH rows): verify bitwise equal to ar in any dtype
+    temperature: float = 0.0  # 0: greedy; > 0: sample (verify: speculative sampling, ar's distribution)
+    top_k: int = 0  # sampling: keep the k likeliest tokens (0: all)
+    top_p: float = 1.0  # sampling: keep the smallest set of tokens whose mass reaches top_p
+    seed: int | None = None  # sampling: the same seed gives the same answer (None: a fresh one)
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -71,6 +77,14 @@ class DecodeConfig:
             raise DecodeError("--tree-size applies to mode 'verify' without --adaptive or --candidates only")
         if self.exact and self.mode not in ("ar", "verify"):
             raise DecodeError("--exact applies to the lossless modes, ar and verify")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise DecodeError(f"temperature must lie in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DecodeError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise DecodeError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise DecodeError(f"seed must lie in [0, 2^63), got {self.seed}")
         if self.exact and (self.tree_size or 0) + 1 > EXACT_WIDTH:
             raise DecodeError(f"--exact feeds {EXACT_WIDTH} rows a step: a tree of at most {EXACT_WIDTH - 1} nodes")
         self.stop = tuple(self.stop)
@@ -123,6 +137,9 @@ class Plan:
     adaptive: bool = False
     clp_argmax: bool = False  # CLP without a threshold takes its argmax
     exact: bool = False  # every step feeds EXACT_WIDTH rows; those past the draft are padding, never kept
+    sample: bool = False  # temperature > 0 (the values live in Decoder.sampling)
+    top_k: bool = False  # sampling filters in use
+    top_p: bool = False
 
     @property
     def verify(self) -> bool:
@@ -215,6 +232,9 @@ class Decoder:
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
         self.n_fed = torch.zeros((), dtype=torch.long, device=self.device)  # draft rows of the feed (--exact)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
+        long = dict(dtype=torch.long, device=self.device)
+        self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
+                                 torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
 
     # -- one step: tensor work only (the fast backend captures it) ----------------------------------
     def step(self, ids: torch.Tensor, plan: Plan, tree: DraftTree | None) -> StepOut:
@@ -230,13 +250,20 @@ class Decoder:
         if plan.exact and not prefill:  # padding never matches, nor a node off the leading chain (see check)
             rows = torch.arange(ids.shape[0], device=self.device)
             ids = torch.where(rows <= self.n_fed.clamp(max=tree.chain_rows), ids, -1)
-        kept, wrong = self.check(own, ids, t, plan)
+        probs, u = None, None
+        if plan.sample:  # the backbone's distribution after every row, and a uniform per node and the root
+            probs = filtered_probs(own_logits, self.sampling, use_top_k=plan.top_k, use_top_p=plan.top_p)
+            u = uniforms(self.sampling, ids.shape[0])
+            self.sampling.counter.add_(1)
+        kept, wrong = self.check(own, ids, t, plan, probs, u)
         if not prefill:  # (a prompt keeps all it wrote)
             self.backend.keep(self.pos0, kept, tree)
             advance = 1 + kept.count
         if heads is not None:  # (n_heads, V) from the root's row
             heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
-        nxt = self.next_draft(plan, h, kept.row.view(1), own, heads)
+        row = kept.row.view(1)
+        root = own.index_select(0, row)[0] if probs is None else residual_draw(probs, ids, t, row, u[-1])
+        nxt = self.next_draft(plan, h, row, root, heads)
         fed_next = torch.cat([nxt.root.view(1), nxt.draft])  # the next step's feed
         if plan.verify:  # emit the kept path, then the backbone's token after it
             path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
@@ -259,12 +286,16 @@ class Decoder:
             return nxt.draft[:n]
         return torch.cat([nxt.draft[: plan.tree.chain_rows], nxt.draft.new_full((n - plan.tree.chain_rows,), -1)])
 
-    def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan) -> tuple[Kept, torch.Tensor]:
+    def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan, probs=None, u=None) -> tuple[Kept, torch.Tensor]:
         """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with.
-        --exact keeps a tree's leading chain only: a node off it attends to ancestors at other slots than
-        ar would, so its result may differ in the last bit."""
+        Sampling keeps drafts by speculative sampling (rules.sampled_accepted). --exact keeps a tree's
+        leading chain only: a node off it attends to ancestors at other slots than ar would, so its result
+        may differ in the last bit."""
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        if (plan.verify or plan.exact) and probs is not None:
+            return sampled_accepted(probs, ids, tree, u[:-1]), zero
         if plan.verify or plan.exact:
-            return longest_accepted(own, ids, tree), torch.zeros((), dtype=torch.long, device=self.device)
+            return longest_accepted(own, ids, tree), zero
         # the fed head tokens were emitted already: keep them all, count the wrong ones
         last = torch.full((), ids.shape[0] - 1, device=self.device)
         kept = Kept(last, last, torch.arange(1, ids.shape[0], device=self.device))
@@ -284,15 +315,15 @@ class Decoder:
         logits = self.lm_head(torch.cat([h, states.flatten(0, 1)]))
         return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
-    def next_draft(self, plan: Plan, h: torch.Tensor, root: torch.Tensor, own: torch.Tensor,
+    def next_draft(self, plan: Plan, h: torch.Tensor, row: torch.Tensor, own: torch.Tensor,
                    heads: torch.Tensor | None) -> "Next":
-        """The mode's rule at the new root (row `root`, shape (1,): index_select, since indexing by a 0-d
-        tensor reads it on the host), from its hidden row, the backbone's token and the heads' logits."""
+        """The mode's rule at the new root (feed row `row`, shape (1,): index_select, since indexing by a
+        0-d tensor reads it on the host), from its hidden row, the backbone's token `own` there and the
+        heads' logits."""
         zero = torch.zeros((), dtype=torch.long, device=self.device)
-        own = own.index_select(0, root)[0]
         if plan.mode == "ar":
             return Next(own, zero[None][:0], zero, zero)
-        h_root = h.index_select(0, root)[0]
+        h_root = h.index_select(0, row)[0]
         threshold = None if plan.clp_argmax else self.threshold
         if plan.mode == "compete":  # the +1 head's token and then the others': independent heads only
             tokens = pick(heads)
@@ -319,16 +350,19 @@ class Decoder:
         def step() -> Packed:
             return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed))
 
-        return self.backend.run((plan, fed.n + 1), step, state=(self.feed, self.pos0, self.n_fed))
+        return self.backend.run((plan, fed.n + 1), step, state=(self.feed, self.pos0, self.n_fed,
+                                                                self.sampling.counter))
 
     # -- the loop ---------------------------------------------------------------------------------
     def plan(self, cfg: DecodeConfig) -> Plan:
+        sample = dict(sample=cfg.temperature > 0, top_k=cfg.temperature > 0 and cfg.top_k > 0,
+                      top_p=cfg.temperature > 0 and cfg.top_p < 1)
         if cfg.mode == "ar":
-            return Plan("ar", DraftTree(()), exact=cfg.exact)
+            return Plan("ar", DraftTree(()), exact=cfg.exact, **sample)
         tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
         return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None,
-                    exact=cfg.exact)
+                    exact=cfg.exact, **sample)
 
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
         if len(prompt_ids) == 0:
@@ -352,6 +386,7 @@ class Decoder:
         self.validate(prompt_ids, cfg)
         plan = self.plan(cfg)
         self.threshold.fill_(GATE_THRESHOLD if cfg.threshold is None else cfg.threshold)
+        self.set_sampling(cfg)
         if self.backend.captures:
             self.warm_up(plan)
         capacity, n_prompt = self.backend.capacity, len(prompt_ids)
@@ -364,6 +399,7 @@ class Decoder:
         start = time.perf_counter()
         self.backend.reset()
         self.pos0.zero_()
+        self.sampling.counter.zero_()
         res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None)).read()
         fed = 0  # draft tokens fed in the step just read
         while True:
@@ -394,6 +430,13 @@ class Decoder:
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
                  on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:
         return drain(self.stream(prompt_ids, cfg), on_tokens)
+
+    def set_sampling(self, cfg: DecodeConfig) -> None:
+        s = self.sampling
+        s.temperature.fill_(cfg.temperature or 1.0)
+        s.top_k.fill_(cfg.top_k)
+        s.top_p.fill_(cfg.top_p)
+        s.seed.fill_(cfg.seed if cfg.seed is not None else random.getrandbits(63))
 
     def warm_up(self, plan: Plan) -> None:
         """Capture every width this plan uses before anything is timed."""

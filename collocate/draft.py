@@ -124,7 +124,10 @@ class DraftTree:
                            depths=torch.tensor(self.depths, dtype=torch.long, device=device),
                            visible=torch.tensor(self.visible, dtype=torch.bool, device=device),
                            max_depth=self.max_depth, is_chain=self.is_chain,
-                           levels=tuple(lv.tensors(device) for lv in self.levels))
+                           levels=tuple(lv.tensors(device) for lv in self.levels),
+                           earlier=torch.tensor([[j < i and self.parents[j] == p for j in range(self.n)]
+                                                 for i, p in enumerate(self.parents)], dtype=torch.bool,
+                                                device=device).view(self.n, self.n))
 
 
 def best_paths(rank_probs: list[list[float]], n: int) -> list[tuple[int, ...]]:
@@ -177,6 +180,7 @@ class TreeTensors:
     max_depth: int
     is_chain: bool
     levels: tuple[LevelTensors, ...]
+    earlier: torch.Tensor  # (n, n) bool: node j is an earlier sibling of node i (sampling tries them in order)
 
 
 class Draft(NamedTuple):
