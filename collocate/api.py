@@ -42,6 +42,18 @@ class Generator:
 
         return encode(self.tokenizer, prompt, chat=chat)
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation ({"role", "content"} dicts) through the model's chat template, ready for the
+        assistant's turn; a tokenizer without a template gets "role: content" lines."""
+        if not messages:
+            raise DecodeError("messages is empty: give at least one message")
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+            return list(out["input_ids"])
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.tokenizer(text)["input_ids"]
+
     def generate(self, prompt: str | list[int], config: DecodeConfig | None = None, *, chat: bool = True,
                  **options) -> DecodeResult:
         return self.decoder.generate(self.encode(prompt, chat=chat), config or DecodeConfig(**options))

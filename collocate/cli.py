@@ -6,6 +6,7 @@
     collocate generate --prompt "Why is the sky blue?" --chat --mode verify
     collocate train --model smollm2-135m --k 4 --samples 2000 --out runs/smollm2-k4
     collocate bench --suite mtbench,gsm8k --modes ar,clp,verify --n 10 --out bench/results/cpu
+    collocate serve --model smollm2-135m --port 8000            # OpenAI-compatible, /v1/chat/completions
 """
 from __future__ import annotations
 
@@ -103,6 +104,20 @@ def cmd_bench(args) -> int:
                       prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine,
                       exact=args.exact)
     run_bench(cfg)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .api import Generator
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ValueError(f"collocate serve needs FastAPI and uvicorn ({e}): pip install 'collocate[serve]'") from None
+
+    gen = Generator(load_for_decoding(args, need_heads=True)[0])
+    serve(gen, name=args.name or args.model, host=args.host, port=args.port,
+          default_max_tokens=args.max_new_tokens)
     return 0
 
 
@@ -204,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)")
+    add_decoding_args(p, mode=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model name clients ask for (default: --model)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
     add_decoding_args(p, mode=False)
     p.add_argument("--suite", default="mtbench,gsm8k,humaneval")

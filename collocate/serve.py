@@ -1,0 +1,272 @@
+"""An OpenAI-compatible HTTP server over one Generator (the public API), on FastAPI and uvicorn.
+
+    collocate serve --model qwen2.5-coder-1.5b --heads runs/q15 --port 8000
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="qwen2.5-coder-1.5b", messages=[...], extra_body={"mode": "verify"})
+
+POST /v1/chat/completions and /v1/completions (with `stream`: server-sent events), GET /v1/models and
+/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `candidates`, `tree_size`,
+`adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per forward pass) and `steps`. Requests
+take turns on the one engine (an asyncio lock, first come first served); a streamed answer runs one
+step per thread hop, so a client that goes away frees the engine at the next step. Bad input gets an
+OpenAI-style JSON error with a 4xx status, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import Generator
+from .bundle import BundleError
+from .decode import DecodeConfig, DecodeError, DecodeResult
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class Options(BaseModel):
+    """The sampling and collocate fields shared by both endpoints; OpenAI fields we do not act on and
+    that cannot change the answer (user, metadata, ...) are ignored."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = 1
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # collocate's own
+    mode: str | None = None
+    threshold: float | None = None
+    candidates: int = 1
+    tree_size: int | None = None
+    adaptive: bool = False
+    exact: bool = False
+    top_k: int = 0
+
+
+class ChatRequest(Options):
+    messages: list[dict] = Field(min_length=1)
+
+
+class CompletionRequest(Options):
+    prompt: str | list[str]
+
+
+@dataclass
+class Served:
+    generator: Generator
+    name: str
+    default_mode: str
+    default_max_tokens: int = 256
+
+
+def decode_config(req: Options, served: Served) -> DecodeConfig:
+    """The request's DecodeConfig; what we cannot honour is a 400, never silently ignored."""
+    if req.n != 1:
+        raise ApiError("n must be 1: collocate returns one answer per request", param="n")
+    if req.logprobs:
+        raise ApiError("logprobs are not supported", param="logprobs")
+    if req.presence_penalty or req.frequency_penalty:
+        raise ApiError("presence and frequency penalties are not supported", param="presence_penalty")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens <= 0:
+        raise ApiError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    if req.temperature < 0:
+        raise ApiError(f"temperature must be >= 0, got {req.temperature}", param="temperature")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return DecodeConfig(mode=req.mode or served.default_mode, max_new_tokens=max_tokens or served.default_max_tokens,
+                        threshold=req.threshold, adaptive=req.adaptive, candidates=req.candidates,
+                        tree_size=req.tree_size, exact=req.exact, temperature=req.temperature,
+                        top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
+
+
+def usage(n_prompt: int, r: DecodeResult) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": r.stats.new_tokens,
+            "total_tokens": n_prompt + r.stats.new_tokens, "tau": round(r.stats.tau, 4), "steps": r.stats.steps}
+
+
+def message_text(content) -> str:
+    """OpenAI content: a string, or a list of parts of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise ApiError("each message's content must be a string or a list of text parts", param="messages")
+
+
+def chat_messages(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ApiError("each message needs a role and a content", param="messages")
+        out.append({"role": m["role"], "content": message_text(m["content"])})
+    return out
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256) -> FastAPI:
+    """The server around one Generator. Its decoder runs one request at a time."""
+    default_mode = "verify" if generator.decoder.bundle is not None else "ar"
+    served = Served(generator, name, default_mode, default_max_tokens)
+    lock = asyncio.Lock()  # the one engine: waiters are served first come, first served
+    app = FastAPI(title="collocate", version="1")
+    app.state.served = served
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):  # a bug of ours: a JSON 500, and the server goes on
+        return JSONResponse(error_body(f"{type(e).__name__}: {e}", 500), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = "malformed JSON body" if first.get("type") == "json_invalid" else \
+            f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(msg, 400, where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "collocate"}]}
+
+    async def answer(req: Options, ids: list[int], request: Request, kind: str):
+        try:  # everything that can be refused is refused before the engine is taken
+            cfg = decode_config(req, served)
+            generator.decoder.validate(ids, cfg)
+            generator.decoder.plan(cfg)
+        except (DecodeError, BundleError, ValueError) as e:
+            raise ApiError(str(e)) from None
+        if req.model and req.model != name:
+            raise ApiError(f"model '{req.model}' is not served here; this server serves '{name}'", 404, "model")
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream_events(ids, cfg, request, kind, rid, include_usage),
+                                     media_type="text/event-stream")
+        async with lock:
+            r = await anyio.to_thread.run_sync(lambda: generator.decoder.generate(ids, cfg))
+        return JSONResponse(completion_body(kind, rid, r, len(ids)))
+
+    def completion_body(kind: str, rid: str, r: DecodeResult, n_prompt: int) -> dict:
+        choice = {"index": 0, "finish_reason": FINISH[r.finish_reason]}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": r.text}
+        else:
+            choice.update(text=r.text, logprobs=None)
+        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": name, "choices": [choice], "usage": usage(n_prompt, r)}
+
+    def chunk(kind: str, rid: str, text: str | None, finish: str | None, *, first: bool = False) -> dict:
+        if kind == "chat":
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": name, "choices": [choice]}
+
+    async def stream_events(ids, cfg, request: Request, kind: str, rid: str, include_usage: bool):
+        sse = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
+        async with lock:
+            pieces = generator.stream(ids, cfg)
+            try:
+                if kind == "chat":
+                    yield sse(chunk(kind, rid, None, None, first=True))
+                while True:
+                    if await request.is_disconnected():
+                        return  # the finally below frees the engine: the client is gone
+                    done, value = await anyio.to_thread.run_sync(next_piece, pieces)
+                    if done:
+                        break
+                    yield sse(chunk(kind, rid, value, None))
+                yield sse(chunk(kind, rid, None, FINISH[value.finish_reason]))
+                if include_usage:
+                    yield sse({"id": rid, "object": chunk(kind, rid, None, None)["object"], "created": int(time.time()),
+                               "model": name, "choices": [], "usage": usage(len(ids), value)})
+                yield "data: [DONE]\n\n"
+            finally:
+                pieces.close()
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        try:
+            ids = generator.encode_messages(chat_messages(req.messages))
+        except DecodeError as e:
+            raise ApiError(str(e), param="messages") from None
+        return await answer(req, ids, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError("prompt must be one string (a list of one is accepted)", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError("prompt is empty", param="prompt")
+        return await answer(req, generator.encode(prompt, chat=False), request, "completion")
+
+    return app
+
+
+def next_piece(pieces) -> tuple[bool, Any]:
+    """One step of a text stream: (False, text) or, at its end, (True, the DecodeResult)."""
+    try:
+        return False, next(pieces)
+    except StopIteration as end:
+        return True, end.value
+
+
+def serve(generator: Generator, *, name: str, host: str = "127.0.0.1", port: int = 8000,
+          default_max_tokens: int = 256) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests get up to 30 s to finish."""
+    import uvicorn
+
+    app = build_app(generator, name=name, default_max_tokens=default_max_tokens)
+    dec = generator.decoder
+    heads = f"heads k={dec.bundle.k}, {dec.bundle.config.drafter}" if dec.bundle is not None else "no heads"
+    print(f"collocate: serving '{name}' ({heads}; engine {dec.backend.describe()}; default mode "
+          f"{app.state.served.default_mode}) at http://{host}:{port}/v1", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the previous handler in
+    # place; by then every request is answered, so that handler just lets the process end with status 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
