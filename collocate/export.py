@@ -1,0 +1,83 @@
+"""Export a bundle's heads to other engines' formats, and read them back.
+
+    collocate export runs/q15 out/q15-medusa --format vllm-medusa
+    bundle = import_vllm_medusa("out/q15-medusa", backbone=model)   # the same drafts, in collocate
+
+vLLM's Medusa drafter (vllm/model_executor/models/medusa.py, vllm/transformers_utils/configs/medusa.py)
+reads a folder with config.json (`model_type: "medusa"`, `num_heads`, `num_hidden_layers`, `hidden_size`,
+`vocab_size`, `truncated_vocab_size`, `original_lm_head`, `medusa_fc_bias`) and model.safetensors with
+`blocks.{h}.layers.{l}.weight/bias` (a residual block x + SiLU(W x + b) per layer, as ours) and, since
+our heads share the backbone's frozen LM head, one `lm_heads.0.weight` that vLLM uses for every head.
+Head h drafts token t+h+2 from the target's last hidden state at t (after its final norm), as ours do.
+Only independent heads have this form: token-conditioned heads and a competition (+1) head do not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .bundle import BundleError, MTPBundle
+
+FORMATS = ("vllm-medusa",)
+
+
+def medusa_config(bundle: MTPBundle) -> dict:
+    c = bundle.config
+    return {"model_type": "medusa", "architectures": ["MedusaModel"], "num_heads": bundle.k - 1,
+            "num_hidden_layers": c.layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "truncated_vocab_size": c.vocab_size, "original_lm_head": True, "medusa_fc_bias": True,
+            "base_model": c.base_model, "exported_by": "collocate"}
+
+
+def medusa_tensors(bundle: MTPBundle, lm_head_weight: torch.Tensor, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """vLLM Medusa weight names for heads +2..+k (a +1 competition head is left out)."""
+    heads = bundle.heads
+    first = 1 if heads.compete else 0
+    out = {}
+    for h, stack in enumerate(heads.blocks[first:]):
+        for layer, block in enumerate(stack):
+            out[f"blocks.{h}.layers.{layer}.weight"] = block.linear.weight
+            out[f"blocks.{h}.layers.{layer}.bias"] = block.linear.bias
+    out["lm_heads.0.weight"] = lm_head_weight
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
+
+
+def export_vllm_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+    if bundle.token_conditioned:
+        raise BundleError(f"vllm-medusa holds independent heads; this bundle's drafter is "
+                          f"'{bundle.config.drafter}' (token-conditioned), which it cannot express")
+    if tuple(lm_head_weight.shape) != (bundle.config.vocab_size, bundle.config.hidden_size):
+        raise BundleError(f"LM head of shape {tuple(lm_head_weight.shape)} does not fit the bundle "
+                          f"({bundle.config.vocab_size} x {bundle.config.hidden_size})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(medusa_tensors(bundle, lm_head_weight), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(medusa_config(bundle), indent=2) + "\n")
+    return out
+
+
+def import_vllm_medusa(path: str | Path, *, backbone, base_model: str = "imported") -> MTPBundle:
+    """A vLLM Medusa folder as a collocate bundle (heads only: no CLP or gates were trained)."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") != "medusa":
+        raise BundleError(f"{path} is not a Medusa draft (model_type {cfg.get('model_type')!r})")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}
+    bundle = MTPBundle.for_backbone(backbone, k=cfg["num_heads"] + 1, base_model=cfg.get("base_model", base_model),
+                                    layers=cfg["num_hidden_layers"])
+    lm = backbone.get_output_embeddings().weight
+    bf16 = lambda t: t.detach().to("cpu", torch.bfloat16)  # noqa: E731  (the export's dtype)
+    if "lm_heads.0.weight" in tensors and not torch.equal(bf16(tensors["lm_heads.0.weight"]), bf16(lm)):
+        raise BundleError(f"{path}: its LM head is not the backbone's; collocate decodes heads through the "
+                          "backbone's own LM head")
+    with torch.no_grad():
+        for h, stack in enumerate(bundle.heads.blocks):
+            for layer, block in enumerate(stack):
+                block.linear.weight.copy_(tensors[f"blocks.{h}.layers.{layer}.weight"])
+                bias = tensors.get(f"blocks.{h}.layers.{layer}.bias")
+                block.linear.bias.copy_(bias if bias is not None else torch.zeros_like(block.linear.bias))
+    return bundle.eval().requires_grad_(False)
