@@ -62,3 +62,40 @@ def test_prompts_from_jsonl(tmp_path):
     f.write_text("\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(3)) + "\n")
     ps = suite_prompts(str(f))
     assert [p.text for p in ps] == ["question 0", "question 1", "question 2"]
+
+
+def test_humaneval_sandbox_contains_destructive_candidates(tmp_path):
+    """Model-written code that deletes a file outside its folder, forks without end, or opens a socket
+    fails harmlessly: the file stays, no process is left over, nothing connects, and it scores a failure."""
+    import os
+    import socket
+    import subprocess
+
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    attacks = {
+        "delete": f"import os, shutil\nos.remove({str(victim)!r})\nshutil.rmtree({str(tmp_path)!r})\n",
+        "fork": "import os\nwhile True:\n    os.fork()\n",
+        "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'sleep 30'])\n",
+        "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port})).sendall(b'hi')\n",
+        "raw socket": f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
+    }
+    before = subprocess.run(["pgrep", "-c", "-f", "collocate-sandbox"], capture_output=True, text=True).stdout
+    for name, attack in attacks.items():
+        completion = f"def add(a, b):\n{''.join('    ' + line + chr(10) for line in attack.splitlines())}    return a + b\n"
+        assert not humaneval_pass(completion, PROBLEM, timeout=5), name
+    assert victim.read_text() == "precious" and os.path.isdir(tmp_path)
+    try:
+        listener.accept()
+        connected = True
+    except OSError:
+        connected = False
+    assert not connected
+    after = subprocess.run(["pgrep", "-c", "-f", "collocate-sandbox"], capture_output=True, text=True).stdout
+    assert after == before
+    assert humaneval_pass("def add(a, b):\n    return a + b\n", PROBLEM)  # and an honest answer still passes
