@@ -47,6 +47,7 @@ class BenchConfig:
     near_tie_eps: float = 0.5
     engine: str = "auto"  # auto | eager | fast (see fast.py); auto: fast on CUDA
     exact: bool = False  # every mode (ar included) at one step width: verify bitwise ar's
+    max_wrong: float | None = None  # clp modes without @T: the calibrated threshold for this wrong share
 
 
 @dataclass
@@ -91,11 +92,13 @@ def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> De
                         "eos" if tokens and tokens[-1] in dec.eos else "length")
 
 
-def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: bool = False) -> DecodeResult:
+def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: bool = False,
+            max_wrong: float | None = None) -> DecodeResult:
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
     cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size, exact=exact)
+                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size, exact=exact,
+                       max_wrong=max_wrong if spec.mode == "clp" and spec.threshold is None else None)
     return dec.generate(ids, cfg)
 
 
@@ -172,13 +175,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     prompts = [p for s in suites for p in data.prompts(s, tokenizer, n=cfg.n)]
     n_heads = dec.bundle.k - 1 if dec.bundle else 0
     for spec in specs:  # warm-up: first-call costs stay out of every timing
-        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens), exact=cfg.exact)
+        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens), exact=cfg.exact, max_wrong=cfg.max_wrong)
     results: dict[str, dict] = {}
     reference: list[DecodeResult] | None = None  # ar's answers, which every other mode is compared with
     for spec in specs:
         rows, accs, answers = [], [], []
         for i, p in enumerate(tqdm(prompts, desc=f"bench {spec.label}", unit="prompt")):
-            r = run_one(dec, spec, p.ids, cfg.max_new_tokens, exact=cfg.exact)
+            r = run_one(dec, spec, p.ids, cfg.max_new_tokens, exact=cfg.exact, max_wrong=cfg.max_wrong)
             answers.append(r)
             rows.append(score_prompt(dec, p, r, reference[i] if reference else None, cfg.near_tie_eps))
             rows[-1]["suite"] = suite_of(p.id)

@@ -94,6 +94,7 @@ class MTPBundle(nn.Module):
         self.register_buffer("draft_ids", torch.zeros(config.draft_vocab, dtype=torch.long)
                              if config.draft_vocab else None)
         self.heldout: dict = {}  # the training report's held-out accuracy per offset, when there is one
+        self.calibration: dict = {}  # the report's held-out CLP table: threshold -> wrong share, accepted length
 
     @property
     def token_conditioned(self) -> bool:
@@ -105,6 +106,20 @@ class MTPBundle(nn.Module):
             raise BundleError(f"tree size must lie in 1..{MAX_TREE} draft nodes (what a step can feed), got {n}")
         paths = self.config.tree or best_paths(self.rank_probs(), MAX_TREE)
         return DraftTree.from_paths(paths[:n])
+
+    def threshold_for(self, max_wrong: float) -> float:
+        """The lowest CLP threshold whose held-out wrong share is at most max_wrong (most tokens at that
+        quality), from the training report's calibration table."""
+        if not self.calibration:
+            raise BundleError("--max-wrong reads the CLP's held-out calibration in train_report.json, and this "
+                              "bundle has none: train it with `collocate train`, or give --threshold")
+        table = sorted((float(t), row) for t, row in self.calibration.items())
+        fit = [t for t, row in table if row["wrong_share"] <= max_wrong and row["mean_accepted"] > 0]
+        if not fit:
+            t, row = min(table, key=lambda x: x[1]["wrong_share"])
+            raise BundleError(f"no calibrated CLP threshold keeps the wrong share at {max_wrong:.1%}: the lowest "
+                              f"is {row['wrong_share']:.1%} (threshold {t}); use ar or verify for that quality")
+        return fit[0]
 
     def rank_probs(self) -> list[list[float]]:
         """Per offset +2..+k, P(the backbone's token is the head's r-th guess), from the held-out report.
@@ -176,7 +191,9 @@ class MTPBundle(nn.Module):
         bundle.load_state_dict(tensors)
         report = path / "train_report.json"
         if report.exists():
-            bundle.heldout = json.loads(report.read_text()).get("heldout_head_accuracy", {})
+            rep = json.loads(report.read_text())
+            bundle.heldout = rep.get("heldout_head_accuracy", {})
+            bundle.calibration = rep.get("clp", {}).get(config.clp_features, {}).get("thresholds", {})
         if backbone is not None:
             bundle.check_backbone(backbone, backbone_name)
         return bundle.eval().requires_grad_(False)

@@ -54,11 +54,13 @@ def load_for_decoding(args, *, need_heads: bool):
     return dec, dec.tokenizer
 
 
-def decode_config(args, mode: str):
+def decode_config(args, mode: str, *, side_by_side: bool = False):
+    """The decode settings from the options; side by side (the demo's modes), --max-wrong goes to clp only."""
     from .decode import DecodeConfig
 
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
                         adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
+                        max_wrong=args.max_wrong if mode == "clp" or not side_by_side else None,
                         tree_size=args.tree_size, exact=args.exact, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -102,7 +104,7 @@ def cmd_bench(args) -> int:
                       modes=tuple(args.modes.split(",")), n=args.n, max_new_tokens=args.max_new_tokens,
                       out=args.out, device=args.device, dtype=args.dtype, threshold=args.threshold,
                       prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine,
-                      exact=args.exact)
+                      exact=args.exact, max_wrong=args.max_wrong)
     run_bench(cfg)
     return 0
 
@@ -151,12 +153,12 @@ def cmd_demo(args) -> int:
     dec, tokenizer = load_for_decoding(args, need_heads=True)
     modes = ("ar", "clp", "verify")
     totals = {m: [0, 0, 0.0, 0, 0, 0] for m in modes}  # tokens, steps, seconds, exact, wrong, checked
-    dec.generate(encode(tokenizer, "Hi"), decode_config(args, "verify"))  # warm-up
+    dec.generate(encode(tokenizer, "Hi"), decode_config(args, "verify", side_by_side=True))  # warm-up
     for prompt in DEMO_PROMPTS:
         print(f"\n=== {prompt}")
         ids, ref = encode(tokenizer, prompt), None
         for mode in modes:
-            r = dec.generate(ids, decode_config(args, mode))
+            r = dec.generate(ids, decode_config(args, mode, side_by_side=True))
             ref = ref or r
             same = first_divergence(ref.tokens, r.tokens) is None
             t = totals[mode]
@@ -187,6 +189,8 @@ def add_decoding_args(p, *, mode: bool = True):
                    help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
                         "Mistral); auto: fast on CUDA where it supports the model, else eager")
     p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
+    p.add_argument("--max-wrong", type=float, help="clp: the threshold whose held-out wrong share (head tokens "
+                                                    "the backbone would not write) is at most this, e.g. 0.05")
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")

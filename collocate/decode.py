@@ -48,6 +48,7 @@ class DecodeConfig:
     mode: str = "ar"
     max_new_tokens: int = 256
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
+    max_wrong: float | None = None  # clp: the threshold whose held-out wrong share is at most this
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
     tree_size: int | None = None  # verify: draft the bundle's best tree of this many nodes
@@ -65,6 +66,11 @@ class DecodeConfig:
             raise DecodeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise DecodeError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.max_wrong is not None:
+            if not 0.0 < self.max_wrong < 1.0:
+                raise DecodeError(f"max_wrong is a share of head tokens and must lie in (0, 1), got {self.max_wrong}")
+            if self.mode != "clp" or self.threshold is not None:
+                raise DecodeError("--max-wrong picks clp's threshold: mode 'clp', without --threshold")
         if self.adaptive and self.mode != "verify":
             raise DecodeError("--adaptive applies to mode 'verify' only")
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -361,7 +367,7 @@ class Decoder:
             return Plan("ar", DraftTree(()), exact=cfg.exact, **sample)
         tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
-        return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and cfg.threshold is None,
+        return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and self.threshold_of(cfg) is None,
                     exact=cfg.exact, **sample)
 
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
@@ -385,7 +391,8 @@ class Decoder:
         prompt_ids = list(prompt_ids)
         self.validate(prompt_ids, cfg)
         plan = self.plan(cfg)
-        self.threshold.fill_(GATE_THRESHOLD if cfg.threshold is None else cfg.threshold)
+        threshold = self.threshold_of(cfg)
+        self.threshold.fill_(GATE_THRESHOLD if threshold is None else threshold)
         self.set_sampling(cfg)
         if self.backend.captures:
             self.warm_up(plan)
@@ -430,6 +437,12 @@ class Decoder:
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
                  on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:
         return drain(self.stream(prompt_ids, cfg), on_tokens)
+
+    def threshold_of(self, cfg: DecodeConfig) -> float | None:
+        """The rule's threshold: given, or (--max-wrong) read from the bundle's held-out calibration."""
+        if cfg.max_wrong is not None:
+            return self.bundle.threshold_for(cfg.max_wrong)
+        return cfg.threshold
 
     def set_sampling(self, cfg: DecodeConfig) -> None:
         s = self.sampling

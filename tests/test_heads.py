@@ -127,3 +127,32 @@ def test_unknown_short_name_lists_valid_names():
 
     with pytest.raises(ValueError, match="Short names: " + ", ".join(ZOO)):
         resolve("no-such-model")
+
+
+def test_max_wrong_picks_the_calibrated_threshold(tmp_path, llama):
+    """--max-wrong: the lowest threshold whose held-out wrong share fits, from train_report.json; a share
+    no threshold reaches, a bundle with no report, and values outside (0, 1) are clear errors."""
+    import json
+
+    from collocate.decode import DecodeConfig, DecodeError
+    from collocate.engine import build_decoder
+
+    b = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
+    b.save_pretrained(tmp_path)
+    table = {"0.5": {"wrong_share": 0.4, "mean_accepted": 1.1}, "0.9": {"wrong_share": 0.12, "mean_accepted": 0.3},
+             "0.99": {"wrong_share": 0.04, "mean_accepted": 0.02}}
+    (tmp_path / "train_report.json").write_text(json.dumps({"clp": {"hidden": {"thresholds": table}}}))
+    loaded = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+    assert loaded.threshold_for(0.5) == 0.5 and loaded.threshold_for(0.2) == 0.9 and loaded.threshold_for(0.05) == 0.99
+    with pytest.raises(BundleError, match="lowest is 4.0%"):
+        loaded.threshold_for(0.01)
+    dec = build_decoder(llama, bundle=loaded, engine="eager", eos_token_ids=[2])
+    r = dec.generate([5, 6, 7], DecodeConfig(mode="clp", max_wrong=0.2, max_new_tokens=8))
+    assert float(dec.threshold) == pytest.approx(0.9) and len(r.tokens) == 8
+    with pytest.raises(BundleError, match="calibration"):
+        build_decoder(llama, bundle=b, engine="eager").generate([5], DecodeConfig(mode="clp", max_wrong=0.1))
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(DecodeError, match=r"must lie in \(0, 1\)"):
+            DecodeConfig(mode="clp", max_wrong=bad)
+    with pytest.raises(DecodeError, match="mode 'clp'"):
+        DecodeConfig(mode="verify", max_wrong=0.1)
