@@ -1,5 +1,5 @@
 """The fast backend on CUDA (compiled layers, CUDA graphs) against the eager one, on tiny random models
-in float32: every mode, trees and token-conditioned heads, same tokens and stats; the same with a second
+in float32: every mode, trees, token-conditioned heads and sampling (same seed), same tokens and stats; the same with a second
 threshold on the same graphs; and --exact (fast backend only) verify against --exact ar, in bf16.
 
     python bench/cuda_check.py      # prints one line per mode and model; exits 1 on a difference
@@ -23,9 +23,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (a CPU dry run checks
 CONFIGS = [dict(mode="ar"), dict(mode="verify"), dict(mode="verify", candidates=5), dict(mode="verify", adaptive=True),
            dict(mode="verify", adaptive=True, threshold=0.3), dict(mode="clp"), dict(mode="clp", threshold=0.5),
            dict(mode="clp", threshold=0.9), dict(mode="gate", threshold=0.0), dict(mode="gate"),
-           dict(mode="compete", threshold=0.0), dict(mode="compete", threshold=0.5), dict(mode="verify", tree_size=16)]
+           dict(mode="compete", threshold=0.0), dict(mode="compete", threshold=0.5), dict(mode="verify", tree_size=16),
+           dict(mode="ar", temperature=0.8, top_p=0.9, seed=2), dict(mode="verify", temperature=0.8, seed=1, tree_size=16),
+           dict(mode="verify", temperature=0.7, top_k=20, seed=3, candidates=4)]
 TOKEN_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", adaptive=True),
-                 dict(mode="clp", threshold=0.5)]
+                 dict(mode="clp", threshold=0.5), dict(mode="verify", temperature=0.8, seed=4, tree_size=24)]
 EXACT_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=15), dict(mode="verify", candidates=5)]
 
 
