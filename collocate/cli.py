@@ -125,16 +125,17 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from .bundle import MTPBundle
-    from .export import export_vllm_medusa
+    from .export import export_medusa, export_vllm_medusa
     from .zoo import load_backbone
 
     bundle = MTPBundle.from_pretrained(args.bundle)
     model_name = args.model or bundle.config.base_model
     backbone, _ = load_backbone(model_name, device="cpu")
     bundle.check_backbone(backbone, model_name)
-    out = export_vllm_medusa(bundle, backbone.get_output_embeddings().weight, args.out)
-    print(f"collocate: wrote {out} (vLLM Medusa: {bundle.k - 1} heads, LM head of {model_name}); "
-          "docs/export.md shows how vLLM serves it")
+    write = export_vllm_medusa if args.format == "vllm-medusa" else export_medusa
+    out = write(bundle, backbone.get_output_embeddings().weight, args.out)
+    print(f"collocate: wrote {out} ({args.format}: {bundle.k - 1} heads, LM head of {model_name}); "
+          "docs/export.md shows how to serve it")
     return 0
 
 
@@ -238,10 +239,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("export", help="a bundle's heads in another engine's format (vLLM Medusa)")
+    p = sub.add_parser("export", help="a bundle's heads in another engine's format (vLLM Medusa, Medusa)")
     p.add_argument("bundle")
     p.add_argument("out")
-    p.add_argument("--format", default="vllm-medusa", choices=["vllm-medusa"])
+    p.add_argument("--format", default="vllm-medusa", choices=["vllm-medusa", "medusa"],
+                   help="vllm-medusa: vLLM's Medusa drafter; medusa: FasterDecoding/Medusa's medusa_lm_head.pt")
     p.add_argument("--model", help="the backbone whose LM head goes with the heads (default: the bundle's)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)")

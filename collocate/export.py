@@ -1,6 +1,7 @@
 """Export a bundle's heads to other engines' formats, and read them back.
 
     collocate export runs/q15 out/q15-medusa --format vllm-medusa
+    collocate export runs/q15 out/q15-fd --format medusa            # FasterDecoding/Medusa's layout
     bundle = import_vllm_medusa("out/q15-medusa", backbone=model)   # the same drafts, in collocate
 
 vLLM's Medusa drafter (vllm/model_executor/models/medusa.py, vllm/transformers_utils/configs/medusa.py)
@@ -10,6 +11,12 @@ reads a folder with config.json (`model_type: "medusa"`, `num_heads`, `num_hidde
 our heads share the backbone's frozen LM head, one `lm_heads.0.weight` that vLLM uses for every head.
 Head h drafts token t+h+2 from the target's last hidden state at t (after its final norm), as ours do.
 Only independent heads have this form: token-conditioned heads and a competition (+1) head do not.
+
+FasterDecoding/Medusa (medusa/model/medusa_model.py) reads config.json (`medusa_num_heads`,
+`medusa_num_layers`, `base_model_name_or_path`) and `medusa_lm_head.pt`, the state dict of its
+`medusa_head`: per head `{h}.{l}.linear.weight/bias` and its own copy of the LM head, `{h}.{layers}.weight`.
+It builds a head's layers as `[ResBlock(d)] * n`, one block repeated, so only one-layer heads keep
+their meaning there.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .bundle import BundleError, MTPBundle
 
-FORMATS = ("vllm-medusa",)
+FORMATS = ("vllm-medusa", "medusa")
 
 
 def medusa_config(bundle: MTPBundle) -> dict:
@@ -45,17 +52,42 @@ def medusa_tensors(bundle: MTPBundle, lm_head_weight: torch.Tensor, dtype=torch.
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 
 
-def export_vllm_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+def check_exportable(bundle: MTPBundle, lm_head_weight: torch.Tensor, fmt: str) -> None:
     if bundle.token_conditioned:
-        raise BundleError(f"vllm-medusa holds independent heads; this bundle's drafter is "
+        raise BundleError(f"{fmt} holds independent heads; this bundle's drafter is "
                           f"'{bundle.config.drafter}' (token-conditioned), which it cannot express")
     if tuple(lm_head_weight.shape) != (bundle.config.vocab_size, bundle.config.hidden_size):
         raise BundleError(f"LM head of shape {tuple(lm_head_weight.shape)} does not fit the bundle "
                           f"({bundle.config.vocab_size} x {bundle.config.hidden_size})")
+
+
+def export_vllm_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+    check_exportable(bundle, lm_head_weight, "vllm-medusa")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(medusa_tensors(bundle, lm_head_weight), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(medusa_config(bundle), indent=2) + "\n")
+    return out
+
+
+def export_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+    """FasterDecoding/Medusa's layout: the same blocks, and a copy of the LM head per head."""
+    check_exportable(bundle, lm_head_weight, "medusa")
+    if bundle.config.layers != 1:
+        raise BundleError(f"FasterDecoding's Medusa repeats one block for every layer of a head, so a "
+                          f"{bundle.config.layers}-layer head would change meaning there; use --format vllm-medusa")
+    named = medusa_tensors(bundle, lm_head_weight)
+    lm = named.pop("lm_heads.0.weight")
+    state = {}
+    for h in range(bundle.k - 1):
+        state[f"{h}.0.linear.weight"] = named[f"blocks.{h}.layers.0.weight"]
+        state[f"{h}.0.linear.bias"] = named[f"blocks.{h}.layers.0.bias"]
+        state[f"{h}.1.weight"] = lm.clone()  # its heads own their LM head (ours share the backbone's)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / "medusa_lm_head.pt")
+    (out / "config.json").write_text(json.dumps({"medusa_num_heads": bundle.k - 1, "medusa_num_layers": 1,
+                                                 "base_model_name_or_path": bundle.config.base_model}, indent=2) + "\n")
     return out
 
 

@@ -82,3 +82,32 @@ def test_export_refuses_what_medusa_cannot_hold(tmp_path):
     export_vllm_medusa(plain, model.lm_head.weight, tmp_path)
     with pytest.raises(BundleError, match="not the backbone's"):
         import_vllm_medusa(tmp_path, backbone=tiny_llama(seed=4))
+
+
+def test_fasterdecoding_medusa_layout_gives_the_same_drafts(tmp_path):
+    """FasterDecoding/Medusa (medusa/model/medusa_model.py): medusa_head = per head Sequential(ResBlock,
+    Linear(hidden, vocab, bias=False)), loaded from medusa_lm_head.pt; our export fills it exactly."""
+    from collocate.export import export_medusa
+
+    model = tiny_llama().to(torch.bfloat16)
+    bundle = randomize(MTPBundle.for_backbone(model, k=4, base_model="tiny"), seed=7, scale=4.0).to(torch.bfloat16).float()
+    export_medusa(bundle, model.lm_head.weight, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg == {"medusa_num_heads": 3, "medusa_num_layers": 1, "base_model_name_or_path": "tiny"}
+
+    class ResBlock(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.linear = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + nn.functional.silu(self.linear(x))
+
+    heads = nn.ModuleList(nn.Sequential(ResBlock(32), nn.Linear(32, 96, bias=False)) for _ in range(3))
+    state = torch.load(tmp_path / "medusa_lm_head.pt")
+    heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    h = model.model(torch.tensor([prompts(1, seed=2)[0]])).last_hidden_state.float()[0]
+    theirs = torch.stack([head(h).argmax(-1) for head in heads], -1)
+    assert torch.equal(theirs, bundle.heads.logits(h, model.lm_head.float()).argmax(-1))
+    with pytest.raises(BundleError, match="repeats one block"):
+        export_medusa(MTPBundle.for_backbone(model, k=3, base_model="t", layers=2), model.lm_head.weight, tmp_path)
