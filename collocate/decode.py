@@ -19,6 +19,7 @@ what it wrote.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class Plan:
             return (1 + self.tree.n,)
         return tuple(range(1, self.tree.n + 2))
 
+    @functools.lru_cache(maxsize=None)  # (the host asks every step; a plan has a few widths)
     def fed(self, width: int) -> DraftTree:
         """The tree a step of this width feeds after the root: a prefix of the draft, or (exact) the whole
         draft padded to EXACT_WIDTH - 1 nodes (a chain stays a chain, so it keeps the causal mask)."""
