@@ -294,7 +294,8 @@ class Decoder:
             return nxt.draft[:n]
         return torch.cat([nxt.draft[: plan.tree.chain_rows], nxt.draft.new_full((n - plan.tree.chain_rows,), -1)])
 
-    def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan, probs=None, u=None) -> tuple[Kept, torch.Tensor]:
+    def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan, probs=None,
+              u=None) -> tuple[Kept, torch.Tensor]:
         """Which fed rows stay, and (unverified modes) how many fed head tokens the backbone disagrees with.
         Sampling keeps drafts by speculative sampling (rules.sampled_accepted). --exact keeps a tree's
         leading chain only: a node off it attends to ancestors at other slots than ar would, so its result
