@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, stepcost, exactness, bundles NAME RUN...,
-# answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, stepcost,
+# exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -118,6 +118,11 @@ case ${1:?step} in
     mkdir -p "$W/runs/${3:?name}" && cp "$W/runs/${2:?run}"/{model.safetensors,train_report.json} "$W/runs/$3/"
     python3 -c "import json, sys; c = json.load(open(sys.argv[1])); [c.pop(k) for k in ('drafter', 'draft_vocab', 'tree')]; \
 c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/runs/$2/config.json" "$W/runs/$3/config.json" ;;
+  frontier)  # frontier MODEL NAME RUN MODES: whole suites (HumanEval 164, GSM8K 100, MT-Bench 80), 512 new
+    # tokens, one bench run per mode list (its own ar first), for bench/frontier.py
+    cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
+      --suite humaneval,gsm8k,mtbench --n 164 --max-new-tokens "${FRONTIER_NEW:-512}" --modes "${5:?modes}" \
+      --out "$R/${3:?name}" ;;
   answers)  # answers NAME RUN: a run's answers (token shards, manifest) home as NAME.data.tar.partN, 15 MiB pieces
     tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"
     ls -la "$OUT" ;;
