@@ -123,7 +123,9 @@ def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
     assert not list((killed / "work" / "data").glob("*.tmp*"))
 
 
-def test_data_parallel_training_with_accelerate(tmp_path):
+def test_data_parallel_training_with_accelerate(tmp_path, trained):
+    """Two processes split the shards: the answers are the very same as one process wrote (greedy), the
+    loss falls, and one bundle is written."""
     pytest.importorskip("accelerate")
     model = save_tiny(tmp_path / "tiny")
     prompts = write_prompts(tmp_path / "p.jsonl", 40)
@@ -142,6 +144,12 @@ def test_data_parallel_training_with_accelerate(tmp_path):
     hist = report["stages"]["heads"]["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     MTPBundle.from_pretrained(out)  # the same bundle format
+    _, single, _ = trained  # the same model, prompts and data settings, one process
+    shards = sorted((out / "work" / "data").glob("shard-*.safetensors"))
+    assert len(shards) == 4
+    for shard in shards:
+        mine, theirs = load_file(str(shard)), load_file(str(Path(single.out) / "work" / "data" / shard.name))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_kl_term_trains(tmp_path):
