@@ -39,6 +39,9 @@ def cmd_info(args) -> int:
           f"vocabulary  {c.vocab_size}\nlayers/head {c.layers}\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
     print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,} ({c.clp_features})  "
           f"gates {counts['gates']:,}" + ("" if c.has_gates else " (none)"))
+    vocab = f", drafting over {c.draft_vocab:,} tokens" if c.draft_vocab else ""
+    print(f"drafter     {c.drafter}{vocab}; tree: " + (f"{len(c.tree)} nodes stored best first" if c.tree else
+                                                       "from the training report, if any"))
     report = resolve_bundle(args.bundle) / "train_report.json"
     if report.exists():
         acc = json.loads(report.read_text()).get("heldout_head_accuracy", {})
