@@ -82,7 +82,7 @@ def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_p
     modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw)
              for kw in ({}, {"candidates": 5}, {"adaptive": True}, {"tree_size": 16})]
     accepted = 0
-    for p in eval_prompts[::10]:
+    for p in (eval_prompts[0], eval_prompts[30], eval_prompts[40]):  # MT-Bench, GSM8K, HumanEval
         ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens
         for dec in decoders:
             for cfg in modes:

@@ -12,7 +12,7 @@ from test_decode import eager, prompts
 from test_fast import fast
 
 ALPHA = 1e-3  # significance level of each comparison (Bonferroni over the positions compared)
-RUNS = 600
+RUNS = 400
 NEW = 4
 
 
