@@ -265,6 +265,9 @@ def serve(generator: Generator, *, name: str, host: str = "127.0.0.1", port: int
 
     app = build_app(generator, name=name, default_max_tokens=default_max_tokens)
     dec = generator.decoder
+    for temperature in (0.0, 1.0):  # compile and capture the default mode's steps before the first client waits
+        dec.generate(generator.encode("Hi", chat=False), DecodeConfig(mode=app.state.served.default_mode,
+                                                                     max_new_tokens=4, temperature=temperature))
     heads = f"heads k={dec.bundle.k}, {dec.bundle.config.drafter}" if dec.bundle is not None else "no heads"
     print(f"collocate: serving '{name}' ({heads}; engine {dec.backend.describe()}; default mode "
           f"{app.state.served.default_mode}) at http://{host}:{port}/v1", flush=True)
