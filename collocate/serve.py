@@ -134,20 +134,94 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256) -> FastAPI:
-    """The server around one Generator. Its decoder runs one request at a time."""
-    default_mode = "verify" if generator.decoder.bundle is not None else "ar"
-    served = Served(generator, name, default_mode, default_max_tokens)
-    lock = asyncio.Lock()  # the one engine: waiters are served first come, first served
-    app = FastAPI(title="collocate", version="1")
-    app.state.served = served
+def completion_body(kind: str, rid: str, model: str, r: DecodeResult, n_prompt: int) -> dict:
+    choice = {"index": 0, "finish_reason": FINISH[r.finish_reason]}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": r.text}
+    else:
+        choice.update(text=r.text, logprobs=None)
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(n_prompt, r)}
 
+
+def chunk(kind: str, rid: str, model: str, text: str | None, finish: str | None, *, first: bool = False) -> dict:
+    """One server-sent event's body: a chat delta (the first one names the role) or a completion's text."""
+    if kind == "chat":
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def sse(body) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class Service:
+    """The one engine and its queue: requests are checked first, then take turns on the decoder."""
+
+    def __init__(self, served: Served):
+        self.served, self.generator = served, served.generator
+        self.lock = asyncio.Lock()  # waiters are served first come, first served
+
+    def check(self, req: Options, ids: list[int]) -> DecodeConfig:
+        """Everything that can be refused is refused here, before the engine is taken."""
+        try:
+            cfg = decode_config(req, self.served)
+            self.generator.decoder.validate(ids, cfg)
+            self.generator.decoder.plan(cfg)
+        except (DecodeError, BundleError, ValueError) as e:
+            raise ApiError(str(e)) from None
+        if req.model and req.model != self.served.name:
+            raise ApiError(f"model '{req.model}' is not served here; this server serves '{self.served.name}'",
+                           404, "model")
+        return cfg
+
+    async def answer(self, req: Options, ids: list[int], request: Request, kind: str):
+        cfg = self.check(req, ids)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self.events(ids, cfg, request, kind, rid, include_usage),
+                                     media_type="text/event-stream")
+        async with self.lock:
+            r = await anyio.to_thread.run_sync(lambda: self.generator.decoder.generate(ids, cfg))
+        return JSONResponse(completion_body(kind, rid, self.served.name, r, len(ids)))
+
+    async def events(self, ids, cfg, request: Request, kind: str, rid: str, include_usage: bool):
+        """The answer as server-sent events, one engine step per thread hop; a client that has gone away
+        ends it at the next step (the finally frees the engine)."""
+        model = self.served.name
+        async with self.lock:
+            pieces = self.generator.stream(ids, cfg)
+            try:
+                if kind == "chat":
+                    yield sse(chunk(kind, rid, model, None, None, first=True))
+                while True:
+                    if await request.is_disconnected():
+                        return
+                    done, value = await anyio.to_thread.run_sync(next_piece, pieces)
+                    if done:
+                        break
+                    yield sse(chunk(kind, rid, model, value, None))
+                yield sse(chunk(kind, rid, model, None, FINISH[value.finish_reason]))
+                if include_usage:
+                    yield sse({**chunk(kind, rid, model, None, None), "choices": [], "usage": usage(len(ids), value)})
+                yield "data: [DONE]\n\n"
+            finally:
+                pieces.close()
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON: 4xx for the request's fault, 500 for ours; the server goes on."""
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status)
 
     @app.exception_handler(Exception)
-    async def server_error(_, e: Exception):  # a bug of ours: a JSON 500, and the server goes on
+    async def server_error(_, e: Exception):
         return JSONResponse(error_body(f"{type(e).__name__}: {e}", 500), status_code=500)
 
     @app.exception_handler(RequestValidationError)
@@ -162,6 +236,16 @@ def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256)
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
 
+
+def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256) -> FastAPI:
+    """The server around one Generator. Its decoder runs one request at a time."""
+    default_mode = "verify" if generator.decoder.bundle is not None else "ar"
+    served = Served(generator, name, default_mode, default_max_tokens)
+    service = Service(served)
+    app = FastAPI(title="collocate", version="1")
+    app.state.served = served
+    add_error_handlers(app)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name}
@@ -170,71 +254,13 @@ def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256)
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "collocate"}]}
 
-    async def answer(req: Options, ids: list[int], request: Request, kind: str):
-        try:  # everything that can be refused is refused before the engine is taken
-            cfg = decode_config(req, served)
-            generator.decoder.validate(ids, cfg)
-            generator.decoder.plan(cfg)
-        except (DecodeError, BundleError, ValueError) as e:
-            raise ApiError(str(e)) from None
-        if req.model and req.model != name:
-            raise ApiError(f"model '{req.model}' is not served here; this server serves '{name}'", 404, "model")
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_events(ids, cfg, request, kind, rid, include_usage),
-                                     media_type="text/event-stream")
-        async with lock:
-            r = await anyio.to_thread.run_sync(lambda: generator.decoder.generate(ids, cfg))
-        return JSONResponse(completion_body(kind, rid, r, len(ids)))
-
-    def completion_body(kind: str, rid: str, r: DecodeResult, n_prompt: int) -> dict:
-        choice = {"index": 0, "finish_reason": FINISH[r.finish_reason]}
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": r.text}
-        else:
-            choice.update(text=r.text, logprobs=None)
-        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": name, "choices": [choice], "usage": usage(n_prompt, r)}
-
-    def chunk(kind: str, rid: str, text: str | None, finish: str | None, *, first: bool = False) -> dict:
-        if kind == "chat":
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": name, "choices": [choice]}
-
-    async def stream_events(ids, cfg, request: Request, kind: str, rid: str, include_usage: bool):
-        sse = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
-        async with lock:
-            pieces = generator.stream(ids, cfg)
-            try:
-                if kind == "chat":
-                    yield sse(chunk(kind, rid, None, None, first=True))
-                while True:
-                    if await request.is_disconnected():
-                        return  # the finally below frees the engine: the client is gone
-                    done, value = await anyio.to_thread.run_sync(next_piece, pieces)
-                    if done:
-                        break
-                    yield sse(chunk(kind, rid, value, None))
-                yield sse(chunk(kind, rid, None, FINISH[value.finish_reason]))
-                if include_usage:
-                    yield sse({"id": rid, "object": chunk(kind, rid, None, None)["object"], "created": int(time.time()),
-                               "model": name, "choices": [], "usage": usage(len(ids), value)})
-                yield "data: [DONE]\n\n"
-            finally:
-                pieces.close()
-
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         try:
             ids = generator.encode_messages(chat_messages(req.messages))
         except DecodeError as e:
             raise ApiError(str(e), param="messages") from None
-        return await answer(req, ids, request, "chat")
+        return await service.answer(req, ids, request, "chat")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -245,7 +271,7 @@ def build_app(generator: Generator, *, name: str, default_max_tokens: int = 256)
             prompt = prompt[0]
         if not prompt:
             raise ApiError("prompt is empty", param="prompt")
-        return await answer(req, generator.encode(prompt, chat=False), request, "completion")
+        return await service.answer(req, generator.encode(prompt, chat=False), request, "completion")
 
     return app
 
