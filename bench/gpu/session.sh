@@ -58,7 +58,7 @@ case ${1:?step} in
     if [ -d "$W/whl" ] && ! python3 -c "import gguf" 2>/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$W"/whl/*.whl
     fi
-    for t in "$W"/slices/*.runs.tar.part0; do  # bundles (and answers) that an earlier session took home
+    for t in "$W"/slices/*.runs.tar.part0 "$W"/slices/*.data.tar.part0; do  # bundles, answers taken home earlier
       if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xf - -C "$W/runs"; fi
     done
     mkdir -p "$W/files"
