@@ -47,12 +47,9 @@ class Generator:
         assistant's turn; a tokenizer without a template gets "role: content" lines."""
         if not messages:
             raise DecodeError("messages is empty: give at least one message")
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-            return list(out["input_ids"])
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tokenizer(text)["input_ids"]
+        from .data import encode_messages
+
+        return encode_messages(self.tokenizer, messages)
 
     def generate(self, prompt: str | list[int], config: DecodeConfig | None = None, *, chat: bool = True,
                  **options) -> DecodeResult:

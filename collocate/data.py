@@ -141,9 +141,17 @@ class Prompt:
 def encode(tokenizer, text: str, *, chat: bool = True) -> list[int]:
     """A user message as model input ids; with chat, through the tokenizer's own chat template."""
     if chat and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer(text)["input_ids"]
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ({"role", "content"} dicts) through the chat template, ready for the assistant's
+    turn; a tokenizer without a template gets "role: content" lines."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(out["input_ids"])
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text)["input_ids"]
 
 
