@@ -3,6 +3,9 @@
     python bench/serve_load.py --model smollm2-135m --clients 4 --requests 8 --max-tokens 64 \
         --out bench/results/cpu-smollm2-serve/load.json
     python bench/serve_load.py --url http://127.0.0.1:8000 ...     # a server that is already running
+    python bench/serve_load.py --model MODEL --heads BUNDLE --device cuda --modes ar,verify-t32 ...
+
+Modes are named as `collocate bench` names them (verify-t32: a 32-node tree, clp@0.9, ...).
 
 Each client sends its requests one after another (half of them streamed), with prompts from MT-Bench;
 the server answers them one at a time on its one engine, so requests/s is the engine's, and latency
@@ -27,9 +30,19 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def request_fields(spec: str) -> dict:
+    """A bench mode name (verify, verify-t32, clp@0.9, ...) as the server's extra body fields."""
+    from collocate.bench import parse_mode
+
+    m = parse_mode(spec, None)
+    fields = {"mode": m.mode, "threshold": m.threshold, "candidates": m.candidates if m.candidates > 1 else None,
+              "tree_size": m.tree_size, "adaptive": m.adaptive or None}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def one_request(client, model: str, prompt: str, mode: str, max_tokens: int, stream: bool) -> dict:
     kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-              extra_body={"mode": mode})
+              extra_body=request_fields(mode))
     start = time.perf_counter()
     if not stream:
         r = client.chat.completions.create(**kw)

@@ -15,6 +15,7 @@ a 32K draft vocabulary, a fifth of it) and --exact.
 """
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -27,22 +28,24 @@ from collocate.draft import MAX_TREE, best_paths
 from collocate.engine import build_decoder
 from collocate.fast import SLOT_MULTIPLE, StaticLM
 
-MODE_STEPS = {  # name: (drafter, draft vocabulary, config, fed tokens), as the decode loop feeds each mode
-    "ar": ("heads", 0, DecodeConfig("ar"), 1),
-    "clp, 4 tokens": ("heads", 0, DecodeConfig("clp"), 4),
-    "verify, 4 tokens": ("heads", 0, DecodeConfig("verify"), 4),
-    "verify --candidates 5, 8 tokens": ("heads", 0, DecodeConfig("verify", candidates=5), 8),
-    **{f"verify --tree-size {n}": ("heads", 0, DecodeConfig("verify", tree_size=n), n + 1) for n in (16, 32, 64)},
-    **{f"{d} verify, 4 tokens": (d, 0, DecodeConfig("verify"), 4) for d in ("tc-depth", "tc-shared")},
-    **{f"tc-depth verify --tree-size {n}": ("tc-depth", 0, DecodeConfig("verify", tree_size=n), n + 1)
+MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as the decode loop feeds each mode
+    "ar": ("heads", 0, 4, DecodeConfig("ar"), 1),
+    "clp, 4 tokens": ("heads", 0, 4, DecodeConfig("clp"), 4),
+    "verify, 4 tokens": ("heads", 0, 4, DecodeConfig("verify"), 4),
+    "verify --candidates 5, 8 tokens": ("heads", 0, 4, DecodeConfig("verify", candidates=5), 8),
+    **{f"verify --tree-size {n}": ("heads", 0, 4, DecodeConfig("verify", tree_size=n), n + 1) for n in (16, 32, 64)},
+    **{f"{d} verify, 4 tokens": (d, 0, 4, DecodeConfig("verify"), 4) for d in ("tc-depth", "tc-shared")},
+    **{f"tc-depth verify --tree-size {n}": ("tc-depth", 0, 4, DecodeConfig("verify", tree_size=n), n + 1)
        for n in (16, 32)},
-    "tc-depth, 32K draft vocab, verify --tree-size 32": ("tc-depth", 32768, DecodeConfig("verify", tree_size=32), 33),
-    "ar --exact": ("heads", 0, DecodeConfig("ar", exact=True), EXACT_WIDTH),
-    "verify --exact": ("heads", 0, DecodeConfig("verify", exact=True), EXACT_WIDTH),
+    "tc-depth, 32K draft vocab, verify --tree-size 32": ("tc-depth", 32768, 4, DecodeConfig("verify", tree_size=32), 33),
+    **{f"tc-shared k={k}, 32K draft vocab, verify --tree-size {n}":
+       ("tc-shared", 32768, k, DecodeConfig("verify", tree_size=n), n + 1) for k in (4, 6) for n in (16, 32, 48, 64)},
+    "ar --exact": ("heads", 0, 4, DecodeConfig("ar", exact=True), EXACT_WIDTH),
+    "verify --exact": ("heads", 0, 4, DecodeConfig("verify", exact=True), EXACT_WIDTH),
 }
-# a plausible shape of held-out hit rates per rank for +2..+4 (timing needs the tree's shape, not its accuracy)
-RANK_PROBS = [[0.5, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01], [0.3, 0.1, 0.05, 0.04, 0.03, 0.02],
-              [0.2, 0.08, 0.05, 0.04, 0.03]]
+# a plausible shape of held-out hit rates per rank for +2..+7 (timing needs the tree's shape, not its accuracy)
+RANK_PROBS = [[0.5, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01], [0.45, 0.1, 0.05, 0.04, 0.03, 0.02],
+              [0.42, 0.08, 0.05, 0.04, 0.03], [0.4, 0.08, 0.05, 0.04], [0.38, 0.08, 0.05], [0.36, 0.08]]
 
 SHAPES = {  # Qwen2.5 published configurations (and a tiny one to try the scripts on a CPU)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -92,25 +95,27 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
     return statistics.median(times)
 
 
-def random_bundle(model, drafter: str, vocab: int) -> MTPBundle:
+def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
     vocab = min(vocab, model.config.vocab_size // 2)  # (the tiny shape has 512 tokens)
-    bundle = MTPBundle.for_backbone(model, k=4, base_model="random weights", has_gates=True, drafter=drafter,
+    bundle = MTPBundle.for_backbone(model, k=k, base_model="random weights", has_gates=True, drafter=drafter,
                                     draft_vocab=vocab)
-    bundle.config.tree = [list(p) for p in best_paths(RANK_PROBS, MAX_TREE)]
+    bundle.config.tree = [list(p) for p in best_paths(RANK_PROBS[: k - 1], MAX_TREE)]
     if vocab:
         bundle.draft_ids.copy_(torch.randperm(model.config.vocab_size)[:vocab])
     return bundle
 
 
-def time_mode_steps(model, context: int, max_len: int, reps: int = 50) -> dict[str, float]:
+def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str | None = None) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
     out, decoders = {}, {}
     with torch.inference_mode():
-        for name, (drafter, vocab, cfg, m) in MODE_STEPS.items():
-            if (drafter, vocab) not in decoders:  # the same 2,048 slots as above
-                decoders = {(drafter, vocab): build_decoder(model, bundle=random_bundle(model, drafter, vocab),
-                                                            engine="fast", max_len=max_len)}
-            dec = decoders[drafter, vocab]
+        for name, (drafter, vocab, k, cfg, m) in MODE_STEPS.items():
+            if only and not re.search(only, name):
+                continue
+            if (drafter, vocab, k) not in decoders:  # the same 2,048 slots as above
+                decoders = {(drafter, vocab, k): build_decoder(model, bundle=random_bundle(model, drafter, vocab, k),
+                                                               engine="fast", max_len=max_len)}
+            dec = decoders[drafter, vocab, k]
             plan, times = dec.plan(cfg), []
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
@@ -128,6 +133,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--unaligned", action="store_true", help="also time max_len + 7 slots, not rounded up")
     ap.add_argument("--modes", action="store_true", help="also time whole steps per decoding mode")
+    ap.add_argument("--only", help="with --modes: only the modes whose name matches this regular expression")
     ap.add_argument("--widths", default="1,2,3,4,5", help="bare-step widths to time, comma-separated")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -148,7 +154,7 @@ def main():
         result[f"ms_per_step_{odd.k_cache.shape[3]}_slots"] = {m: time_width(model, odd, m, args.context)
                                                               for m in widths}
     if args.modes:
-        result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len)
+        result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len, only=args.only)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

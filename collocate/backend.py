@@ -34,6 +34,7 @@ def model_context(model) -> int:
 
 class HFBackend:
     captures = False  # steps run as they are, no graphs
+    compile_on = False  # nor compiled
 
     def __init__(self, model):
         check_supported(model)

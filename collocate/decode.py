@@ -271,7 +271,7 @@ class Decoder:
             heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
         row = kept.row.view(1)
         root = own.index_select(0, row)[0] if probs is None else residual_draw(probs, ids, t, row, u[-1])
-        nxt = self.next_draft(plan, h, row, root, heads)
+        nxt = self.next_draft(plan, h, row, root, heads, compiled=self.backend.compile_on and not prefill)
         fed_next = torch.cat([nxt.root.view(1), nxt.draft])  # the next step's feed
         if plan.verify:  # emit the kept path, then the backbone's token after it
             path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
@@ -325,10 +325,10 @@ class Decoder:
         return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
     def next_draft(self, plan: Plan, h: torch.Tensor, row: torch.Tensor, own: torch.Tensor,
-                   heads: torch.Tensor | None) -> "Next":
+                   heads: torch.Tensor | None, *, compiled: bool = False) -> "Next":
         """The mode's rule at the new root (feed row `row`, shape (1,): index_select, since indexing by a
         0-d tensor reads it on the host), from its hidden row, the backbone's token `own` there and the
-        heads' logits."""
+        heads' logits. compiled: the drafter may compile its work (a step of the compiling backend)."""
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         if plan.mode == "ar":
             return Next(own, zero[None][:0], zero, zero)
@@ -337,7 +337,7 @@ class Decoder:
         if plan.mode == "compete":  # the +1 head's token and then the others': independent heads only
             tokens = pick(heads)
         else:
-            draft = self.drafter.propose(plan.tree, h=h_root, root=own, head_logits=heads)
+            draft = self.drafter.propose(plan.tree, h=h_root, root=own, head_logits=heads, compiled=compiled)
             tokens = draft.tokens
         if plan.verify:
             if plan.adaptive:

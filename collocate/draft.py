@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from .heads import VocabSlice
 from .rules import pick
 
 MAX_TREE = 64  # draft nodes a step can feed (a 64-node step costs 1.2x a 1-token one on the H200, bench/README.md)
@@ -205,7 +205,7 @@ class HeadDrafter:
             return self.bundle.tree(nodes)
         return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
 
-    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
+    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None, compiled=False) -> Draft:
         """(k-1, V) logits of heads +2..+k from the root's row -> a token per node."""
         if tree.is_chain and not any(tree.ranks):  # a chain of argmaxes: no top-k needed
             return Draft(pick(head_logits)[: tree.n], head_logits)
@@ -225,33 +225,41 @@ class TokenDrafter(HeadDrafter):
     def __init__(self, bundle, lm_head, embed):
         super().__init__(bundle)
         self.heads, self.embed = bundle.heads, embed
-        ids = bundle.draft_ids
-        weight = lm_head.weight
-        self.vocab = ids.to(weight.device) if ids is not None else None
-        self.weight = weight.index_select(0, self.vocab) if ids is not None else weight  # (V', d)
-        self.bias = getattr(lm_head, "bias", None)
-        if self.bias is not None and ids is not None:
-            self.bias = self.bias.index_select(0, self.vocab)
+        self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
+        self.lm_head = self.vocab if self.vocab is not None else lm_head  # (r, d) -> (r, V') logits
 
-    def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None) -> Draft:
-        """h (d,) the root's hidden row and root () its token -> a token per node."""
+    def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None,
+                compiled: bool = False) -> Draft:
+        """h (d,) the root's hidden row and root () its token -> a token per node. compiled: each depth
+        through torch.compile, which fuses its small ops (the fast backend's steps, as its layers)."""
         t = tree.tensors(h.device)
+        level = self.compiled_level() if compiled else self.level
         tokens = torch.cat([root.view(1), root.new_zeros(tree.n)])  # by feed row; rows 1.. filled depth by depth
         states = h.new_zeros(tree.n + 1, h.shape[-1])
         chain = []
         for d, lv in enumerate(t.levels):
             before = h[None] if d == 0 else states.index_select(0, lv.parents)  # (r, d) the parents' states
-            s = self.heads.update(before, self.embed(tokens.index_select(0, lv.rows)), d).to(h.dtype)
+            s, logits, best = level(before, tokens.index_select(0, lv.rows), d, lv.top)
             states = states.index_copy(0, lv.rows, s)
-            logits = F.linear(s, self.weight, self.bias)  # (r, V')
-            # a level of argmaxes (a chain) needs no top-k over the vocabulary
-            best = logits.argmax(-1, keepdim=True) if lv.top == 1 else logits.topk(lv.top, dim=-1).indices
             guesses = best[lv.child_of, lv.ranks]  # (children,)
             if self.vocab is not None:
-                guesses = self.vocab.index_select(0, guesses)
+                guesses = self.vocab.ids.index_select(0, guesses)
             tokens = tokens.index_copy(0, lv.children + 1, guesses)
             chain.append(logits[0])
         # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
         # as training computed them)
         full_chain = tree.is_chain and tree.n == self.k - 1
         return Draft(tokens[1:], torch.stack(chain) if full_chain else None)
+
+    def level(self, before: torch.Tensor, tokens: torch.Tensor, depth: int, top: int):
+        """One depth: the parents' states (r, d) updated by their tokens (r,) -> the new states, their
+        logits (r, V') and each row's `top` guesses (r, top), as positions in V'."""
+        s = self.heads.update(before, self.embed(tokens), depth).to(before.dtype)
+        logits = self.lm_head(s)
+        # a level of argmaxes (a chain) needs no top-k over the vocabulary
+        best = logits.argmax(-1, keepdim=True) if top == 1 else logits.topk(top, dim=-1).indices
+        return s, logits, best
+
+    @functools.cache
+    def compiled_level(self):
+        return torch.compile(self.level, fullgraph=True, dynamic=False)

@@ -4,6 +4,7 @@
     logits = heads.logits(h, lm_head)         # (B, T, k-1, V), one matmul through the LM head
     heads = TokenHeads(hidden=576, k=4)        # +j also sees the token chosen at +j-1
     logits = heads.logits(h, lm_head, tokens=y, embed=model.get_input_embeddings())
+    vocab = VocabSlice(lm_head, ids)           # the LM head over a draft vocabulary: (..., len(ids)) logits
 
 Backbone-as-Architect: the backbone's LM head picks token t+1; head j predicts token t+j for
 j = 2..k. `compete=True` adds a head for +1, the head-competition baseline the paper beats.
@@ -125,3 +126,26 @@ class TokenHeads(nn.Module):
 
     def logits(self, h: torch.Tensor, lm_head: nn.Module, *, tokens: torch.Tensor, embed: nn.Module) -> torch.Tensor:
         return lm_head(self(h, tokens=tokens, embed=embed).to(lm_head.weight.dtype))
+
+
+class VocabSlice(nn.Module):
+    """The frozen LM head over some tokens only (a draft vocabulary, most used first): its matmul reads
+    len(ids) rows instead of the whole vocabulary. `local` maps full-vocabulary ids to positions in ids
+    (-100 outside it: never guessed, so not a training target either); `ids[j]` maps back."""
+
+    def __init__(self, lm_head: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        weight = lm_head.weight
+        self.ids = ids.to(weight.device)
+        self.weight = weight.detach().index_select(0, self.ids)  # (V', d)
+        bias = getattr(lm_head, "bias", None)
+        self.bias = bias.detach().index_select(0, self.ids) if bias is not None else None
+        self.index = torch.full((weight.shape[0],), -100, dtype=torch.long, device=weight.device)
+        self.index[self.ids] = torch.arange(len(self.ids), device=weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids (-100 kept) -> positions in the draft vocabulary, -100 outside it."""
+        return torch.where(tokens >= 0, self.index[tokens.clamp(min=0)], tokens)

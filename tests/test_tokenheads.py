@@ -145,3 +145,16 @@ def test_exact_refuses_what_it_cannot_keep(llama):
         DecodeConfig(mode="verify", exact=True, tree_size=EXACT_WIDTH)
     with pytest.raises(DecodeError, match="no room"):  # a prompt at the context's edge
         fast(llama, bundle, max_len=64).generate([5] * 60, DecodeConfig(exact=True))
+
+
+def test_vocab_slice_is_the_lm_head_at_its_tokens(llama):
+    """The draft vocabulary's LM head gives the full head's logits at its tokens; `local` maps ids to
+    positions in it, -100 outside it and for -100 itself (no target)."""
+    from collocate.heads import VocabSlice
+
+    lm = llama.get_output_embeddings()
+    ids = torch.tensor([7, 3, 50, 11])
+    vs = VocabSlice(lm, ids)
+    x = torch.randn(5, lm.weight.shape[1])
+    torch.testing.assert_close(vs(x), lm(x)[:, ids])
+    assert vs.local(torch.tensor([50, 7, 8, -100])).tolist() == [2, 0, -100, -100]

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +124,28 @@ def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
     assert not list((killed / "work" / "data").glob("*.tmp*"))
 
 
+def test_data_grows_keeping_its_answers(tmp_path):
+    """More --samples on a run keeps its prompts and answer shards byte for byte and appends new prompts;
+    any other changed data setting, or a partial last shard, is refused."""
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    run_training(tiny_cfg(tmp_path, model, prompts, samples=12, only="data"))
+    before = shards(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "work" / "data" / "prompts.json").read_text())["ids"]
+    report = run_training(tiny_cfg(tmp_path, model, prompts, samples=24, only="data"))
+    after = shards(tmp_path / "run")
+    grown = json.loads((tmp_path / "run" / "work" / "data" / "prompts.json").read_text())["ids"]
+    assert report["stages"]["data"]["samples"] == 24 and len(after) == 4
+    assert grown[:12] == saved and len({tuple(p) for p in grown}) == 24  # the old prompts first, no repeats
+    for name in before:
+        assert all(torch.equal(before[name][key], after[name][key]) for key in before[name])
+    with pytest.raises(ValueError, match="other data settings"):
+        run_training(tiny_cfg(tmp_path, model, prompts, samples=30, max_new_tokens=20, only="data"))
+    run_training(tiny_cfg(tmp_path, model, prompts, samples=10, out="partial", only="data"))
+    with pytest.raises(ValueError, match="whole number of shards"):
+        run_training(tiny_cfg(tmp_path, model, prompts, samples=24, out="partial", only="data"))
+
+
 def test_data_parallel_training_with_accelerate(tmp_path, trained):
     """Two processes split the shards: the answers are the very same as one process wrote (greedy), the
     loss falls, and one bundle is written."""
@@ -137,8 +160,6 @@ def test_data_parallel_training_with_accelerate(tmp_path, trained):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
-
     report = json.loads((out / "train_report.json").read_text())
     assert report["processes"] == 2
     hist = report["stages"]["heads"]["history"]

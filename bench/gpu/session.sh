@@ -2,7 +2,7 @@
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
 # hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, stepcost,
-# exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# profile SHAPE MODE..., serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -128,9 +128,16 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     ls -la "$OUT" ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
-  stepcost)
-    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --widths "${WIDTHS:-1,2,3,4,5}" ${UNALIGNED:---unaligned} --modes \
-      --out "$R/step_cost_${SHAPE:-7b}.json" ;;
+  stepcost)  # SHAPE, WIDTHS; ONLY: a regular expression of the mode steps to time; UNALIGNED=0: no odd row length
+    python3 bench/step_cost.py --shape "${SHAPE:-7b}" --widths "${WIDTHS:-1,2,3,4,5}" --modes ${ONLY:+--only "$ONLY"} \
+      $([ "${UNALIGNED:-1}" = 1 ] && echo --unaligned) --out "$R/step_cost_${SHAPE:-7b}.json" ;;
+  profile)  # profile SHAPE MODE...: where each mode step's GPU time goes (bench/profile_step.py)
+    for m in "${@:3}"; do
+      echo "== $m" && python3 bench/profile_step.py --shape "${2:?shape}" --mode "$m"
+    done | tee -a "$R/profile_${2}.txt" ;;
+  serveload)  # serveload MODEL RUN MODES: the server on this GPU under 4 clients x 8 requests (bench/serve_load.py)
+    python3 bench/serve_load.py --model "$W/models/${2:?model}" --heads "$W/runs/${3:?run}" --device "$DEVICE" \
+      --clients 4 --requests 8 --max-tokens 128 --modes "${4:?modes}" --out "$R/serve_load_$2.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
   bundles)  # bundles NAME RUN...: the RUNs' bundles (WITH_DATA=1: and their answers) home as NAME.runs.tar.partN,

@@ -21,24 +21,32 @@ from .config import TrainConfig
 
 
 def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
-    """The encoded prompt list, fixed at the first run so a restart sees the very same one."""
+    """The encoded prompt list, fixed at the first run so a restart sees the very same one. A run asked
+    for more --samples than it was started with keeps its prompts (and answers) and appends new ones."""
     path = run / "data" / "prompts.json"
+    kept = []
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["settings"] != cfg.data_settings():
-            raise ValueError(f"{run} was started with other data settings {saved['settings']}; "
-                             "use another --out or the same settings")
-        return saved["ids"]
+        if saved["settings"] == cfg.data_settings():
+            return saved["ids"]
+        if not can_grow(saved["settings"], cfg):
+            raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another "
+                             "--out or the same settings (only --samples may grow, from a whole number of shards)")
+        kept = saved["ids"]
     from ..data import encode, suite_prompts, training_prompts
 
     def usable(texts):
         return [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
 
+    def fresh(ids):  # prompts not in the list already (a grown run asks a bigger pool, which holds them too)
+        seen = {tuple(p) for p in kept}
+        return kept + [p for p in ids if tuple(p) not in seen]
+
     if cfg.prompts_file:
-        ids = usable(p.text for p in suite_prompts(cfg.prompts_file))
+        ids = fresh(usable(p.text for p in suite_prompts(cfg.prompts_file)))
     else:  # spare prompts for the length filter; a bigger pool where too few fit (most code windows are long)
         for factor in (2, 4, 8):
-            ids = usable(training_prompts(cfg.samples * factor, mix=cfg.mix, seed=cfg.seed))
+            ids = fresh(usable(training_prompts(cfg.samples * factor, mix=cfg.mix, seed=cfg.seed)))
             if len(ids) >= cfg.samples or not cfg.mix:  # (without a mix, ShareGPT's ~8.9K turns are all there is)
                 break
     if len(ids) < cfg.samples:
@@ -48,6 +56,14 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
     if is_main():
         write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))
     return ids[: cfg.samples]
+
+
+def can_grow(saved: dict, cfg: TrainConfig) -> bool:
+    """A run's answers extend to more --samples when nothing else changed and its shards are whole (a new
+    prompt never lands in a shard that exists)."""
+    now = cfg.data_settings()
+    same = {k: v for k, v in saved.items() if k != "samples"} == {k: v for k, v in now.items() if k != "samples"}
+    return same and now["samples"] > saved["samples"] and saved["samples"] % cfg.shard_size == 0
 
 
 def shard_path(run: Path, i: int) -> Path:

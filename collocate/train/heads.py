@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
+from ..heads import VocabSlice
 from .common import say
 from .config import TrainConfig
 from .features import Features, shard_features
@@ -28,10 +29,14 @@ def head_loss(heads, offsets: list[int], lm_head, h: torch.Tensor, targets: torc
     """CE of every head against its offset's token; + KL to the backbone's own distribution there.
 
     `heads` maps (B, d) -> (B, n_heads, d): the heads module or its data-parallel wrapper. Token-conditioned
-    heads see the backbone's own tokens t+1.. (teacher forcing: a draft path is only kept where it is right)."""
+    heads see the backbone's own tokens t+1.. (teacher forcing: a draft path is only kept where it is right).
+    `lm_head` a VocabSlice: the loss is over the draft vocabulary, what decoding drafts from (a token
+    outside it is never drafted, so it is no target), and each step reads a fraction of the LM head."""
     states = heads(h, tokens=targets[:, :-1], embed=embed)
     logits = lm_head(states.to(lm_head.weight.dtype)).float()  # (B, n_heads, V): one matmul
     tgt = targets[:, [o - 1 for o in offsets]]  # (B, n_heads)
+    if isinstance(lm_head, VocabSlice):
+        tgt = lm_head.local(tgt)
     loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
     if cfg.kl_weight and teacher_h is not None:
         valid = tgt.flatten() != -100
@@ -51,6 +56,8 @@ def teacher_rows(feats: Features, rows: torch.Tensor, offsets: list[int]) -> tor
 def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel) -> dict:
     lm_head = model.get_output_embeddings()
     device = lm_head.weight.device
+    if bundle.draft_ids is not None:
+        lm_head = VocabSlice(lm_head, bundle.draft_ids)
     opt = torch.optim.AdamW(bundle.heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     heads, opt = accel.prepare(bundle.heads, opt)
     ckpt = run / "heads-ckpt.pt"

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
 from ..clp import CLP, Gates, head_confidence
+from ..heads import VocabSlice
 from ..rules import leading_true, span_at_threshold
 from .common import is_main
 from .config import TrainConfig
@@ -43,10 +44,9 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
     """Head outputs at every position of the shards (or an even random sample of `limit` of them)."""
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     device = lm_head.weight.device
-    outside = None  # tokens a draft vocabulary leaves out: never guessed, as in decoding
+    vocab = None  # a draft vocabulary: guesses from its tokens only, as in decoding
     if bundle.draft_ids is not None:
-        outside = torch.ones(lm_head.weight.shape[0], dtype=torch.bool, device=device)
-        outside[bundle.draft_ids.to(device)] = False
+        vocab = lm_head = VocabSlice(lm_head, bundle.draft_ids)
     parts, g = [], torch.Generator().manual_seed(seed)
     per_shard = math.ceil(limit / len(ids)) if limit else None
     for i in tqdm(ids, desc="policies: head outputs", unit="shard", disable=not is_main()):
@@ -57,10 +57,10 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
         for rows in keep.split(batch):
             h = feats.hidden[rows].to(device, torch.float32)
             chosen = feats.targets[rows, : bundle.k - 1].to(device)  # y_1..y_{k-1}: what token-conditioned heads see
-            logits = bundle.heads.logits(h, lm_head, tokens=chosen, embed=embed).float()
-            if outside is not None:
-                logits = logits.masked_fill(outside, float("-inf"))
+            logits = bundle.heads.logits(h, lm_head, tokens=chosen, embed=embed).float()  # (B, n_heads, V')
             tgt = tgt_all[rows].to(device)
+            if vocab is not None:  # positions in the draft vocabulary; a token outside it (-1) is a miss
+                tgt = torch.where(tgt >= 0, vocab.index[tgt.clamp(min=0)].clamp(min=-1), tgt)
             hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n_heads, RANKS)
             rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
             parts.append((feats.hidden[rows], head_confidence(logits).cpu(), (rank == 0).cpu(), (rank < 5).cpu(),
