@@ -230,8 +230,8 @@ class Decoder:
         self.model = backend.model
         self.lm_head = self.model.get_output_embeddings()
         self.device = self.lm_head.weight.device
-        if bundle is not None:
-            bundle.to(self.device)
+        if bundle is not None:  # in the backbone's dtype: float32 heads would run as slow float32 GEMVs
+            bundle.to(self.device, self.lm_head.weight.dtype)
             self.drafter = TokenDrafter(bundle, self.lm_head, self.model.get_input_embeddings()) \
                 if bundle.token_conditioned else HeadDrafter(bundle)
         self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, tokenizer))
