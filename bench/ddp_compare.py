@@ -21,10 +21,15 @@ def summary(run: Path) -> dict:
             "answers_per_s": stages["data"]["samples"] / max(stages["data"]["seconds"], 1e-9),
             "answer_tokens_per_s": stages["data"]["answer_tokens"] / max(stages["data"]["seconds"], 1e-9),
             "head_steps": stages["heads"].get("steps"),
-            "head_positions_per_s": stages["heads"]["steps"] * report["config"]["batch"] * report["processes"]
-            / max(stages["heads"]["seconds"], 1e-9),
+            "head_positions_per_s": head_positions(report) / max(stages["heads"]["seconds"], 1e-9),
             "heldout_top1": {o: v["top1"] for o, v in report["heldout_head_accuracy"].items()},
             "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in shards}}
+
+
+def head_positions(report: dict) -> int:
+    """Positions the head training went through: optimiser steps times the global batch (--batch)."""
+    cfg = report["config"]
+    return report["stages"]["heads"]["steps"] * cfg["batch"] * cfg["grad_accum"]
 
 
 def main() -> int:

@@ -108,11 +108,14 @@ def stdlib_files(*, min_lines: int = 40) -> list[Path]:
 
 def stdlib_snippets(n: int, *, seed: int = 0, lines: int = 30) -> list[str]:
     """Windows of real Python source, each starting at a def or class."""
-    rng, out = random.Random(seed), []
+    rng, out, sources = random.Random(seed), [], {}
     files = stdlib_files()
     while len(out) < n and files:
-        src = rng.choice(files).read_text(errors="replace").splitlines()
-        starts = [i for i, line in enumerate(src) if re.match(r"\s*(def|class) ", line)]
+        path = rng.choice(files)
+        if path not in sources:  # each file read once: a pool of 100K windows draws from ~200 files
+            src = path.read_text(errors="replace").splitlines()
+            sources[path] = src, [i for i, line in enumerate(src) if re.match(r"\s*(def|class) ", line)]
+        src, starts = sources[path]
         if starts:
             i = rng.choice(starts)
             out.append("\n".join(src[i:i + lines]))

@@ -165,7 +165,11 @@ def test_data_parallel_training_with_accelerate(tmp_path, trained):
     hist = report["stages"]["heads"]["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     MTPBundle.from_pretrained(out)  # the same bundle format
-    _, single, _ = trained  # the same model, prompts and data settings, one process
+    _, single, single_report = trained  # the same model, prompts and data settings, one process
+    # --batch is the global batch: two processes take the single run's optimiser steps (give or take one
+    # where a shard's even split leaves a position out), not half of them
+    steps, single_steps = report["stages"]["heads"]["steps"], single_report["stages"]["heads"]["steps"]
+    assert single_steps >= 9 and abs(steps - single_steps) <= 1, (steps, single_steps)
     shards = sorted((out / "work" / "data").glob("shard-*.safetensors"))
     assert len(shards) == 4
     for shard in shards:

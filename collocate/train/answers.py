@@ -35,18 +35,24 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
         kept = saved["ids"]
     from ..data import encode, suite_prompts, training_prompts
 
-    def usable(texts):
-        return [p for p in (encode(tokenizer, t, chat=cfg.chat) for t in texts) if len(p) <= cfg.max_prompt_tokens]
-
-    def fresh(ids):  # prompts not in the list already (a grown run asks a bigger pool, which holds them too)
-        seen = {tuple(p) for p in kept}
-        return kept + [p for p in ids if tuple(p) not in seen]
+    def usable(texts) -> list[list[int]]:
+        """The kept prompts, then the pool's prompts that fit and are new, in pool order, encoded only until
+        there are enough (encoding a pool of 100K prompts took minutes)."""
+        ids, seen = list(kept), {tuple(p) for p in kept}
+        for text in texts:
+            p = encode(tokenizer, text, chat=cfg.chat)
+            if len(p) <= cfg.max_prompt_tokens and tuple(p) not in seen:  # a repeated prompt: a repeated answer
+                ids.append(p)
+                seen.add(tuple(p))
+                if len(ids) == cfg.samples:
+                    break
+        return ids
 
     if cfg.prompts_file:
-        ids = fresh(usable(p.text for p in suite_prompts(cfg.prompts_file)))
+        ids = usable(p.text for p in suite_prompts(cfg.prompts_file))
     else:  # spare prompts for the length filter; a bigger pool where too few fit (most code windows are long)
         for factor in (2, 4, 8):
-            ids = fresh(usable(training_prompts(cfg.samples * factor, mix=cfg.mix, seed=cfg.seed)))
+            ids = usable(training_prompts(cfg.samples * factor, mix=cfg.mix, seed=cfg.seed))
             if len(ids) >= cfg.samples or not cfg.mix:  # (without a mix, ShareGPT's ~8.9K turns are all there is)
                 break
     if len(ids) < cfg.samples:

@@ -44,7 +44,7 @@ class TrainConfig:
                                               "curve of accuracy against data on one held-out set)", type=int)
     epochs: int = setting(2, "head-training epochs")
     lr: float = setting(1e-3, "head learning rate (AdamW, warm-up then cosine)")
-    batch: int = setting(512, "positions per head-training batch")
+    batch: int = setting(512, "positions per head-training batch, over all processes (N GPUs take 1/N each)")
     grad_accum: int = setting(1, "batches per optimiser step")
     warmup: float = setting(0.05, "share of head-training steps spent warming up")
     kl_weight: float = setting(0.0, "weight of a KL term to the backbone's own distribution")

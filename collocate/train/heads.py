@@ -69,10 +69,13 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
         epoch0, history = state["epoch"], state["history"]
         say(f"resuming head training after epoch {epoch0}")
     sizes = [len(shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden).hidden) for i in train_ids]
-    steps_per_epoch = sum(math.ceil(n // accel.num_processes / cfg.batch) for n in sizes) // cfg.grad_accum
+    rank, world = accel.process_index, accel.num_processes
+    # --batch is the global batch: N processes take a share each and average their gradients, so a run on
+    # N GPUs takes the steps, and learns what, a run on one takes
+    share = max(1, cfg.batch // world)  # positions per process and step
+    steps_per_epoch = sum(math.ceil(n // world / share) for n in sizes) // cfg.grad_accum
     total = max(1, steps_per_epoch * cfg.epochs)
     step, start = epoch0 * steps_per_epoch, time.perf_counter()
-    rank, world = accel.process_index, accel.num_processes
     for epoch in range(epoch0, cfg.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = [train_ids[j] for j in torch.randperm(len(train_ids), generator=g)]
@@ -83,7 +86,7 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
             feats = shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
             perm = torch.randperm(len(feats.hidden), generator=g)
             mine = perm[: len(perm) // world * world][rank::world]  # equal shares: DDP needs equal step counts
-            for rows in mine.split(cfg.batch):
+            for rows in mine.split(share):
                 bar.update(len(rows) * world)
                 h = feats.hidden[rows].to(device, torch.float32)
                 th = teacher_rows(feats, rows, bundle.heads.offsets).to(device) if cfg.kl_weight else None
