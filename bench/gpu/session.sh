@@ -126,14 +126,24 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   answers)  # answers NAME RUN: a run's answers (token shards, manifest) home as NAME.data.tar.partN, 15 MiB pieces
     tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"
     ls -la "$OUT" ;;
-  ddp)  # ddp MODEL NAME SAMPLES: one training on GPU 0, the same on every GPU (accelerate), then compared
-    gpus=$(nvidia-smi -L | wc -l) name=${3:?name}
-    args=(--model "${2:?model}" --samples "${4:-1024}" --shard-size 128 --gen-batch 128 --k 4 --epochs 2
-          ${PROMPTS:+--prompts "$PROMPTS"})
-    CUDA_VISIBLE_DEVICES=0 cli train "${args[@]}" --out "$W/runs/$name-1gpu" > "$W/ddp-$name-1.log" 2>&1
-    python3 -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1 --mixed_precision bf16 \
-      --dynamo_backend no -m collocate.cli train "${args[@]}" --out "$W/runs/$name-${gpus}gpu" > "$W/ddp-$name-$gpus.log" 2>&1
-    python3 bench/ddp_compare.py "$W/runs/$name-1gpu" "$W/runs/$name-${gpus}gpu" | tee "$R/ddp-$name-$gpus.json" ;;
+  ddp)  # ddp MODEL NAME SAMPLES: the same training on GPU 0 twice (is one GPU repeatable?), on every GPU
+    # (accelerate), and on every GPU killed during its data stage and resumed; compared by bench/ddp_compare.py
+    gpus=${GPUS:-$(nvidia-smi -L | wc -l)} name=${3:?name} shard=${SHARD:-128}  # (GPUS, SHARD: a CPU dry run)
+    args=(--model "${2:?model}" --samples "${4:-1024}" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2
+          ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-})
+    one() { CUDA_VISIBLE_DEVICES=0 cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
+    all() { python3 -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1 \
+      --mixed_precision bf16 --dynamo_backend no -m collocate.cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
+    one "$name-1gpu"; one "$name-1gpu-again"; all "$name-${gpus}gpu"
+    all "$name-killed" & sleep 1
+    until [ "$(ls "$W/runs/$name-killed/work/data/" 2>/dev/null | grep -c '^shard-.*safetensors$')" -ge 2 ]; do sleep 1; done
+    pkill -9 -f "runs/$name-killed" || true; wait || true
+    echo "killed with $(ls "$W/runs/$name-killed/work/data/" | grep -c '^shard-.*safetensors$') shards; resuming"
+    all "$name-killed"
+    for pair in "1gpu 1gpu-again repeat" "1gpu ${gpus}gpu $gpus" "${gpus}gpu killed resumed"; do
+      set -- $pair
+      python3 bench/ddp_compare.py "$W/runs/$name-$1" "$W/runs/$name-$2" | tee "$R/ddp-$name-$3.json"
+    done ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
   stepcost)  # SHAPE, WIDTHS; ONLY: a regular expression of the mode steps to time; UNALIGNED=0: no odd row length
