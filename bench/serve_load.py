@@ -36,7 +36,7 @@ def request_fields(spec: str) -> dict:
 
     m = parse_mode(spec, None)
     fields = {"mode": m.mode, "threshold": m.threshold, "candidates": m.candidates if m.candidates > 1 else None,
-              "tree_size": m.tree_size, "adaptive": m.adaptive or None}
+              "tree_size": m.tree_size, "tree_depth": m.tree_depth, "adaptive": m.adaptive or None}
     return {k: v for k, v in fields.items() if v is not None}
 
 

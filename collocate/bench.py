@@ -4,8 +4,9 @@
 
 Writes results.json (every prompt, every mode), results.md (one row per mode, the paper's numbers
 beside it) and speed_quality.png. Speedups are against our own `ar` in the same run.
-Mode specs: ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN, hf (HF generate), hf-static
-(HF generate with a static cache); append `@T` to set a threshold, e.g. clp@0.8.
+Mode specs: ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN, verify-tNdD (an N-node
+tree at most D deep), hf (HF generate), hf-static (HF generate with a static cache); append `@T` to set a
+threshold, e.g. clp@0.8.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class ModeSpec:
     adaptive: bool = False
     candidates: int = 1
     tree_size: int | None = None
+    tree_depth: int | None = None
 
 
 def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
@@ -67,12 +69,15 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
         return ModeSpec(spec, "verify", threshold, adaptive=True)
     if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
         return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
-    if name.startswith("verify-t") and name[len("verify-t"):].isdigit():  # verify-t16: a 16-node tree
-        return ModeSpec(spec, "verify", threshold, tree_size=int(name[len("verify-t"):]))
+    size, _, depth = name[len("verify-t"):].partition("d")
+    if name.startswith("verify-t") and size.isdigit() and (depth.isdigit() or not depth):  # verify-t16: a 16-node
+        return ModeSpec(spec, "verify", threshold, tree_size=int(size),  # tree; verify-t48d3: at most 3 deep
+                        tree_depth=int(depth) if depth else None)
     known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
     if name not in known:
         raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
-                         "verify-cN (N candidates for the first draft), verify-tN (an N-node tree)")
+                         "verify-cN (N candidates for the first draft), verify-tN (an N-node tree), "
+                         "verify-tNdD (an N-node tree at most D deep)")
     return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
 
 
@@ -97,7 +102,8 @@ def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: 
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
     cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size, exact=exact,
+                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size,
+                       tree_depth=spec.tree_depth, exact=exact,
                        max_wrong=max_wrong if spec.mode == "clp" and spec.threshold is None else None)
     return dec.generate(ids, cfg)
 

@@ -53,6 +53,7 @@ class DecodeConfig:
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
     tree_size: int | None = None  # verify: draft the bundle's best tree of this many nodes
+    tree_depth: int | None = None  # with tree_size: the best tree whose paths are at most this deep
     exact: bool = False  # every step at one width (EXACT_WIDTH rows): verify bitwise equal to ar in any dtype
     temperature: float = 0.0  # 0: greedy; > 0: sample (verify: speculative sampling, ar's distribution)
     top_k: int = 0  # sampling: keep the k likeliest tokens (0: all)
@@ -82,6 +83,9 @@ class DecodeConfig:
             raise DecodeError(f"tree size counts draft nodes and must lie in 1..{MAX_TREE}, got {self.tree_size}")
         if self.tree_size and (self.mode != "verify" or self.adaptive or self.candidates > 1):
             raise DecodeError("--tree-size applies to mode 'verify' without --adaptive or --candidates only")
+        if self.tree_depth is not None and (self.tree_depth < 1 or not self.tree_size):
+            raise DecodeError(f"--tree-depth (>= 1) limits a --tree-size tree; got depth {self.tree_depth} "
+                              f"with tree size {self.tree_size}")
         if self.exact and self.mode not in ("ar", "verify"):
             raise DecodeError("--exact applies to the lossless modes, ar and verify")
         if not 0.0 <= self.temperature <= 100.0:
@@ -368,7 +372,7 @@ class Decoder:
                       top_p=cfg.temperature > 0 and cfg.top_p < 1)
         if cfg.mode == "ar":
             return Plan("ar", DraftTree(()), exact=cfg.exact, **sample)
-        tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0)
+        tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0, depth=cfg.tree_depth)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
         return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and self.threshold_of(cfg) is None,
                     exact=cfg.exact, **sample)

@@ -200,9 +200,9 @@ class HeadDrafter:
         self.bundle = bundle
         self.k = bundle.k
 
-    def tree(self, *, candidates: int = 1, nodes: int = 0) -> DraftTree:
+    def tree(self, *, candidates: int = 1, nodes: int = 0, depth: int | None = None) -> DraftTree:
         if nodes:
-            return self.bundle.tree(nodes)
+            return self.bundle.tree(nodes, depth=depth)
         return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
 
     def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None, compiled=False) -> Draft:

@@ -63,7 +63,7 @@ def test_token_conditioned_verify_is_lossless_on_both_backends(make, design):
     model = make()
     bundle = tc_bundle(model, design, vocab=60 if design == "tc-shared" else 0)
     ref, dec = eager(model, bundle), fast(model, bundle)
-    configs = [dict(), dict(adaptive=True), dict(candidates=4), dict(tree_size=24)]
+    configs = [dict(), dict(adaptive=True), dict(candidates=4), dict(tree_size=24), dict(tree_size=24, tree_depth=2)]
     for p in prompts(4, seed=5):
         ar = ref.generate(p, DecodeConfig(max_new_tokens=40)).tokens
         for extra in configs:
@@ -100,6 +100,17 @@ def test_tree_is_stored_best_first_and_cut_by_tree_size(tmp_path, llama):
     for bad in (0, -3, 65):
         with pytest.raises(DecodeError, match=r"tree size .* 1\.\.64"):
             DecodeConfig(mode="verify", tree_size=bad)
+    # --tree-depth: the stored paths no deeper than that, best first; too few stored: chosen afresh from
+    # the held-out rank statistics, and without them the tree is smaller
+    assert loaded.tree(3, depth=2) == DraftTree.from_paths([(0,), (0, 0), (1,)])
+    shallow = bundle.tree(4, depth=1)  # (the report's statistics are in memory here, not saved)
+    assert shallow.n == 4 and shallow.max_depth == 1 and shallow.ranks == (0, 1, 2, 3)
+    assert loaded.tree(4, depth=1) == DraftTree.from_paths([(0,), (1,)])
+    with pytest.raises(BundleError, match=r"tree depth must lie in 1\.\.3"):
+        loaded.tree(8, depth=4)
+    for bad in (dict(tree_size=8, tree_depth=0), dict(tree_depth=2)):
+        with pytest.raises(DecodeError, match="--tree-depth"):
+            DecodeConfig(mode="verify", **bad)
 
 
 def test_bundle_format_2_round_trip_and_unknown_drafter(tmp_path, llama):
