@@ -227,13 +227,15 @@ class TokenDrafter(HeadDrafter):
         self.heads, self.embed = bundle.heads, embed
         self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
         self.lm_head = self.vocab if self.vocab is not None else lm_head  # (r, d) -> (r, V') logits
+        # compiled on first call, once per depth and row count (the fast backend's steps use it)
+        self.compiled_level = torch.compile(self.level, fullgraph=True, dynamic=False)
 
     def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None,
                 compiled: bool = False) -> Draft:
         """h (d,) the root's hidden row and root () its token -> a token per node. compiled: each depth
         through torch.compile, which fuses its small ops (the fast backend's steps, as its layers)."""
         t = tree.tensors(h.device)
-        level = self.compiled_level() if compiled else self.level
+        level = self.compiled_level if compiled else self.level
         tokens = torch.cat([root.view(1), root.new_zeros(tree.n)])  # by feed row; rows 1.. filled depth by depth
         states = h.new_zeros(tree.n + 1, h.shape[-1])
         chain = []
@@ -259,7 +261,3 @@ class TokenDrafter(HeadDrafter):
         # a level of argmaxes (a chain) needs no top-k over the vocabulary
         best = logits.argmax(-1, keepdim=True) if top == 1 else logits.topk(top, dim=-1).indices
         return s, logits, best
-
-    @functools.cache
-    def compiled_level(self):
-        return torch.compile(self.level, fullgraph=True, dynamic=False)
