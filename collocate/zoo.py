@@ -207,16 +207,21 @@ def pick_device(device: str | torch.device) -> str | torch.device:
 
 
 def load_backbone(
-    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ) -> Backbone:
-    """Load model + tokenizer, eval mode, every parameter frozen."""
+    """Load model + tokenizer, eval mode, every parameter frozen. device_map (e.g. "auto"): the layers
+    spread over every visible GPU by accelerate, for a backbone too big for one (device is then unused)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, kwargs = resolve(name_or_path)
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    placed = {"device_map": device_map} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placed, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model.hf_quantizer = None
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return Backbone(model, tokenizer, name_or_path)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -144,6 +145,18 @@ def test_data_grows_keeping_its_answers(tmp_path):
     run_training(tiny_cfg(tmp_path, model, prompts, samples=10, out="partial", only="data"))
     with pytest.raises(ValueError, match="whole number of shards"):
         run_training(tiny_cfg(tmp_path, model, prompts, samples=24, out="partial", only="data"))
+
+
+def test_device_map_training_gives_the_same_answers(tmp_path, trained):
+    """--device-map auto (a backbone spread over the GPUs by accelerate; here all of it on the CPU) runs
+    every stage and writes the very answers of a plain run."""
+    tmp, single, _ = trained
+    cfg = dataclasses.replace(single, out=str(tmp_path / "mapped"), device_map="auto", epochs=1)
+    report = run_training(cfg)
+    assert report["stages"]["heads"]["steps"] > 0 and MTPBundle.from_pretrained(cfg.out).k == single.k
+    assert shards(cfg.out).keys() == shards(single.out).keys()
+    for name, tensors in shards(cfg.out).items():
+        assert all(torch.equal(t, shards(single.out)[name][key]) for key, t in tensors.items())
 
 
 def test_data_parallel_training_with_accelerate(tmp_path, trained):

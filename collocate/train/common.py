@@ -32,3 +32,10 @@ def is_main() -> bool:
 def say(msg: str) -> None:
     if is_main():
         tqdm.write(f"collocate train: {msg}")
+
+
+def embedding_for(embed):
+    """The input embedding as a function that answers on the device of the ids it is given: with
+    --device-map the embedding and the LM head (where the heads train) may sit on different GPUs."""
+    where = embed.weight.device
+    return lambda ids: embed(ids.to(where)).to(ids.device)

@@ -36,6 +36,9 @@ class TrainConfig:
     max_new_tokens: int = setting(192, "answer length of the distilled data", data=True)
     max_prompt_tokens: int = setting(256, "longer prompts are skipped", data=True)
     gen_batch: int = setting(64, "answers generated at once")
+    device_map: str | None = setting(None, "a backbone too big for one GPU: 'auto' spreads its layers over every "
+                                           "visible GPU in one process (answers, features); heads train on the "
+                                           "LM head's GPU", type=str)
     gen_static: bool = setting(False, "data stage: HF generate with a static cache, every prompt padded to "
                                       "max-prompt-tokens, so CUDA compiles it once; same answers")
     shard_size: int = setting(128, "answers per shard (the unit of resuming)", data=True)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
 from ..heads import VocabSlice
-from .common import say
+from .common import embedding_for, say
 from .config import TrainConfig
 from .features import Features, shard_features
 
@@ -54,7 +54,7 @@ def teacher_rows(feats: Features, rows: torch.Tensor, offsets: list[int]) -> tor
 
 
 def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel) -> dict:
-    lm_head = model.get_output_embeddings()
+    lm_head, embed = model.get_output_embeddings(), embedding_for(model.get_input_embeddings())
     device = lm_head.weight.device
     if bundle.draft_ids is not None:
         lm_head = VocabSlice(lm_head, bundle.draft_ids)
@@ -92,7 +92,7 @@ def train_heads(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, train_ids
                 th = teacher_rows(feats, rows, bundle.heads.offsets).to(device) if cfg.kl_weight else None
                 with accel.autocast():
                     loss = head_loss(heads, bundle.heads.offsets, lm_head, h, feats.targets[rows].to(device),
-                                     cfg, th, model.get_input_embeddings()) / cfg.grad_accum
+                                     cfg, th, embed) / cfg.grad_accum
                 accel.backward(loss)
                 micro += 1
                 if micro % cfg.grad_accum == 0:

@@ -32,7 +32,10 @@ def run_training(cfg: TrainConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     device = accel.device
     # bf16 everywhere: CPUs with AVX512-BF16/AMX run it several times faster than float32
-    backbone = load_backbone(cfg.model, dtype=torch.bfloat16, device=device)
+    if cfg.device_map and accel.num_processes > 1:
+        raise ValueError("--device-map spreads one backbone over the GPUs in one process; launch one process, "
+                         "not several")
+    backbone = load_backbone(cfg.model, dtype=torch.bfloat16, device=device, device_map=cfg.device_map)
     model, tokenizer = backbone
     report = {"config": asdict(cfg), "device": device_name(device), "processes": accel.num_processes, "stages": {}}
 

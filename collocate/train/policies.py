@@ -14,7 +14,7 @@ from ..bundle import MTPBundle
 from ..clp import CLP, Gates, head_confidence
 from ..heads import VocabSlice
 from ..rules import leading_true, span_at_threshold
-from .common import is_main
+from .common import embedding_for, is_main
 from .config import TrainConfig
 from .features import shard_features
 
@@ -42,7 +42,7 @@ class PolicyData:
 def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list[int], *, batch: int = 1024,
                 limit: int | None = None, seed: int = 0) -> PolicyData:
     """Head outputs at every position of the shards (or an even random sample of `limit` of them)."""
-    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    lm_head, embed = model.get_output_embeddings(), embedding_for(model.get_input_embeddings())
     device = lm_head.weight.device
     vocab = None  # a draft vocabulary: guesses from its tokens only, as in decoding
     if bundle.draft_ids is not None:
