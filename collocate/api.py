@@ -9,7 +9,8 @@
 
 A text prompt goes through the model's chat template (chat=False feeds it raw); a list of token ids is
 fed as it is. Options are DecodeConfig's fields (mode, max_new_tokens, threshold, adaptive, candidates,
-tree_size, tree_depth, exact, stop), given as keywords or as a DecodeConfig. The streamed pieces join to the result's text.
+tree_size, tree_depth, exact, stop, ...), given as keywords or as a DecodeConfig. The streamed pieces join
+to the result's text.
 """
 from __future__ import annotations
 

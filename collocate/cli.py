@@ -64,8 +64,8 @@ def decode_config(args, mode: str, *, side_by_side: bool = False):
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
                         adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
                         max_wrong=args.max_wrong if mode == "clp" or not side_by_side else None,
-                        tree_size=args.tree_size, tree_depth=args.tree_depth, exact=args.exact, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                        tree_size=args.tree_size, tree_depth=args.tree_depth, exact=args.exact,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_generate(args) -> int:
@@ -240,8 +240,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree_size=None, tree_depth=None, stop=None,
-                   exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree_size=None, tree_depth=None,
+                   stop=None, exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)

@@ -205,8 +205,10 @@ class HeadDrafter:
             return self.bundle.tree(nodes, depth=depth)
         return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
 
-    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None, compiled=False) -> Draft:
-        """(k-1, V) logits of heads +2..+k from the root's row -> a token per node."""
+    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None,
+                compiled: bool = False) -> Draft:
+        """(k-1, V) logits of heads +2..+k from the root's row -> a token per node (compiled: unused here,
+        the heads ran with the LM head)."""
         if tree.is_chain and not any(tree.ranks):  # a chain of argmaxes: no top-k needed
             return Draft(pick(head_logits)[: tree.n], head_logits)
         t = tree.tensors(head_logits.device)

@@ -5,8 +5,8 @@
     client.chat.completions.create(model="qwen2.5-coder-1.5b", messages=[...], extra_body={"mode": "verify"})
 
 POST /v1/chat/completions and /v1/completions (with `stream`: server-sent events), GET /v1/models and
-/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `candidates`, `tree_size`, `tree_depth`,
-`adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per forward pass) and `steps`. Requests
+/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `candidates`, `tree_size`,
+`tree_depth`, `adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per forward pass) and `steps`. Requests
 take turns on the one engine (an asyncio lock, first come first served); a streamed answer runs one
 step per thread hop, so a client that goes away frees the engine at the next step. Bad input gets an
 OpenAI-style JSON error with a 4xx status, and the server keeps serving.
@@ -103,8 +103,8 @@ def decode_config(req: Options, served: Served) -> DecodeConfig:
     return DecodeConfig(mode=req.mode or served.default_mode, max_new_tokens=max_tokens or served.default_max_tokens,
                         threshold=req.threshold, max_wrong=req.max_wrong, adaptive=req.adaptive,
                         candidates=req.candidates,
-                        tree_size=req.tree_size, tree_depth=req.tree_depth, exact=req.exact, temperature=req.temperature,
-                        top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
+                        tree_size=req.tree_size, tree_depth=req.tree_depth, exact=req.exact,
+                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
 
 
 def usage(n_prompt: int, r: DecodeResult) -> dict:
