@@ -60,7 +60,7 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
             logits = bundle.heads.logits(h, lm_head, tokens=chosen, embed=embed).float()  # (B, n_heads, V')
             tgt = tgt_all[rows].to(device)
             if vocab is not None:  # positions in the draft vocabulary; a token outside it (-1) is a miss
-                tgt = torch.where(tgt >= 0, vocab.index[tgt.clamp(min=0)].clamp(min=-1), tgt)
+                tgt = torch.where(tgt >= 0, vocab.local(tgt).clamp(min=-1), tgt)
             hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n_heads, RANKS)
             rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
             parts.append((feats.hidden[rows], head_confidence(logits).cpu(), (rank == 0).cpu(), (rank < 5).cpu(),
