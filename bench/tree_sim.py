@@ -26,6 +26,7 @@ import torch
 from collocate import data
 from collocate.bundle import MTPBundle
 from collocate.draft import DraftTree, TokenDrafter
+from collocate.rules import longest_accepted
 from collocate.zoo import load_backbone
 
 
@@ -41,16 +42,12 @@ def answers(model, tokenizer, prompts, max_new: int):
 
 
 def static_accepted(drafter, tree, h, root, truth) -> int:
-    """Accepted drafts of a static tree: the deepest node whose path spells truth[0..]."""
-    tokens = drafter.propose(tree, h=h, root=root).tokens.tolist()
-    depth_ok = {0: True}  # feed row -> on the true path so far
-    best = 0
-    for i, parent in enumerate(tree.parents):
-        d = tree.depths[i + 1]
-        ok = depth_ok.get(parent, False) and d <= len(truth) and tokens[i] == truth[d - 1]
-        depth_ok[i + 1] = ok
-        best = max(best, d if ok else 0)
-    return best
+    """Accepted drafts of a static tree, by the decoder's own rule: as if the backbone's token after every
+    row at depth d were truth[d] (a row off the true path never has its children kept anyway)."""
+    draft = drafter.propose(tree, h=h, root=root).tokens
+    t = tree.tensors(draft.device)
+    truth = torch.tensor((list(truth) + [-1] * (tree.max_depth + 1))[: tree.max_depth + 1])
+    return int(longest_accepted(truth[t.depths], torch.cat([root.view(1), draft]), t).count)
 
 
 def dynamic_accepted(drafter, h, root, truth, *, nodes: int, expand: int, width: int, depths: int) -> int:
