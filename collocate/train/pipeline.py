@@ -76,8 +76,8 @@ def run_training(cfg: TrainConfig) -> dict:
         bundle.heads.eval()
         t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held))
-        rank_probs = [v["rank_probs"] for v in report["heldout_head_accuracy"].values() if "rank_probs" in v]
-        bundle.config.tree = [list(p) for p in best_paths(rank_probs[-(cfg.k - 1):], MAX_TREE)]
+        bundle.heldout = report["heldout_head_accuracy"]  # the tree from the held-out ranks, as a bundle reads them
+        bundle.config.tree = [list(p) for p in best_paths(bundle.rank_probs(), MAX_TREE)]
         if cfg.draft_vocab:
             report["draft_vocab_coverage"] = vocab_coverage(model, run, held, bundle.draft_ids, cfg)
         report["stages"]["policies"] = {"seconds": add_stage_time(run, "policies", time.perf_counter() - t0)}
