@@ -40,6 +40,9 @@ MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as t
     "tc-depth, 32K draft vocab, verify --tree-size 32": ("tc-depth", 32768, 4, DecodeConfig("verify", tree_size=32), 33),
     **{f"tc-shared k={k}, 32K draft vocab, verify --tree-size {n}":
        ("tc-shared", 32768, k, DecodeConfig("verify", tree_size=n), n + 1) for k in (4, 6) for n in (16, 32, 48, 64)},
+    **{f"tc-shared k=6, 32K draft vocab, verify --tree-size {n} --tree-depth {d}":
+       ("tc-shared", 32768, 6, DecodeConfig("verify", tree_size=n, tree_depth=d), n + 1)
+       for n, d in ((32, 3), (48, 3), (48, 4), (64, 3))},
     "ar --exact": ("heads", 0, 4, DecodeConfig("ar", exact=True), EXACT_WIDTH),
     "verify --exact": ("heads", 0, 4, DecodeConfig("verify", exact=True), EXACT_WIDTH),
 }

@@ -2,7 +2,7 @@
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
 # hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, stepcost,
-# profile SHAPE MODE..., serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
+# profile SHAPE MODE..., devmap MODEL NAME SAMPLES, serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -144,6 +144,13 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
       set -- $pair
       python3 bench/ddp_compare.py "$W/runs/$name-$1" "$W/runs/$name-$2" | tee "$R/ddp-$name-$3.json"
     done ;;
+  devmap)  # devmap MODEL NAME SAMPLES: ddp's training in one process with the backbone's layers spread over every
+    # GPU (--device-map balanced), against ddp's 1-GPU run NAME-1gpu: same answers, same held-out accuracy?
+    shard=${SHARD:-128}
+    cli train --model "${2:?model}" --samples "${4:-1024}" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2 \
+      ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-} --device-map balanced --out "$W/runs/${3:?name}-devmap" \
+      > "$W/ddp-$3-devmap.log" 2>&1
+    python3 bench/ddp_compare.py "$W/runs/$3-1gpu" "$W/runs/$3-devmap" | tee "$R/ddp-$3-devmap.json" ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
   stepcost)  # SHAPE, WIDTHS; ONLY: a regular expression of the mode steps to time; UNALIGNED=0: no odd row length
