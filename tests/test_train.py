@@ -147,6 +147,20 @@ def test_data_grows_keeping_its_answers(tmp_path):
         run_training(tiny_cfg(tmp_path, model, prompts, samples=24, out="partial", only="data"))
 
 
+def test_deterministic_training_gives_the_same_answers(tmp_path, trained):
+    """--deterministic turns on torch's deterministic kernels for the run (on the CPU the answers were so
+    already) and writes the very answers of a plain run."""
+    tmp, single, _ = trained
+    cfg = dataclasses.replace(single, out=str(tmp_path / "det"), deterministic=True, epochs=1)
+    try:
+        run_training(cfg)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, tensors in shards(cfg.out).items():
+        assert all(torch.equal(t, shards(single.out)[name][key]) for key, t in tensors.items())
+
+
 def test_device_map_training_gives_the_same_answers(tmp_path, trained):
     """--device-map auto (a backbone spread over the GPUs by accelerate; here all of it on the CPU) runs
     every stage and writes the very answers of a plain run."""

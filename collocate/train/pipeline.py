@@ -27,6 +27,9 @@ def run_training(cfg: TrainConfig) -> dict:
 
     from ..zoo import load_backbone
 
+    if cfg.deterministic:  # before the first CUDA matmul: cuBLAS reads the variable when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such kernel warns, once
     accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     run = Path(cfg.out) / "work"
     run.mkdir(parents=True, exist_ok=True)
