@@ -229,31 +229,38 @@ class TokenDrafter(HeadDrafter):
         self.heads, self.embed = bundle.heads, embed
         self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
         self.lm_head = self.vocab if self.vocab is not None else lm_head  # (r, d) -> (r, V') logits
-        # compiled on first call, once per depth and row count (the fast backend's steps use it)
-        self.compiled_level = torch.compile(self.level, fullgraph=True, dynamic=False)
+        # compiled on first use, once per tree shape (the fast backend's steps use it): every depth and the
+        # gathers between depths in one graph, so inductor fuses them into few kernels
+        self.compiled_draft = torch.compile(self.draft, fullgraph=True, dynamic=False)
 
     def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None,
                 compiled: bool = False) -> Draft:
-        """h (d,) the root's hidden row and root () its token -> a token per node. compiled: each depth
-        through torch.compile, which fuses its small ops (the fast backend's steps, as its layers)."""
+        """h (d,) the root's hidden row and root () its token -> a token per node. compiled: through
+        torch.compile (the fast backend's steps, as its layers)."""
         t = tree.tensors(h.device)
-        level = self.compiled_level if compiled else self.level
-        tokens = torch.cat([root.view(1), root.new_zeros(tree.n)])  # by feed row; rows 1.. filled depth by depth
-        states = h.new_zeros(tree.n + 1, h.shape[-1])
+        # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
+        # as training computed them)
+        full_chain = tree.is_chain and tree.n == self.k - 1
+        tokens, chain = (self.compiled_draft if compiled else self.draft)(h, root, t.levels, tree.n, full_chain)
+        return Draft(tokens, chain)
+
+    def draft(self, h: torch.Tensor, root: torch.Tensor, levels: tuple[LevelTensors, ...], n: int,
+              chain_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tree depth by depth: (n,) a token per node and, if asked, (depths, V') the first row's
+        logits at each depth."""
+        tokens = torch.cat([root.view(1), root.new_zeros(n)])  # by feed row; rows 1.. filled depth by depth
+        states = h.new_zeros(n + 1, h.shape[-1])
         chain = []
-        for d, lv in enumerate(t.levels):
+        for d, lv in enumerate(levels):
             before = h[None] if d == 0 else states.index_select(0, lv.parents)  # (r, d) the parents' states
-            s, logits, best = level(before, tokens.index_select(0, lv.rows), d, lv.top)
+            s, logits, best = self.level(before, tokens.index_select(0, lv.rows), d, lv.top)
             states = states.index_copy(0, lv.rows, s)
             guesses = best[lv.child_of, lv.ranks]  # (children,)
             if self.vocab is not None:
                 guesses = self.vocab.ids.index_select(0, guesses)
             tokens = tokens.index_copy(0, lv.children + 1, guesses)
             chain.append(logits[0])
-        # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
-        # as training computed them)
-        full_chain = tree.is_chain and tree.n == self.k - 1
-        return Draft(tokens[1:], torch.stack(chain) if full_chain else None)
+        return tokens[1:], torch.stack(chain) if chain_logits else None
 
     def level(self, before: torch.Tensor, tokens: torch.Tensor, depth: int, top: int):
         """One depth: the parents' states (r, d) updated by their tokens (r,) -> the new states, their
