@@ -52,7 +52,8 @@ def answer_agreement(one: Path, many: Path) -> dict:
     a, b = answers(one), answers(many)
     same_prompts = len(a) == len(b) and all(p == q for (p, _), (q, _) in zip(a, b))
     parted = [first_difference(x, y) for (_, x), (_, y) in zip(a, b) if x != y]
-    return {"answers": len(a), "same_prompts_in_order": same_prompts,
+    return {"answers": len(a), "answers_second": len(b), "same_prompts_in_order": same_prompts,
+            "repeated_prompts_second": len(b) - len({tuple(p) for p, _ in b}),  # a resume repeats none
             "identical_answers": len(a) - len(parted) if same_prompts else None,
             "first_difference_token_median": statistics.median(parted) if same_prompts and parted else None,
             "answer_tokens_median": statistics.median(len(x) for _, x in a) if a else None}

@@ -127,7 +127,8 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"
     ls -la "$OUT" ;;
   ddp)  # ddp MODEL NAME SAMPLES: the same training on GPU 0 twice (is one GPU repeatable?), on every GPU
-    # (accelerate), and on every GPU killed during its data stage and resumed; compared by bench/ddp_compare.py
+    # (accelerate), on every GPU from the 1-GPU run's answers, and on every GPU killed during its data stage
+    # and resumed; compared by bench/ddp_compare.py
     gpus=${GPUS:-$(nvidia-smi -L | wc -l)} name=${3:?name} shard=${SHARD:-128}  # (GPUS, SHARD: a CPU dry run)
     args=(--model "${2:?model}" --samples "${4:-1024}" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2
           ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-})
@@ -135,12 +136,15 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     all() { python3 -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1 \
       --mixed_precision bf16 --dynamo_backend no -m collocate.cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
     one "$name-1gpu"; one "$name-1gpu-again"; all "$name-${gpus}gpu"
+    # the 1-GPU run's very answers trained on every GPU: the held-out set is the same, only training differs
+    mkdir -p "$W/runs/$name-same/work" && cp -rl "$W/runs/$name-1gpu/work/data" "$W/runs/$name-same/work/"
+    all "$name-same"
     all "$name-killed" & sleep 1
     until [ "$(ls "$W/runs/$name-killed/work/data/" 2>/dev/null | grep -c '^shard-.*safetensors$')" -ge 2 ]; do sleep 1; done
     pkill -9 -f "runs/$name-killed" || true; wait || true
     echo "killed with $(ls "$W/runs/$name-killed/work/data/" | grep -c '^shard-.*safetensors$') shards; resuming"
     all "$name-killed"
-    for pair in "1gpu 1gpu-again repeat" "1gpu ${gpus}gpu $gpus" "${gpus}gpu killed resumed"; do
+    for pair in "1gpu 1gpu-again repeat" "1gpu ${gpus}gpu $gpus" "1gpu same same-answers" "${gpus}gpu killed resumed"; do
       set -- $pair
       python3 bench/ddp_compare.py "$W/runs/$name-$1" "$W/runs/$name-$2" | tee "$R/ddp-$name-$3.json"
     done ;;
