@@ -47,8 +47,8 @@ hf_rows() {  # model name: HF generate eager and static cache beside our ar, on 
 }
 
 case ${1:?step} in
-  recv)  # recv DIR...: copy the slices carried in DIR out of the tree, and any carried wheels
-    mkdir -p "$W/slices" && for d in "${@:2}"; do cp "$d"/* "$W/slices/"; done
+  recv)  # recv DIR...: copy the slices carried in DIR out of the tree, and any carried wheels, answers, bundles
+    mkdir -p "$W/slices" && for d in "${@:2}" .answers .bundles; do if [ -d "$d" ]; then cp "$d"/* "$W/slices/"; fi; done
     if [ -d .whl ]; then mkdir -p "$W/whl" && cp .whl/*.whl "$W/whl/"; fi
     if [ -d .old ]; then rm -rf "$W/old" && cp -r .old "$W/old"; fi  # an earlier tree, for `ab`
     # corpora wheels (a machine with no network cannot pip download them)
