@@ -25,7 +25,7 @@ import torch
 
 from collocate import data
 from collocate.bundle import MTPBundle
-from collocate.draft import DraftTree, TokenDrafter
+from collocate.draft import TokenDrafter
 from collocate.rules import longest_accepted
 from collocate.zoo import load_backbone
 
@@ -101,8 +101,8 @@ def main():
     ap.add_argument("--sizes", default="16,32,48", help="tree sizes N")
     ap.add_argument("--expand", default="4,8", help="dynamic trees: nodes expanded per depth (M)")
     ap.add_argument("--width", type=int, default=8, help="dynamic trees: children per expanded node (K)")
-    ap.add_argument("--depths", default="", help="also static trees cut to these depths (as a smaller k would "
-                                                  "draft), e.g. 3,4")
+    ap.add_argument("--depths", default="", help="also the best N-node trees at most this deep (as "
+                                                  "--tree-depth decodes), e.g. 3,4")
     ap.add_argument("--no-dynamic", action="store_true", help="static trees only")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out")
@@ -122,7 +122,7 @@ def main():
         tree = bundle.tree(n)
         configs[f"static {n}"] = lambda h, root, truth, tree=tree: static_accepted(drafter, tree, h, root, truth)
         for depth in (int(x) for x in args.depths.split(",") if x):
-            cut = DraftTree.from_paths([p for p in bundle.config.tree if len(p) <= depth][:n])
+            cut = bundle.tree(n, depth=depth)  # as `--tree-size n --tree-depth depth` decodes
             configs[f"static {n}, depth <= {depth}"] = (
                 lambda h, root, truth, tree=cut: static_accepted(drafter, tree, h, root, truth))
         for m in (int(x) for x in args.expand.split(",") if not args.no_dynamic):
