@@ -42,7 +42,7 @@ MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as t
        ("tc-shared", 32768, k, DecodeConfig("verify", tree_size=n), n + 1) for k in (4, 6) for n in (16, 32, 48, 64)},
     **{f"tc-shared k=6, 32K draft vocab, verify --tree-size {n} --tree-depth {d}":
        ("tc-shared", 32768, 6, DecodeConfig("verify", tree_size=n, tree_depth=d), n + 1)
-       for n, d in ((32, 3), (48, 3), (48, 4), (64, 3))},
+       for n, d in ((31, 3), (32, 3), (47, 3), (48, 3), (48, 4), (63, 3), (64, 3))},  # (n + 1 rows: 32, 33, ...)
     "ar --exact": ("heads", 0, 4, DecodeConfig("ar", exact=True), EXACT_WIDTH),
     "verify --exact": ("heads", 0, 4, DecodeConfig("verify", exact=True), EXACT_WIDTH),
 }
