@@ -99,6 +99,14 @@ def shards(run):
     return {p.name: load_file(str(p)) for p in sorted((Path(run) / "work" / "data").glob("shard-*.safetensors"))}
 
 
+def assert_same_shards(a: dict, b: dict) -> None:
+    """Two sets of answer shards (as `shards` reads them) equal, tensor for tensor."""
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        assert all(torch.equal(a[name][key], b[name][key]) for key in a[name]), name
+
+
 def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
     model = save_tiny(tmp_path / "tiny")
     prompts = write_prompts(tmp_path / "p.jsonl", 60)
@@ -118,10 +126,8 @@ def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
     subprocess.run(cmd + ["--out", str(killed)], env=env, check=True, capture_output=True)
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
     a, b = shards(killed), shards(tmp_path / "whole")
-    assert list(a) == list(b) and len(a) == 12
-    for name in a:
-        for key in ("tokens", "offsets", "prompt_lens"):
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert len(a) == 12 and set(a["shard-00000.safetensors"]) == {"tokens", "offsets", "prompt_lens"}
+    assert_same_shards(a, b)
     assert not list((killed / "work" / "data").glob("*.tmp*"))
 
 
@@ -138,8 +144,7 @@ def test_data_grows_keeping_its_answers(tmp_path):
     grown = json.loads((tmp_path / "run" / "work" / "data" / "prompts.json").read_text())["ids"]
     assert report["stages"]["data"]["samples"] == 24 and len(after) == 4
     assert grown[:12] == saved and len({tuple(p) for p in grown}) == 24  # the old prompts first, no repeats
-    for name in before:
-        assert all(torch.equal(before[name][key], after[name][key]) for key in before[name])
+    assert_same_shards(before, {name: after[name] for name in before})
     with pytest.raises(ValueError, match="other data settings"):
         run_training(tiny_cfg(tmp_path, model, prompts, samples=30, max_new_tokens=20, only="data"))
     run_training(tiny_cfg(tmp_path, model, prompts, samples=10, out="partial", only="data"))
@@ -157,8 +162,7 @@ def test_deterministic_training_gives_the_same_answers(tmp_path, trained):
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
-    for name, tensors in shards(cfg.out).items():
-        assert all(torch.equal(t, shards(single.out)[name][key]) for key, t in tensors.items())
+    assert_same_shards(shards(cfg.out), shards(single.out))
 
 
 def test_device_map_training_gives_the_same_answers(tmp_path, trained):
@@ -168,9 +172,7 @@ def test_device_map_training_gives_the_same_answers(tmp_path, trained):
     cfg = dataclasses.replace(single, out=str(tmp_path / "mapped"), device_map="auto", epochs=1)
     report = run_training(cfg)
     assert report["stages"]["heads"]["steps"] > 0 and MTPBundle.from_pretrained(cfg.out).k == single.k
-    assert shards(cfg.out).keys() == shards(single.out).keys()
-    for name, tensors in shards(cfg.out).items():
-        assert all(torch.equal(t, shards(single.out)[name][key]) for key, t in tensors.items())
+    assert_same_shards(shards(cfg.out), shards(single.out))
 
 
 def test_data_parallel_training_with_accelerate(tmp_path, trained):
@@ -197,11 +199,9 @@ def test_data_parallel_training_with_accelerate(tmp_path, trained):
     # where a shard's even split leaves a position out), not half of them
     steps, single_steps = report["stages"]["heads"]["steps"], single_report["stages"]["heads"]["steps"]
     assert single_steps >= 9 and abs(steps - single_steps) <= 1, (steps, single_steps)
-    shards = sorted((out / "work" / "data").glob("shard-*.safetensors"))
-    assert len(shards) == 4
-    for shard in shards:
-        mine, theirs = load_file(str(shard)), load_file(str(Path(single.out) / "work" / "data" / shard.name))
-        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    mine = shards(out)
+    assert len(mine) == 4
+    assert_same_shards(mine, shards(single.out))
 
 
 def test_kl_term_trains(tmp_path):
