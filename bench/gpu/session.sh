@@ -46,6 +46,12 @@ hf_rows() {  # model name: HF generate eager and static cache beside our ar, on 
     --out "$R/bench-$1-hf" || echo "hf baselines stopped early"
 }
 
+ddp_args() {  # model, answers: the training that `ddp` and `devmap` run in their several ways -> args
+  local shard=${SHARD:-128}
+  args=(--model "$1" --samples "$2" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2
+        ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-})
+}
+
 case ${1:?step} in
   recv)  # recv DIR...: copy the slices carried in DIR out of the tree, and any carried wheels, answers, bundles
     mkdir -p "$W/slices" && for d in "${@:2}" .answers .bundles; do if [ -d "$d" ]; then cp "$d"/* "$W/slices/"; fi; done
@@ -129,9 +135,8 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   ddp)  # ddp MODEL NAME SAMPLES: the same training on GPU 0 twice (is one GPU repeatable?), on every GPU
     # (accelerate), on every GPU from the 1-GPU run's answers, and on every GPU killed during its data stage
     # and resumed; compared by bench/ddp_compare.py
-    gpus=${GPUS:-$(nvidia-smi -L | wc -l)} name=${3:?name} shard=${SHARD:-128}  # (GPUS, SHARD: a CPU dry run)
-    args=(--model "${2:?model}" --samples "${4:-1024}" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2
-          ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-})
+    gpus=${GPUS:-$(nvidia-smi -L | wc -l)} name=${3:?name}  # (GPUS, SHARD: a CPU dry run)
+    ddp_args "${2:?model}" "${4:-1024}"
     one() { CUDA_VISIBLE_DEVICES=0 cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
     all() { python3 -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1 \
       --mixed_precision bf16 --dynamo_backend no -m collocate.cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
@@ -150,10 +155,8 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     done ;;
   devmap)  # devmap MODEL NAME SAMPLES: ddp's training in one process with the backbone's layers spread over every
     # GPU (--device-map balanced), against ddp's 1-GPU run NAME-1gpu: same answers, same held-out accuracy?
-    shard=${SHARD:-128}
-    cli train --model "${2:?model}" --samples "${4:-1024}" --shard-size "$shard" --gen-batch "$shard" --k 4 --epochs 2 \
-      ${PROMPTS:+--prompts "$PROMPTS"} ${DDP_FLAGS:-} --device-map balanced --out "$W/runs/${3:?name}-devmap" \
-      > "$W/ddp-$3-devmap.log" 2>&1
+    ddp_args "${2:?model}" "${4:-1024}"
+    cli train "${args[@]}" --device-map balanced --out "$W/runs/${3:?name}-devmap" > "$W/ddp-$3-devmap.log" 2>&1
     python3 bench/ddp_compare.py "$W/runs/$3-1gpu" "$W/runs/$3-devmap" | tee "$R/ddp-$3-devmap.json" ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
