@@ -281,11 +281,12 @@ def test_cli_options_are_derived_from_the_config():
     for f in fields(TrainConfig):
         assert getattr(args, f.name) == getattr(cfg, f.name), f.name
     args = parser().parse_args(["train", "--out", "x", "--no-gates", "--mix", "gsm,code", "--kl-weight", "0.5",
-                                "--prompts", "p.jsonl", "--budget-minutes", "3"])
+                                "--prompts", "p.jsonl", "--budget-minutes", "3", "--deterministic"])
     from collocate.train.config import from_args
 
     cfg = from_args(args)
     assert (cfg.gates, cfg.mix, cfg.kl_weight, cfg.prompts_file, cfg.budget_minutes) == (False, ("gsm", "code"), 0.5,
                                                                                          "p.jsonl", 3.0)
+    assert cfg.deterministic and not TrainConfig(out="x").deterministic
     assert set(cfg.data_settings()) == {"model", "samples", "mix", "max_new_tokens", "max_prompt_tokens",
                                         "shard_size", "seed", "chat", "prompts_file"}
