@@ -110,8 +110,9 @@ case ${1:?step} in
   train)  # train MODEL NAME BASE FLAGS...: a bundle at runs/NAME from the answers and features of run BASE
     # (hard links; "-": its own), e.g. other drafters or fewer answers (--train-samples) on the very same data
     q=${2:?model} name=${3:?run name} base=${4:?base run or -}
-    if [ "$base" != - ]; then
-      mkdir -p "$W/runs/$name/work" && cp -rl "$W/runs/$base/work/data" "$W/runs/$base/work/features" "$W/runs/$name/work/"
+    if [ "$base" != - ]; then  # (answers brought home have no features: this run computes them)
+      mkdir -p "$W/runs/$name/work" && cp -rl "$W/runs/$base/work/data" "$W/runs/$name/work/"
+      if [ -d "$W/runs/$base/work/features" ]; then cp -rl "$W/runs/$base/work/features" "$W/runs/$name/work/"; fi
     fi
     cli train --model "$W/models/$q" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" --shard-size "$GEN_BATCH" \
       --mix "$MIX" --out "$W/runs/$name" ${GEN_STATIC:+--gen-static} "${@:5}" > "$W/train-$name.log" 2>&1
