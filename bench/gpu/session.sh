@@ -116,7 +116,8 @@ case ${1:?step} in
     fi
     cli train --model "$W/models/$q" --max-new-tokens "$NEW" --gen-batch "$GEN_BATCH" --shard-size "$GEN_BATCH" \
       --mix "$MIX" --out "$W/runs/$name" ${GEN_STATIC:+--gen-static} "${@:5}" > "$W/train-$name.log" 2>&1
-    mkdir -p "$R/train" && cp "$W/runs/$name/train_report.json" "$R/train/$name.json" ;;
+    mkdir -p "$R/train"  # (--only data / features writes no report)
+    if [ -f "$W/runs/$name/train_report.json" ]; then cp "$W/runs/$name/train_report.json" "$R/train/$name.json"; fi ;;
   benchrun)  # benchrun MODEL NAME RUN MODES [FLAGS...]: one bench of a bundle's modes -> results/NAME
     cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
       --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW" --n "$BENCH_N" --modes "${5:?modes}" \
