@@ -1,5 +1,6 @@
 """Token-conditioned heads (heads.TokenHeads) as a drafter, draft trees from the bundle, and --exact."""
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -47,6 +48,26 @@ def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
     rows = rank_paths(tree)
     for i, path in enumerate(rows):
         assert int(draft.tokens[i]) == walk(bundle, model, h, root, path), (i, path)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_drafting_equals_eager():
+    """The fast backend's drafting (every depth in one torch.compile graph) gives eager's tokens and chain
+    logits, for a tree cut in depth and for a chain (CPU inductor here; bench/cuda_check.py on CUDA)."""
+    model = tiny_llama()
+    bundle = tc_bundle(model, "tc-shared", vocab=50)
+    drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
+    h, root = torch.randn(32), torch.tensor(7)
+    for tree, has_chain_logits in ((bundle.tree(24, depth=2), False), (DraftTree.chain(bundle.k - 1), True)):
+        with torch.inference_mode():
+            eager_draft = drafter.propose(tree, h=h, root=root)
+            compiled_draft = drafter.propose(tree, h=h, root=root, compiled=True)
+        assert torch.equal(eager_draft.tokens, compiled_draft.tokens)
+        if has_chain_logits:  # (a CLP reading head confidences needs them)
+            torch.testing.assert_close(eager_draft.chain_logits, compiled_draft.chain_logits)
+        else:
+            assert eager_draft.chain_logits is None and compiled_draft.chain_logits is None
 
 
 def rank_paths(tree: DraftTree) -> list[tuple[int, ...]]:
