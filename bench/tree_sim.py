@@ -52,18 +52,17 @@ def static_accepted(drafter, tree, h, root, truth) -> int:
 
 def dynamic_accepted(drafter, h, root, truth, *, nodes: int, expand: int, width: int, depths: int) -> int:
     """Accepted drafts of the dynamic tree: nodes (token, log-prob of path, parent index, state)."""
-    heads, vocab = drafter.heads, drafter.vocab
+    vocab = drafter.vocab
     cand = []  # (score, depth, token, parent candidate index or -1, state)
     frontier = [(0.0, -1, root, h)]  # expandable: score, candidate index, token, parent's state
     for d in range(depths):
         states = torch.stack([f[3] for f in frontier])
         toks = torch.tensor([int(f[2]) for f in frontier])
-        s = heads.update(states, drafter.embed(toks), d).to(h.dtype)
-        logp = drafter.lm_head(s).float().log_softmax(-1)  # (r, V')
-        top = logp.topk(width, dim=-1)
+        s, logits, best = drafter.level(states, toks, d, width)  # one drafting depth, as the decoder drafts it
+        values = logits.float().log_softmax(-1).gather(-1, best)  # (r, width) log-probs of the best guesses
         new = []
         for r, (score, idx, _, _) in enumerate(frontier):
-            for lp, t in zip(top.values[r].tolist(), top.indices[r].tolist()):
+            for lp, t in zip(values[r].tolist(), best[r].tolist()):
                 tok = int(vocab.ids[t]) if vocab is not None else t
                 cand.append((score + lp, d + 1, tok, idx, s[r]))
                 new.append(len(cand) - 1)
