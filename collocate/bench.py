@@ -6,7 +6,8 @@ Writes results.json (every prompt, every mode), results.md (one row per mode, th
 beside it) and speed_quality.png. Speedups are against our own `ar` in the same run.
 Mode specs: ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN, verify-tNdD (an N-node
 tree at most D deep), hf (HF generate), hf-static (HF generate with a static cache); append `@T` to set a
-threshold, e.g. clp@0.8.
+threshold, e.g. clp@0.8, or `@argmax` for CLP's likeliest length (the paper's reading); clp-hidden,
+clp-hidden+conf pick one of the bundle's CLPs (plain clp: its default; without @: the calibrated threshold).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .clp import CLP_FEATURES
 from .decode import DecodeConfig, DecodeResult, DecodeStats
 from .engine import load_decoder
 from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
@@ -60,13 +62,20 @@ class ModeSpec:
     candidates: int = 1
     tree_size: int | None = None
     tree_depth: int | None = None
+    argmax: bool = False
+    clp_features: str | None = None
 
 
 def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
     name, _, thr = spec.partition("@")
-    threshold = float(thr) if thr else default_threshold
+    argmax = thr == "argmax"
+    threshold = None if argmax else float(thr) if thr else default_threshold
+    if name.startswith("clp-") and name[len("clp-"):] in CLP_FEATURES:  # clp-hidden: that CLP of the bundle
+        return ModeSpec(spec, "clp", threshold, argmax=argmax, clp_features=name[len("clp-"):])
+    if argmax and name not in ("clp", "verify-adaptive"):
+        raise ValueError(f"'{spec}': @argmax is CLP's rule (clp, clp-FEATURES, verify-adaptive)")
     if name == "verify-adaptive":
-        return ModeSpec(spec, "verify", threshold, adaptive=True)
+        return ModeSpec(spec, "verify", threshold, adaptive=True, argmax=argmax)
     if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
         return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
     size, _, depth = name[len("verify-t"):].partition("d")
@@ -77,8 +86,9 @@ def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
     if name not in known:
         raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
                          "verify-cN (N candidates for the first draft), verify-tN (an N-node tree), "
-                         "verify-tNdD (an N-node tree at most D deep)")
-    return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None)
+                         "verify-tNdD (an N-node tree at most D deep), clp-hidden, clp-hidden+conf")
+    return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None,
+                    argmax=argmax)
 
 
 def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> DecodeResult:
@@ -97,15 +107,19 @@ def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> De
                         "eos" if tokens and tokens[-1] in dec.eos else "length")
 
 
+def decode_config(spec: ModeSpec, max_new_tokens: int, exact: bool, max_wrong: float | None) -> DecodeConfig:
+    return DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
+                        adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size,
+                        tree_depth=spec.tree_depth, exact=exact, argmax=spec.argmax, clp_features=spec.clp_features,
+                        max_wrong=max_wrong if spec.mode == "clp" and spec.threshold is None and not spec.argmax
+                        else None)
+
+
 def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: bool = False,
             max_wrong: float | None = None) -> DecodeResult:
     if spec.mode in ("hf", "hf-static"):
         return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
-    cfg = DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                       adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size,
-                       tree_depth=spec.tree_depth, exact=exact,
-                       max_wrong=max_wrong if spec.mode == "clp" and spec.threshold is None else None)
-    return dec.generate(ids, cfg)
+    return dec.generate(ids, decode_config(spec, max_new_tokens, exact, max_wrong))
 
 
 @torch.inference_mode()
@@ -195,6 +209,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 accs.append(head_accuracy(r, n_heads))
         ref_rows = results["ar"]["rows"] if reference else None
         results[spec.label] = {"spec": asdict(spec), "rows": rows, "summary": summarize(rows, ref_rows, n_heads, accs)}
+        if spec.mode in ("clp", "gate", "compete") or spec.adaptive:  # the threshold it ran at (None: argmax)
+            results[spec.label]["summary"]["threshold"] = dec.threshold_of(decode_config(spec, 1, cfg.exact, cfg.max_wrong))
         reference = reference or answers
         write_outputs(cfg, results, dec, quiet=True)  # partial results survive a kill
     return write_outputs(cfg, results, dec)

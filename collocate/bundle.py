@@ -7,7 +7,8 @@ config.json carries a fingerprint of the backbone (hidden size, vocab size, a ha
 weights), so loading heads onto a model they were not trained for fails loudly instead of decoding
 garbage. Format 2 adds the drafter type ("heads": independent heads; "tc-depth", "tc-shared":
 token-conditioned, heads.TokenHeads), an optional draft vocabulary, and the draft tree: rank paths
-best first, so its first N are the best N-node tree (`--tree-size N`).
+best first, so its first N are the best N-node tree (`--tree-size N`). Format 3 adds `clp_variants`: CLPs
+that read other features than the default one (`clp_features`), each with its own held-out calibration.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .clp import CLP, Gates
+from .clp import CLP, CLP_FEATURES, Gates
 from .draft import MAX_TREE, DraftTree, best_paths
 from .heads import MTPHeads, TokenHeads
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DRAFTERS = ("heads",) + TokenHeads.DESIGNS
 BUNDLED = Path(__file__).parent / "bundles"
 
@@ -63,7 +64,8 @@ class BundleConfig:
     base_model: str
     layers: int = 1
     compete: bool = False
-    clp_features: str = "hidden"
+    clp_features: str = "hidden"  # what the default CLP reads
+    clp_variants: list = field(default_factory=list)  # further CLPs, by the features they read
     has_gates: bool = False
     drafter: str = "heads"  # one of DRAFTERS
     draft_vocab: int = 0  # token-conditioned heads: draft over this many most-used tokens (0: all)
@@ -78,6 +80,9 @@ class BundleConfig:
         if self.compete and self.drafter != "heads":
             raise BundleError("a +1 head (compete) exists for independent heads only, not for token-conditioned ones")
         self.tree = [list(p) for p in self.tree]
+        for f in [self.clp_features, *self.clp_variants]:
+            if f not in CLP_FEATURES:
+                raise BundleError(f"unknown CLP features '{f}' (this collocate knows {', '.join(CLP_FEATURES)})")
 
 
 class MTPBundle(nn.Module):
@@ -89,12 +94,14 @@ class MTPBundle(nn.Module):
         else:
             self.heads = TokenHeads(config.hidden_size, config.k, design=config.drafter)
         self.clp = CLP(config.hidden_size, config.k, features=config.clp_features)
+        self.clp_variants = nn.ModuleDict({f: CLP(config.hidden_size, config.k, features=f)
+                                           for f in config.clp_variants if f != config.clp_features})
         self.gates = Gates(config.hidden_size, self.heads.n_heads) if config.has_gates else None
         # token-conditioned drafts may read only the LM-head rows of these tokens (the most used first)
         self.register_buffer("draft_ids", torch.zeros(config.draft_vocab, dtype=torch.long)
                              if config.draft_vocab else None)
         self.heldout: dict = {}  # the training report's held-out accuracy per offset, when there is one
-        self.calibration: dict = {}  # the report's held-out CLP table: threshold -> wrong share, accepted length
+        self.calibrations: dict = {}  # per CLP's features, the report's held-out table: threshold -> wrong share, length
 
     @property
     def token_conditioned(self) -> bool:
@@ -115,19 +122,45 @@ class MTPBundle(nn.Module):
                 paths = best_paths(self.rank_probs()[:depth], n)
         return DraftTree.from_paths(paths[:n])
 
-    def threshold_for(self, max_wrong: float) -> float:
+    def clp_for(self, features: str | None = None) -> CLP:
+        """The CLP that reads these features (None: the default one)."""
+        if features is None or features == self.config.clp_features:
+            return self.clp
+        if features not in self.clp_variants:
+            have = ", ".join([self.config.clp_features, *self.clp_variants])
+            raise BundleError(f"this bundle has no CLP that reads '{features}' (it has: {have}); "
+                              "bundles trained by this collocate carry every variant")
+        return self.clp_variants[features]
+
+    def calibration(self, features: str | None = None) -> dict:
+        """The held-out CLP table of these features: threshold -> wrong share and accepted length."""
+        return self.calibrations.get(self.clp_for(features).features, {})
+
+    def threshold_for(self, max_wrong: float, features: str | None = None) -> float:
         """The lowest CLP threshold whose held-out wrong share is at most max_wrong (most tokens at that
         quality), from the training report's calibration table."""
-        if not self.calibration:
+        if not self.calibration(features):
             raise BundleError("--max-wrong reads the CLP's held-out calibration in train_report.json, and this "
                               "bundle has none: train it with `collocate train`, or give --threshold")
-        table = sorted((float(t), row) for t, row in self.calibration.items())
+        table = sorted((float(t), row) for t, row in self.calibration(features).items())
         fit = [t for t, row in table if row["wrong_share"] <= max_wrong and row["mean_accepted"] > 0]
         if not fit:
             t, row = min(table, key=lambda x: x[1]["wrong_share"])
             raise BundleError(f"no calibrated CLP threshold keeps the wrong share at {max_wrong:.1%}: the lowest "
                               f"is {row['wrong_share']:.1%} (threshold {t}); use ar or verify for that quality")
         return fit[0]
+
+    def safe_threshold(self, max_wrong: float, features: str | None = None) -> float | None:
+        """clp's default: threshold_for(max_wrong), or where no threshold is that safe the most cautious one
+        (the lowest held-out wrong share); None (argmax) for a bundle without a calibration table."""
+        table = self.calibration(features)
+        if not table:
+            return None
+        try:
+            return self.threshold_for(max_wrong, features)
+        except BundleError:
+            some = {t: row for t, row in table.items() if row["mean_accepted"] > 0} or table
+            return float(min(some, key=lambda t: (some[t]["wrong_share"], -float(t))))
 
     def rank_probs(self) -> list[list[float]]:
         """Per offset +2..+k, P(the backbone's token is the head's r-th guess), from the held-out report.
@@ -201,7 +234,7 @@ class MTPBundle(nn.Module):
         if report.exists():
             rep = json.loads(report.read_text())
             bundle.heldout = rep.get("heldout_head_accuracy", {})
-            bundle.calibration = rep.get("clp", {}).get(config.clp_features, {}).get("thresholds", {})
+            bundle.calibrations = {f: v.get("thresholds", {}) for f, v in rep.get("clp", {}).items()}
         if backbone is not None:
             bundle.check_backbone(backbone, backbone_name)
         return bundle.eval().requires_grad_(False)

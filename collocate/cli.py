@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from .clp import CLP_FEATURES
 from .engine import ENGINES
 from .train.config import add_arguments as add_train_arguments
 from .zoo import DEFAULT_MODEL, ZOO, is_cached, model_dir
@@ -64,6 +65,8 @@ def decode_config(args, mode: str, *, side_by_side: bool = False):
     return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
                         adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
                         max_wrong=args.max_wrong if mode == "clp" or not side_by_side else None,
+                        argmax=args.argmax and (mode == "clp" or not side_by_side),
+                        clp_features=args.clp_features if mode == "clp" or not side_by_side else None,
                         tree_size=args.tree_size, tree_depth=args.tree_depth, exact=args.exact,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -192,12 +195,19 @@ def add_decoding_args(p, *, mode: bool = True):
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
                         "Mistral); auto: fast on CUDA where it supports the model, else eager")
-    p.add_argument("--threshold", type=float, help="CLP tau or gate threshold (default: argmax / 0.5)")
+    p.add_argument("--threshold", type=float,
+                   help="CLP: accept the longest span whose P(all right) reaches this; gate: the gate threshold "
+                        "(default: clp calibrated, see --max-wrong; gate 0.5; verify --adaptive: CLP's argmax)")
     p.add_argument("--max-wrong", type=float, help="clp: the threshold whose held-out wrong share (head tokens "
-                                                    "the backbone would not write) is at most this, e.g. 0.05")
+                                                    "the backbone would not write) is at most this, e.g. 0.05 "
+                                                    "(default: the bundle's calibrated quality-safe threshold)")
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
+        p.add_argument("--argmax", action="store_true",
+                       help="clp: accept the CLP's likeliest length (the paper's reading; no quality bound)")
+        p.add_argument("--clp-features", choices=CLP_FEATURES,
+                       help="clp: which of the bundle's CLPs (hidden: the paper's; default: the bundle's own)")
         p.add_argument("--candidates", type=int, default=1,
                        help="verify: also check the +2 head's next best tokens in the same pass")
         p.add_argument("--tree-size", type=int, default=None,
@@ -240,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1, tree_size=None, tree_depth=None,
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, argmax=False, clp_features=None, candidates=1,
+                   tree_size=None, tree_depth=None,
                    stop=None, exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .rules import leading_true, span_at_threshold
 
+CLP_FEATURES = ("hidden", "hidden+conf")  # the hidden state (the paper), or it and each head's top-1 probability
 GATE_THRESHOLD = 0.5  # a gate's default: accept while P(head right) >= 0.5
 
 
@@ -28,8 +29,8 @@ class CLP(nn.Module):
 
     def __init__(self, hidden: int, k: int, *, features: str = "hidden"):
         super().__init__()
-        if features not in ("hidden", "hidden+conf"):
-            raise ValueError(f"CLP features must be 'hidden' or 'hidden+conf', got {features!r}")
+        if features not in CLP_FEATURES:
+            raise ValueError(f"CLP features must be one of {', '.join(CLP_FEATURES)}, got {features!r}")
         self.k, self.features = k, features
         extra = k - 1 if features == "hidden+conf" else 0
         self.linear = nn.Linear(hidden + extra, k)

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from .clp import GATE_THRESHOLD
+from .clp import CLP_FEATURES, GATE_THRESHOLD
 from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter
 from .rules import (Kept, Sampling, compete, filtered_probs, leading_true, longest_accepted, pick, residual_draw,
                     sampled_accepted, span_at_threshold, uniforms)
@@ -35,6 +35,10 @@ from .rules import (Kept, Sampling, compete, filtered_probs, leading_true, longe
 MODES = ("ar", "clp", "gate", "compete", "verify")
 UNVERIFIED = ("clp", "gate", "compete")
 MAX_CANDIDATES = 8
+# `clp` with neither --threshold nor --max-wrong nor --argmax: the calibrated threshold whose held-out wrong
+# share is at most this (or the bundle's most cautious one, where none is that low); bench/README.md (the
+# whole-suite frontier) says why this value
+CLP_DEFAULT_MAX_WRONG = 0.02
 # --exact feeds every step this many rows, ar included, so that no row's arithmetic depends on the step's
 # width (matmul kernels are chosen by shape); 16 rows cost ~1.07x a 1-row step on the H200 (bench/README.md)
 EXACT_WIDTH = 16
@@ -50,6 +54,8 @@ class DecodeConfig:
     max_new_tokens: int = 256
     threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
     max_wrong: float | None = None  # clp: the threshold whose held-out wrong share is at most this
+    argmax: bool = False  # clp (and verify --adaptive): the CLP's likeliest length, the paper's reading
+    clp_features: str | None = None  # which of the bundle's CLPs (None: its default)
     adaptive: bool = False  # verify: CLP picks the draft length instead of always k-1
     candidates: int = 1  # verify: also check the +2 head's next best tokens, side by side
     tree_size: int | None = None  # verify: draft the bundle's best tree of this many nodes
@@ -73,6 +79,15 @@ class DecodeConfig:
                 raise DecodeError(f"max_wrong is a share of head tokens and must lie in (0, 1), got {self.max_wrong}")
             if self.mode != "clp" or self.threshold is not None:
                 raise DecodeError("--max-wrong picks clp's threshold: mode 'clp', without --threshold")
+        clp_rule = self.mode == "clp" or self.adaptive
+        if self.argmax and (not clp_rule or self.threshold is not None or self.max_wrong is not None):
+            raise DecodeError("--argmax is CLP's rule (mode 'clp' or verify --adaptive), without --threshold "
+                              "or --max-wrong")
+        if self.clp_features is not None:
+            if self.clp_features not in CLP_FEATURES:
+                raise DecodeError(f"unknown CLP features '{self.clp_features}'; choose {', '.join(CLP_FEATURES)}")
+            if not clp_rule:
+                raise DecodeError("--clp-features picks the CLP: mode 'clp' or verify --adaptive")
         if self.adaptive and self.mode != "verify":
             raise DecodeError("--adaptive applies to mode 'verify' only")
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -147,6 +162,7 @@ class Plan:
     tree: DraftTree  # the draft fed after the root (unverified modes: the head tokens they may take)
     adaptive: bool = False
     clp_argmax: bool = False  # CLP without a threshold takes its argmax
+    clp_features: str | None = None  # which of the bundle's CLPs (None: its default)
     exact: bool = False  # every step feeds EXACT_WIDTH rows; those past the draft are padding, never kept
     sample: bool = False  # temperature > 0 (the values live in Decoder.sampling)
     top_k: bool = False  # sampling filters in use
@@ -338,6 +354,7 @@ class Decoder:
             return Next(own, zero[None][:0], zero, zero)
         h_root = h.index_select(0, row)[0]
         threshold = None if plan.clp_argmax else self.threshold
+        clp = self.bundle.clp_for(plan.clp_features)
         if plan.mode == "compete":  # the +1 head's token and then the others': independent heads only
             tokens = pick(heads)
         else:
@@ -345,11 +362,11 @@ class Decoder:
             tokens = draft.tokens
         if plan.verify:
             if plan.adaptive:
-                length = span_at_threshold(self.bundle.clp(h_root, draft.chain_logits), threshold)
+                length = span_at_threshold(clp(h_root, draft.chain_logits), threshold)
                 return Next(own, tokens, length, zero)
             return Next(own, tokens, torch.full((), plan.tree.n, device=self.device), zero)
         if plan.mode == "clp":
-            return Next(own, tokens, span_at_threshold(self.bundle.clp(h_root, draft.chain_logits), threshold), zero)
+            return Next(own, tokens, span_at_threshold(clp(h_root, draft.chain_logits), threshold), zero)
         gate_p = self.bundle.gates(h_root).float().sigmoid()
         if plan.mode == "gate":
             return Next(own, tokens, leading_true(gate_p[-tokens.shape[0]:] >= threshold), zero)
@@ -375,6 +392,7 @@ class Decoder:
         tree = self.drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0, depth=cfg.tree_depth)
         clp_rule = cfg.mode == "clp" or cfg.adaptive
         return Plan(cfg.mode, tree, adaptive=cfg.adaptive, clp_argmax=clp_rule and self.threshold_of(cfg) is None,
+                    clp_features=cfg.clp_features if clp_rule else None,
                     exact=cfg.exact, **sample)
 
     def validate(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
@@ -446,9 +464,12 @@ class Decoder:
         return drain(self.stream(prompt_ids, cfg), on_tokens)
 
     def threshold_of(self, cfg: DecodeConfig) -> float | None:
-        """The rule's threshold: given, or (--max-wrong) read from the bundle's held-out calibration."""
+        """The rule's threshold: given, or (--max-wrong) read from the bundle's held-out calibration; None:
+        CLP's argmax (--argmax, verify --adaptive without a threshold, a bundle with no calibration)."""
         if cfg.max_wrong is not None:
-            return self.bundle.threshold_for(cfg.max_wrong)
+            return self.bundle.threshold_for(cfg.max_wrong, cfg.clp_features)
+        if cfg.mode == "clp" and cfg.threshold is None and not cfg.argmax:
+            return self.bundle.safe_threshold(CLP_DEFAULT_MAX_WRONG, cfg.clp_features)
         return cfg.threshold
 
     def set_sampling(self, cfg: DecodeConfig) -> None:

@@ -129,7 +129,7 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   frontier)  # frontier MODEL NAME RUN MODES: whole suites (HumanEval 164, GSM8K 100, MT-Bench 80), 512 new
     # tokens, one bench run per mode list (its own ar first), for bench/frontier.py
     cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
-      --suite humaneval,gsm8k,mtbench --n 164 --max-new-tokens "${FRONTIER_NEW:-512}" --modes "${5:?modes}" \
+      --suite "${FRONTIER_SUITES:-humaneval,gsm8k,mtbench}" --n 164 --max-new-tokens "${FRONTIER_NEW:-512}" --modes "${5:?modes}" \
       --out "$R/${3:?name}" ;;
   answers)  # answers NAME RUN: a run's answers (token shards, manifest) home as NAME.data.tar.partN, 15 MiB pieces
     tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"

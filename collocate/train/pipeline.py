@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
+from ..clp import CLP_FEATURES
 from ..draft import MAX_TREE, best_paths
 from .answers import generate_answers, write_manifest
 from .common import is_main, say, write_atomic
@@ -69,6 +70,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
                                     compete=cfg.compete, clp_features=cfg.clp_features, drafter=cfg.drafter,
+                                    clp_variants=[f for f in CLP_FEATURES if f != cfg.clp_features],
                                     draft_vocab=cfg.draft_vocab).to(device)
     if cfg.draft_vocab:
         bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))

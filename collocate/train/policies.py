@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
-from ..clp import CLP, Gates, head_confidence
+from ..clp import CLP, CLP_FEATURES, Gates, head_confidence
 from ..heads import VocabSlice
 from ..rules import leading_true, span_at_threshold
 from .common import embedding_for, is_main
@@ -173,11 +173,10 @@ def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
     device = model.get_output_embeddings().weight.device  # small models, many steps: the accelerator pays
     out = {"heldout_head_accuracy": head_accuracy(held_data, bundle.heads.offsets),
            "train_head_accuracy": head_accuracy(train_data, bundle.heads.offsets), "clp": {}}
-    for features in ("hidden", "hidden+conf"):
+    for features in CLP_FEATURES:  # the bundle carries each; cfg.clp_features is its default
         clp = train_clp(train_data, bundle, features, cfg, device)
         out["clp"][features] = clp_report(clp, held_data, first)
-        if features == cfg.clp_features:
-            bundle.clp.load_state_dict(clp.state_dict())
+        bundle.clp_for(features).load_state_dict(clp.state_dict())
     if cfg.gates:
         gates = train_gates(train_data, bundle, cfg, device)
         out["gates"] = gate_report(gates, held_data, bundle.heads.offsets)
