@@ -38,7 +38,7 @@ MAX_CANDIDATES = 8
 # `clp` with neither --threshold nor --max-wrong nor --argmax: the calibrated threshold whose held-out wrong
 # share is at most this (or the bundle's most cautious one, where none is that low); bench/README.md (the
 # whole-suite frontier) says why this value
-CLP_DEFAULT_MAX_WRONG = 0.02
+CLP_DEFAULT_MAX_WRONG = 0.01
 # --exact feeds every step this many rows, ar included, so that no row's arithmetic depends on the step's
 # width (matmul kernels are chosen by shape); 16 rows cost ~1.07x a 1-row step on the H200 (bench/README.md)
 EXACT_WIDTH = 16

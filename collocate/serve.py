@@ -5,7 +5,7 @@
     client.chat.completions.create(model="qwen2.5-coder-1.5b", messages=[...], extra_body={"mode": "verify"})
 
 POST /v1/chat/completions and /v1/completions (with `stream`: server-sent events), GET /v1/models and
-/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `candidates`, `tree_size`,
+/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `argmax`, `clp_features`, `candidates`, `tree_size`,
 `tree_depth`, `adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per forward pass) and `steps`. Requests
 take turns on the one engine (an asyncio lock, first come first served); a streamed answer runs one
 step per thread hop, so a client that goes away frees the engine at the next step. Bad input gets an
@@ -62,6 +62,8 @@ class Options(BaseModel):
     mode: str | None = None
     threshold: float | None = None
     max_wrong: float | None = None
+    argmax: bool = False
+    clp_features: str | None = None
     candidates: int = 1
     tree_size: int | None = None
     tree_depth: int | None = None
@@ -101,7 +103,8 @@ def decode_config(req: Options, served: Served) -> DecodeConfig:
         raise ApiError(f"temperature must be >= 0, got {req.temperature}", param="temperature")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return DecodeConfig(mode=req.mode or served.default_mode, max_new_tokens=max_tokens or served.default_max_tokens,
-                        threshold=req.threshold, max_wrong=req.max_wrong, adaptive=req.adaptive,
+                        threshold=req.threshold, max_wrong=req.max_wrong, argmax=req.argmax,
+                        clp_features=req.clp_features, adaptive=req.adaptive,
                         candidates=req.candidates,
                         tree_size=req.tree_size, tree_depth=req.tree_depth, exact=req.exact,
                         temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)

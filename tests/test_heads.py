@@ -156,3 +156,70 @@ def test_max_wrong_picks_the_calibrated_threshold(tmp_path, llama):
             DecodeConfig(mode="clp", max_wrong=bad)
     with pytest.raises(DecodeError, match="mode 'clp'"):
         DecodeConfig(mode="verify", max_wrong=0.1)
+
+
+def test_bundle_carries_every_clp_variant_with_its_calibration(tmp_path, llama):
+    """Format 3: the default CLP and its variants (other features) save, load and calibrate each on its
+    own; decoding picks one by --clp-features; a variant the bundle lacks is a clear error."""
+    import json
+
+    from collocate.bundle import BundleConfig
+    from collocate.decode import DecodeConfig
+    from collocate.engine import build_decoder
+
+    b = MTPBundle.for_backbone(llama, k=4, base_model="tiny", clp_features="hidden+conf", clp_variants=["hidden"])
+    with torch.no_grad():  # the default CLP always takes nothing, the paper's (hidden) always all 3
+        for clp, length in ((b.clp_for(), 0), (b.clp_for("hidden"), 3)):
+            clp.linear.weight.zero_()
+            clp.linear.bias.copy_(torch.tensor([-9.0] * 4).index_fill_(0, torch.tensor(length), 9.0))
+    b.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["format_version"] == 3
+    tables = {"hidden": {"0.9": {"wrong_share": 0.3, "mean_accepted": 0.5}},
+              "hidden+conf": {"0.9": {"wrong_share": 0.05, "mean_accepted": 0.2}}}
+    (tmp_path / "train_report.json").write_text(json.dumps({"clp": {f: {"thresholds": t} for f, t in tables.items()}}))
+    loaded = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+    assert loaded.clp_for().features == "hidden+conf" and loaded.clp_for("hidden").features == "hidden"
+    torch.testing.assert_close(loaded.clp_for("hidden").linear.bias, b.clp_for("hidden").linear.bias)
+    assert loaded.threshold_for(0.1) == 0.9
+    with pytest.raises(BundleError, match="lowest is 30.0%"):
+        loaded.threshold_for(0.1, "hidden")
+    dec = build_decoder(llama, bundle=loaded, engine="eager", eos_token_ids=[2])
+    paper = dec.generate([5, 6, 7], DecodeConfig(mode="clp", argmax=True, clp_features="hidden", max_new_tokens=12))
+    default = dec.generate([5, 6, 7], DecodeConfig(mode="clp", argmax=True, max_new_tokens=12))
+    assert paper.stats.tau == 4.0 and default.stats.tau == 1.0
+    with pytest.raises(BundleError, match="no CLP that reads 'hidden\\+conf'"):
+        MTPBundle.for_backbone(llama, k=4, base_model="tiny").clp_for("hidden+conf")
+    with pytest.raises(BundleError, match="unknown CLP features 'tokens'"):
+        BundleConfig(k=4, hidden_size=32, vocab_size=96, base_model="tiny", clp_variants=["tokens"])
+
+
+def test_clp_default_is_the_calibrated_safe_threshold(tmp_path, llama):
+    """clp with no threshold: the calibrated threshold for CLP_DEFAULT_MAX_WRONG, else the most cautious one
+    that still accepts something; --argmax is the paper's reading; a bundle with no table falls back to it."""
+    import json
+
+    from collocate.decode import CLP_DEFAULT_MAX_WRONG, DecodeConfig, DecodeError
+    from collocate.engine import build_decoder
+
+    b = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
+    b.save_pretrained(tmp_path)
+    report = tmp_path / "train_report.json"
+
+    def default_threshold(table):
+        report.write_text(json.dumps({"clp": {"hidden": {"thresholds": table}}}))
+        dec = build_decoder(llama, bundle=MTPBundle.from_pretrained(tmp_path), engine="eager")
+        return dec.threshold_of(DecodeConfig(mode="clp")), dec.threshold_of(DecodeConfig(mode="clp", argmax=True))
+
+    row = lambda wrong, accepted: {"wrong_share": wrong, "mean_accepted": accepted}  # noqa: E731
+    safe = {"0.9": row(0.1, 0.3), "0.97": row(CLP_DEFAULT_MAX_WRONG, 0.1), "0.99": row(0.002, 0.01)}
+    assert default_threshold(safe) == (0.97, None)
+    unsafe = {"0.9": row(0.3, 0.3), "0.99": row(0.08, 0.01), "0.999": row(0.0, 0.0)}
+    assert default_threshold(unsafe) == (0.99, None)  # nothing that safe: the most cautious that accepts
+    report.unlink()
+    assert build_decoder(llama, bundle=b, engine="eager").threshold_of(DecodeConfig(mode="clp")) is None
+    for bad, message in ((dict(mode="clp", argmax=True, threshold=0.5), "--argmax"),
+                         (dict(mode="verify", argmax=True), "--argmax"),
+                         (dict(mode="ar", clp_features="hidden"), "--clp-features"),
+                         (dict(mode="clp", clp_features="tokens"), "unknown CLP features")):
+        with pytest.raises(DecodeError, match=message):
+            DecodeConfig(**bad)

@@ -145,18 +145,56 @@ def test_cli_generate_streams_and_reports(capsys):
     assert "--tree-size applies to mode 'verify'" in capsys.readouterr().err
 
 
+def test_bench_mode_labels():
+    from collocate.bench import parse_mode
+
+    assert parse_mode("clp-hidden@argmax", None) == parse_mode("clp-hidden@argmax", 0.5)
+    spec = parse_mode("clp-hidden@argmax", None)
+    assert (spec.mode, spec.argmax, spec.threshold, spec.clp_features) == ("clp", True, None, "hidden")
+    spec = parse_mode("clp-hidden+conf@0.97", None)
+    assert (spec.mode, spec.argmax, spec.threshold, spec.clp_features) == ("clp", False, 0.97, "hidden+conf")
+    spec = parse_mode("verify-t48d3", None)
+    assert (spec.tree_size, spec.tree_depth, spec.clp_features) == (48, 3, None)
+    for bad in ("gate@argmax", "clp-tokens", "verify-t@3"):
+        with pytest.raises(ValueError):
+            parse_mode(bad, None)
+
+
+def test_frontier_reads_slim_results_and_places_argmax(tmp_path):
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("frontier", Path(__file__).parents[1] / "bench" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    sys.modules["frontier"] = frontier
+    spec.loader.exec_module(frontier)
+    row = lambda **kw: {"tau": 1.5, "tok_per_s": 9.0, "prompts": 2, "speedup": 1.5, **kw}  # noqa: E731
+    doc = {"summary": {"ar": row(speedup=None), "clp-hidden@argmax": row(threshold=None), "clp": row(threshold=0.97)},
+           "per_prompt": {"ar": [{"id": "a", "tokens": [1, 2], "text": "x"}]}}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    frontier.slim(str(tmp_path))
+    (tmp_path / "results.json").unlink()
+    got = {r["label"]: (r["method"], r["threshold"]) for r in frontier.collect([str(tmp_path)])}
+    assert got == {"ar": ("ar", None), "clp-hidden@argmax": ("clp-hidden", 0.0),
+                   "clp": ("clp (calibrated default)", 0.97)}
+    assert "tokens" not in frontier.read_results(str(tmp_path))["per_prompt"]["ar"][0]
+
+
 def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
     import json
 
     from collocate.bench import BenchConfig, run_bench
 
     out = tmp_path / "bench"
-    run_bench(BenchConfig(suites=("gsm8k", "humaneval"), modes=("ar", "clp", "gate", "compete", "verify", "hf"),
-                          n=1, max_new_tokens=12, out=str(out)))
+    modes = ("ar", "clp", "clp-hidden@argmax", "gate", "compete", "verify", "hf")
+    run_bench(BenchConfig(suites=("gsm8k", "humaneval"), modes=modes, n=1, max_new_tokens=12, out=str(out)))
     doc = json.loads((out / "results.json").read_text())
-    assert set(doc["summary"]) == {"ar", "clp", "gate", "compete", "verify", "hf"}
+    assert set(doc["summary"]) == set(modes)
     assert doc["summary"]["verify"]["exact_match"] == 1.0 and doc["summary"]["hf"]["exact_match"] == 1.0
-    assert doc["summary"]["ar"]["tau"] == 1.0 and doc["summary"]["clp"]["wrong_share"] is not None
+    assert doc["summary"]["ar"]["tau"] == 1.0 and doc["summary"]["clp-hidden@argmax"]["wrong_share"] is not None
+    assert doc["summary"]["clp-hidden@argmax"]["threshold"] is None  # the argmax; plain clp: calibrated
+    assert 0 < doc["summary"]["clp"]["threshold"] < 1
     table = (out / "results.md").read_text()
     assert "| verify |" in table and "paper" in table
     assert (out / "speed_quality.png").stat().st_size > 10_000

@@ -104,6 +104,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_server
         ({**chat, "n": 2}, "n must be 1"),
         ({**chat, "temperature": -0.5}, "temperature must be >= 0"),
         ({**chat, "tree_size": 0}, "tree size"),
+        ({**chat, "mode": "clp", "clp_features": "tokens"}, "unknown CLP features"),
+        ({**chat, "mode": "clp", "argmax": True, "threshold": 0.5}, "--argmax"),
         ({**chat, "messages": []}, "messages"),
     ]
     for body, message in cases:

@@ -55,7 +55,10 @@ def test_trained_bundle_refuses_other_backbone(trained, tmp_path):
 
     tmp, cfg, _ = trained
     own, _ = load_backbone(cfg.model)
-    MTPBundle.from_pretrained(cfg.out, backbone=own)
+    bundle = MTPBundle.from_pretrained(cfg.out, backbone=own)
+    # every CLP variant travels in the bundle, each with its held-out table; hidden+conf is the default
+    assert bundle.clp_for().features == "hidden+conf" and bundle.clp_for("hidden").features == "hidden"
+    assert bundle.calibration("hidden") and bundle.calibration() != bundle.calibration("hidden")
     other, _ = load_backbone(save_tiny(tmp_path / "other", seed=7))
     with pytest.raises(BundleError, match="LM-head weights differ"):
         MTPBundle.from_pretrained(cfg.out, backbone=other)

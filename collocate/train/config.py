@@ -52,7 +52,8 @@ class TrainConfig:
     grad_accum: int = setting(1, "batches per optimiser step")
     warmup: float = setting(0.05, "share of head-training steps spent warming up")
     kl_weight: float = setting(0.0, "weight of a KL term to the backbone's own distribution")
-    clp_features: str = setting("hidden", "what the default CLP reads (the bundle carries every variant)",
+    clp_features: str = setting("hidden+conf", "what the default CLP reads (the bundle carries every variant; "
+                                "hidden: the paper's)",
                                 choices=CLP_FEATURES)
     clp_epochs: int = setting(4, "CLP and gate epochs")
     policy_positions: int = setting(100_000, "training positions sampled for CLP and gates")
