@@ -38,7 +38,8 @@ def cmd_info(args) -> int:
     print(f"bundle      {args.bundle}\nbase model  {c.base_model}\nk           {c.k} (heads for offsets "
           f"{', '.join('+' + str(o) for o in bundle.heads.offsets)})\nhidden      {c.hidden_size}\n"
           f"vocabulary  {c.vocab_size}\nlayers/head {c.layers}\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
-    print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,} ({c.clp_features})  "
+    clps = ", ".join([f"{c.clp_features} (default)", *bundle.clp_variants])
+    print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,}: {clps}  "
           f"gates {counts['gates']:,}" + ("" if c.has_gates else " (none)"))
     vocab = f", drafting over {c.draft_vocab:,} tokens" if c.draft_vocab else ""
     print(f"drafter     {c.drafter}{vocab}; tree: " + (f"{len(c.tree)} nodes stored best first" if c.tree else
@@ -47,6 +48,14 @@ def cmd_info(args) -> int:
     if report.exists():
         acc = json.loads(report.read_text()).get("heldout_head_accuracy", {})
         print("held-out top-1  " + "  ".join(f"{o} {v['top1']:.1%}" for o, v in acc.items()))
+    from .decode import CLP_DEFAULT_MAX_WRONG
+
+    for f in [c.clp_features, *bundle.clp_variants]:
+        t = bundle.safe_threshold(CLP_DEFAULT_MAX_WRONG, f)
+        row = bundle.calibration(f).get(str(t), {}) if t is not None else {}
+        if row:
+            print(f"clp {f:<12} calibrated threshold {t:g}: held-out wrong share {row['wrong_share']:.1%}, "
+                  f"{row['mean_accepted']:.2f} head tokens a step")
     return 0
 
 
