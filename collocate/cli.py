@@ -161,6 +161,27 @@ DEMO_PROMPTS = (
 )
 
 
+def clp_default_note(dec, cfg) -> str:
+    """What the 'clp' row ran at, in words: the calibrated threshold, and whether it is as safe as asked."""
+    from .decode import CLP_DEFAULT_MAX_WRONG
+
+    t = dec.threshold_of(cfg)
+    if cfg.argmax or cfg.threshold is not None:
+        return f"'clp' ran at {'its argmax' if cfg.argmax else f'threshold {t:g}'}, as asked."
+    if t is None:
+        return "'clp' took the CLP's argmax (this bundle has no held-out calibration)."
+    row = dec.bundle.calibration(cfg.clp_features).get(str(t)) or dec.bundle.calibration(cfg.clp_features).get(f"{t:g}")
+    said = f"'clp' ran at threshold {t:g}"
+    if row is None:
+        return said + "."
+    asked = cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
+    if row["wrong_share"] <= asked:
+        kept = " (the share that kept task quality on the whole suites; few head tokens pass)" if not cfg.max_wrong else ""
+        return said + f", where {row['wrong_share']:.1%} of held-out head tokens were wrong{kept}."
+    return (said + f", this bundle's most cautious, and still {row['wrong_share']:.0%} of held-out head tokens were "
+            f"wrong: its CLP cannot reach the {asked:.0%} asked (use verify for quality).")
+
+
 def cmd_demo(args) -> int:
     """The embedded model with its shipped bundle: ar, verify and clp (calibrated, and the paper's argmax)."""
     from dataclasses import replace
@@ -195,11 +216,19 @@ def cmd_demo(args) -> int:
         print(f"{mode:<11}{toks:>7}{steps:>7}{toks / steps:>6.2f}{toks / secs:>8.1f}{toks / secs / ar_speed:>8.2f}x"
               f"{exact:>8}/{len(DEMO_PROMPTS)}{wrong_s:>16}")
     print(f"\n{dec.device.type} timings. verify checks every draft, so its answers are ar's. clp accepts head tokens "
-          "unchecked: 'wrong head tok' is the share the backbone itself would not have written. 'clp' runs at the "
-          "bundle's calibrated, quality-safe threshold (it accepts few head tokens); 'clp argmax' is the paper's "
-          "reading, faster and wrong far more often. On a CPU a multi-token step costs about as much as its "
-          "tokens, so the speedups need a GPU (bench/README.md).")
+          "unchecked: 'wrong head tok' is the share the backbone itself would not have written. "
+          + clp_default_note(dec, rows["clp"])
+          + (" 'clp argmax' is the paper's reading: faster, and wrong far more often." if "clp argmax" in rows else "")
+          + " On a CPU a multi-token step costs about as much as its tokens, so the speedups need a GPU "
+          "(bench/README.md).")
     return 0
+
+
+def add_clp_args(p):
+    p.add_argument("--argmax", action="store_true",
+                   help="clp: accept the CLP's likeliest length (the paper's reading; no quality bound)")
+    p.add_argument("--clp-features", choices=CLP_FEATURES,
+                   help="clp: which of the bundle's CLPs (hidden: the paper's; default: the bundle's own)")
 
 
 def add_decoding_args(p, *, mode: bool = True):
@@ -221,10 +250,7 @@ def add_decoding_args(p, *, mode: bool = True):
     if mode:
         p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
         p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
-        p.add_argument("--argmax", action="store_true",
-                       help="clp: accept the CLP's likeliest length (the paper's reading; no quality bound)")
-        p.add_argument("--clp-features", choices=CLP_FEATURES,
-                       help="clp: which of the bundle's CLPs (hidden: the paper's; default: the bundle's own)")
+        add_clp_args(p)
         p.add_argument("--candidates", type=int, default=1,
                        help="verify: also check the +2 head's next best tokens in the same pass")
         p.add_argument("--tree-size", type=int, default=None,
@@ -267,7 +293,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
     add_decoding_args(p, mode=False)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, argmax=False, clp_features=None, candidates=1,
+    add_clp_args(p)
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1,
                    tree_size=None, tree_depth=None,
                    stop=None, exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")

@@ -145,6 +145,20 @@ def test_cli_generate_streams_and_reports(capsys):
     assert "--tree-size applies to mode 'verify'" in capsys.readouterr().err
 
 
+def test_demo_shows_each_mode_with_speed_and_quality_in_words(capsys):
+    """The calibrated clp beside the paper's argmax, and what the shipped bundle's calibration can promise."""
+    from collocate.cli import main
+
+    assert main(["demo", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    for row in ("ar ", "verify ", "clp ", "clp argmax "):
+        assert any(line.startswith(row) and line.rstrip().endswith(("-", "%")) for line in out.splitlines()), row
+    assert "its CLP cannot reach the 1% asked" in out and "paper's reading" in out
+    assert main(["demo", "--max-new-tokens", "6", "--argmax"]) == 0
+    out = capsys.readouterr().out
+    assert "clp argmax" not in out and "'clp' ran at its argmax, as asked" in out
+
+
 def test_bench_mode_labels():
     from collocate.bench import parse_mode
 
