@@ -52,7 +52,7 @@ class DecodeError(ValueError):
 class DecodeConfig:
     mode: str = "ar"
     max_new_tokens: int = 256
-    threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None = argmax / 0.5
+    threshold: float | None = None  # CLP tau (threshold rule) or gate threshold; None: clp calibrated, gate 0.5
     max_wrong: float | None = None  # clp: the threshold whose held-out wrong share is at most this
     argmax: bool = False  # clp (and verify --adaptive): the CLP's likeliest length, the paper's reading
     clp_features: str | None = None  # which of the bundle's CLPs (None: its default)
@@ -403,6 +403,8 @@ class Decoder:
             raise DecodeError(f"mode '{cfg.mode}' needs an MTP bundle (--heads DIR)")
         if cfg.mode in ("gate", "compete") and self.bundle.gates is None:
             raise DecodeError(f"mode '{cfg.mode}' needs gates, and this bundle has none (train with --gates)")
+        if cfg.clp_features is not None:
+            self.bundle.clp_for(cfg.clp_features)  # a CLP this bundle lacks: a BundleError before any step
         if cfg.mode == "compete" and not self.bundle.heads.compete:
             raise DecodeError("mode 'compete' needs a bundle trained with a +1 head (collocate train --compete)")
         if cfg.exact and not getattr(self.backend, "fixed_rows", False):

@@ -189,6 +189,9 @@ def test_bundle_carries_every_clp_variant_with_its_calibration(tmp_path, llama):
     assert paper.stats.tau == 4.0 and default.stats.tau == 1.0
     with pytest.raises(BundleError, match="no CLP that reads 'hidden\\+conf'"):
         MTPBundle.for_backbone(llama, k=4, base_model="tiny").clp_for("hidden+conf")
+    one_clp = build_decoder(llama, bundle=MTPBundle.for_backbone(llama, k=4, base_model="tiny"), engine="eager")
+    with pytest.raises(BundleError, match="no CLP that reads"):
+        one_clp.generate([5], DecodeConfig(mode="verify", adaptive=True, clp_features="hidden+conf"))
     with pytest.raises(BundleError, match="unknown CLP features 'tokens'"):
         BundleConfig(k=4, hidden_size=32, vocab_size=96, base_model="tiny", clp_variants=["tokens"])
 
