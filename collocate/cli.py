@@ -132,6 +132,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"collocate serve needs FastAPI and uvicorn ({e}): pip install 'collocate[serve]'") from None
 
+    if args.threshold is not None or args.max_wrong is not None:
+        raise ValueError("collocate serve takes threshold and max_wrong per request (body fields), not as flags")
     gen = Generator(load_for_decoding(args, need_heads=True)[0])
     serve(gen, name=args.name or args.model, host=args.host, port=args.port,
           default_max_tokens=args.max_new_tokens)
