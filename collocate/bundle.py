@@ -136,6 +136,10 @@ class MTPBundle(nn.Module):
         """The held-out CLP table of these features: threshold -> wrong share and accepted length."""
         return self.calibrations.get(self.clp_for(features).features, {})
 
+    def calibration_at(self, threshold: float, features: str | None = None) -> dict:
+        """The held-out row of one threshold ({} where the table has none): wrong share, accepted length."""
+        return self.calibration(features).get(str(float(threshold)), {})
+
     def threshold_for(self, max_wrong: float, features: str | None = None) -> float:
         """The lowest CLP threshold whose held-out wrong share is at most max_wrong (most tokens at that
         quality), from the training report's calibration table."""

@@ -52,7 +52,7 @@ def cmd_info(args) -> int:
 
     for f in [c.clp_features, *bundle.clp_variants]:
         t = bundle.safe_threshold(CLP_DEFAULT_MAX_WRONG, f)
-        row = bundle.calibration(f).get(str(t), {}) if t is not None else {}
+        row = bundle.calibration_at(t, f) if t is not None else {}
         if row:
             print(f"clp {f:<12} calibrated threshold {t:g}: held-out wrong share {row['wrong_share']:.1%}, "
                   f"{row['mean_accepted']:.2f} head tokens a step")
@@ -172,9 +172,9 @@ def clp_default_note(dec, cfg) -> str:
         return f"'clp' ran at {'its argmax' if cfg.argmax else f'threshold {t:g}'}, as asked."
     if t is None:
         return "'clp' took the CLP's argmax (this bundle has no held-out calibration)."
-    row = dec.bundle.calibration(cfg.clp_features).get(str(t)) or dec.bundle.calibration(cfg.clp_features).get(f"{t:g}")
+    row = dec.bundle.calibration_at(t, cfg.clp_features)
     said = f"'clp' ran at threshold {t:g}"
-    if row is None:
+    if not row:
         return said + "."
     asked = cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
     if row["wrong_share"] <= asked:
