@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, stepcost,
+# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, skip NAME, stepcost,
 # profile SHAPE MODE..., devmap MODEL NAME SAMPLES, serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
 # a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
 # $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
@@ -160,6 +160,10 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     ddp_args "${2:?model}" "${4:-1024}"
     cli train "${args[@]}" --device-map balanced --out "$W/runs/${3:?name}-devmap" > "$W/ddp-$3-devmap.log" 2>&1
     python3 bench/ddp_compare.py "$W/runs/$3-1gpu" "$W/runs/$3-devmap" | tee "$R/ddp-$3-devmap.json" ;;
+  skip)  # skip NAME: stop the bench writing results/NAME (now, or when it starts: run it as a job), so that the
+    # job it belongs to goes on to its next step (a `&&` chain stops there, a `;` goes on)
+    until pgrep -f "collocate.cli bench .*--out $R/${2:?bench name}( |$)" > /dev/null; do sleep 1; done
+    pkill -f "collocate.cli bench .*--out $R/$2( |$)" && echo "skipped $2" ;;
   cudacheck)  # the fast backend with graphs against the eager one, tiny models, every mode
     python3 bench/cuda_check.py | tee "$R/cuda_check.txt" ;;
   stepcost)  # SHAPE, WIDTHS; ONLY: a regular expression of the mode steps to time; UNALIGNED=0: no odd row length
