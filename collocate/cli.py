@@ -94,6 +94,10 @@ def cmd_generate(args) -> int:
     extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""
     print(f"\n\n[{args.mode}] {s.new_tokens} tokens in {s.steps} steps, tau {s.tau:.2f}, "
           f"{s.tok_per_s:.1f} tok/s, finished by {r.finish_reason}{extra}", file=sys.stderr)
+    if args.mode == "clp":
+        note = clp_default_note(gen.decoder, cfg)
+        hint = "" if "verify" in note else " For speed at the model's own quality: --mode verify."
+        print(f"[clp] {note}{hint}", file=sys.stderr)
     return 0
 
 

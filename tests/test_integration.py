@@ -141,6 +141,8 @@ def test_cli_generate_streams_and_reports(capsys):
     assert out.strip() and "[verify]" in err and "tau" in err
     assert main(["generate", "--prompt", "   ", "--mode", "ar"]) == 2
     assert "empty prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--mode", "clp", "--max-new-tokens", "4"]) == 0
+    assert "[clp] 'clp' ran at threshold" in capsys.readouterr().err  # the calibrated default, said in words
     assert main(["generate", "--prompt", "Hi", "--mode", "clp", "--tree-size", "4"]) == 2  # an impossible flag
     assert "--tree-size applies to mode 'verify'" in capsys.readouterr().err
 
