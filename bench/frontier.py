@@ -23,13 +23,14 @@ METRICS = (("humaneval_pass1", "HumanEval pass@1"), ("gsm8k_acc", "GSM8K accurac
 
 def method_of(label: str, summary: dict) -> tuple[str, float | None]:
     """'clp-hidden@0.9' -> ('clp-hidden', 0.9); 'clp-hidden@argmax' -> ('clp-hidden', 0.0): the argmax sits at
-    the loose end of its curve; plain 'clp' is the calibrated default, at the threshold it ran at;
+    the loose end of its curve; plain 'clp' is calibrated (for the wrong share its run asked, or the default
+    of its time), at the threshold it ran at;
     'verify-t32' -> ('verify-t32', None)."""
     name, _, thr = label.partition("@")
     if thr == "argmax":
         return name, 0.0
     if not thr and name == "clp":
-        return "clp (calibrated default)", summary.get("threshold")
+        return "clp (calibrated)", summary.get("threshold")
     return name, float(thr) if thr else None
 
 
@@ -61,7 +62,7 @@ def collect(folders: list[str]) -> list[dict]:
             method, threshold = method_of(label, s)
             rows.append({"label": label, "method": method, "threshold": threshold, "run": folder,
                          "speedup": s.get("speedup") or 1.0, "tau": s["tau"], "tok_per_s": s["tok_per_s"],
-                         "prompts": s["prompts"], "exact_match": s.get("exact_match"),
+                         "prompts": s["prompts"], "exact_match": s.get("exact_match"), "max_wrong": s.get("max_wrong"),
                          **{k: s.get(k) for k, _ in METRICS}})
     return rows
 
@@ -87,6 +88,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             for r in pts:
                 if r["threshold"] is not None:
                     note = "argmax" if r["label"].endswith("@argmax") else f"{r['threshold']:g}"
+                    if r.get("max_wrong"):
+                        note += f" (<= {r['max_wrong']:.0%} wrong)"
                     ax.annotate(note, (r["speedup"], r[key]), fontsize=7)
         ax.set(xlabel="speedup vs our ar (tok/s)", ylabel=name, ylim=(-0.03, 1.03))
         ax.axvline(1.0, color="grey", lw=0.5)

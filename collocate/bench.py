@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .clp import CLP_FEATURES
-from .decode import DecodeConfig, DecodeResult, DecodeStats
+from .decode import CLP_DEFAULT_MAX_WRONG, DecodeConfig, DecodeResult, DecodeStats
 from .engine import load_decoder
 from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
 
@@ -210,7 +210,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         ref_rows = results["ar"]["rows"] if reference else None
         results[spec.label] = {"spec": asdict(spec), "rows": rows, "summary": summarize(rows, ref_rows, n_heads, accs)}
         if spec.mode in ("clp", "gate", "compete") or spec.adaptive:  # the threshold it ran at (None: argmax)
-            results[spec.label]["summary"]["threshold"] = dec.threshold_of(decode_config(spec, 1, cfg.exact, cfg.max_wrong))
+            run_cfg = decode_config(spec, 1, cfg.exact, cfg.max_wrong)
+            results[spec.label]["summary"]["threshold"] = dec.threshold_of(run_cfg)
+            if spec.mode == "clp" and spec.threshold is None and not spec.argmax:  # calibrated for this share
+                results[spec.label]["summary"]["max_wrong"] = run_cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
         reference = reference or answers
         write_outputs(cfg, results, dec, quiet=True)  # partial results survive a kill
     return write_outputs(cfg, results, dec)

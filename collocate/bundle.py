@@ -101,7 +101,7 @@ class MTPBundle(nn.Module):
         self.register_buffer("draft_ids", torch.zeros(config.draft_vocab, dtype=torch.long)
                              if config.draft_vocab else None)
         self.heldout: dict = {}  # the training report's held-out accuracy per offset, when there is one
-        self.calibrations: dict = {}  # per CLP's features, the report's held-out table: threshold -> wrong share, length
+        self.calibrations: dict = {}  # per CLP features, the report's held-out table: threshold -> wrong share, ...
 
     @property
     def token_conditioned(self) -> bool:

@@ -182,7 +182,7 @@ def clp_default_note(dec, cfg) -> str:
         return said + "."
     asked = cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
     if row["wrong_share"] <= asked:
-        kept = " (the share that kept task quality on the whole suites; few head tokens pass)" if not cfg.max_wrong else ""
+        kept = "" if cfg.max_wrong else " (the share that kept task quality on the whole suites; few head tokens pass)"
         return said + f", where {row['wrong_share']:.1%} of held-out head tokens were wrong{kept}."
     return (said + f", this bundle's most cautious, and still {row['wrong_share']:.0%} of held-out head tokens were "
             f"wrong: its CLP cannot reach the {asked:.0%} asked (use verify for quality).")

@@ -193,7 +193,7 @@ def test_frontier_reads_slim_results_and_places_argmax(tmp_path):
     (tmp_path / "results.json").unlink()
     got = {r["label"]: (r["method"], r["threshold"]) for r in frontier.collect([str(tmp_path)])}
     assert got == {"ar": ("ar", None), "clp-hidden@argmax": ("clp-hidden", 0.0),
-                   "clp": ("clp (calibrated default)", 0.97)}
+                   "clp": ("clp (calibrated)", 0.97)}
     assert "tokens" not in frontier.read_results(str(tmp_path))["per_prompt"]["ar"][0]
 
 
@@ -210,7 +210,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
     assert doc["summary"]["verify"]["exact_match"] == 1.0 and doc["summary"]["hf"]["exact_match"] == 1.0
     assert doc["summary"]["ar"]["tau"] == 1.0 and doc["summary"]["clp-hidden@argmax"]["wrong_share"] is not None
     assert doc["summary"]["clp-hidden@argmax"]["threshold"] is None  # the argmax; plain clp: calibrated
-    assert 0 < doc["summary"]["clp"]["threshold"] < 1
+    assert 0 < doc["summary"]["clp"]["threshold"] < 1 and doc["summary"]["clp"]["max_wrong"] == 0.01
     table = (out / "results.md").read_text()
     assert "| verify |" in table and "paper" in table
     assert (out / "speed_quality.png").stat().st_size > 10_000
