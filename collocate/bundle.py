@@ -238,7 +238,8 @@ class MTPBundle(nn.Module):
         if report.exists():
             rep = json.loads(report.read_text())
             bundle.heldout = rep.get("heldout_head_accuracy", {})
-            bundle.calibrations = {f: v.get("thresholds", {}) for f, v in rep.get("clp", {}).items()}
+            bundle.calibrations = {features: clp.get("thresholds", {})
+                                   for features, clp in rep.get("clp", {}).items()}
         if backbone is not None:
             bundle.check_backbone(backbone, backbone_name)
         return bundle.eval().requires_grad_(False)

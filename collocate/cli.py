@@ -216,7 +216,8 @@ def cmd_demo(args) -> int:
             body = "(identical to ar)" if same and mode != "ar" else r.text.strip()
             print(f"--- {mode} (tau {r.stats.tau:.2f}, {r.stats.tok_per_s:.1f} tok/s)\n{body}")
     ar_speed = totals["ar"][0] / totals["ar"][2]
-    print(f"\n{'mode':<11}{'tokens':>7}{'steps':>7}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'same as ar':>12}{'wrong head tok':>16}")
+    print(f"\n{'mode':<11}{'tokens':>7}{'steps':>7}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'same as ar':>12}"
+          f"{'wrong head tok':>16}")
     for mode, (toks, steps, secs, exact, wrong, checked) in totals.items():
         wrong_s = f"{wrong / checked:.0%}" if checked else "-"
         print(f"{mode:<11}{toks:>7}{steps:>7}{toks / steps:>6.2f}{toks / secs:>8.1f}{toks / secs / ar_speed:>8.2f}x"
