@@ -134,15 +134,16 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   answers)  # answers NAME RUN: a run's answers (token shards, manifest) home as NAME.data.tar.partN, 15 MiB pieces
     tar -cf - -C "$W/runs" "${3:?run}/work/data" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.data.tar.part"
     ls -la "$OUT" ;;
-  ddp)  # ddp MODEL NAME SAMPLES: the same training on GPU 0 twice (is one GPU repeatable?), on every GPU
-    # (accelerate), on every GPU from the 1-GPU run's answers, and on every GPU killed during its data stage
-    # and resumed; compared by bench/ddp_compare.py
+  ddp)  # ddp MODEL NAME SAMPLES: the same training on one GPU twice, side by side on GPUs 0 and 1 (does a
+    # run repeat?), on every GPU (accelerate), on every GPU from the 1-GPU run's answers, and on every GPU
+    # killed during its data stage and resumed; compared by bench/ddp_compare.py
     gpus=${GPUS:-$(nvidia-smi -L | wc -l)} name=${3:?name}  # (GPUS, SHARD: a CPU dry run)
     ddp_args "${2:?model}" "${4:-1024}"
-    one() { CUDA_VISIBLE_DEVICES=0 cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
+    one() { CUDA_VISIBLE_DEVICES=$2 cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
+    one "$name-1gpu" 0 & one "$name-1gpu-again" $((gpus > 1 ? 1 : 0)); wait
     all() { python3 -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1 \
       --mixed_precision bf16 --dynamo_backend no -m collocate.cli train "${args[@]}" --out "$W/runs/$1" > "$W/ddp-$1.log" 2>&1; }
-    one "$name-1gpu"; one "$name-1gpu-again"; all "$name-${gpus}gpu"
+    all "$name-${gpus}gpu"
     # the 1-GPU run's very answers trained on every GPU: the held-out set is the same, only training differs
     mkdir -p "$W/runs/$name-same/work" && cp -rl "$W/runs/$name-1gpu/work/data" "$W/runs/$name-same/work/"
     all "$name-same"
