@@ -248,11 +248,18 @@ def fmt(x, spec=".2f", suffix=""):
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def suite_counts(doc: dict) -> str:
+    """'humaneval 164, gsm8k 100': the prompts each suite gave (a suite may hold fewer than --n)."""
+    rows = next(iter(doc["per_prompt"].values()), [])
+    counts = {s: sum(r.get("suite") == s for r in rows) for s in doc["config"]["suites"]}
+    return ", ".join(f"{s} {n}" for s, n in counts.items())
+
+
 def markdown_table(doc: dict) -> str:
     env, cfg = doc["environment"], doc["config"]
     lines = [f"# collocate bench: {env['model']} on {env['device']}", "",
              f"{env['date']}, {env['dtype']}, torch {env['torch']}, engine {env['engine']}, batch 1, greedy, "
-             f"max {cfg['max_new_tokens']} new tokens{', --exact' if cfg.get('exact') else ''}, suites {', '.join(cfg['suites'])} ({cfg['n']} prompts each). "
+             f"max {cfg['max_new_tokens']} new tokens{', --exact' if cfg.get('exact') else ''}, suites {suite_counts(doc)}. "
              "Speedup is tok/s against our own `ar` in the same run.", "",
              "| mode | tau | ms/step | tok/s | speedup | rep-4 | Δrep-4 | exact vs ar | divergences at near-tie | wrong head tokens "
              "| head acc +2.. | GSM8K | HumanEval | paper |",

@@ -212,7 +212,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
     assert doc["summary"]["clp-hidden@argmax"]["threshold"] is None  # the argmax; plain clp: calibrated
     assert 0 < doc["summary"]["clp"]["threshold"] < 1 and doc["summary"]["clp"]["max_wrong"] == 0.01
     table = (out / "results.md").read_text()
-    assert "| verify |" in table and "paper" in table
+    assert "| verify |" in table and "paper" in table and "suites gsm8k 1, humaneval 1." in table
     assert (out / "speed_quality.png").stat().st_size > 10_000
 
 
