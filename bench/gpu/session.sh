@@ -147,12 +147,16 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     # the 1-GPU run's very answers trained on every GPU: the held-out set is the same, only training differs
     mkdir -p "$W/runs/$name-same/work" && cp -rl "$W/runs/$name-1gpu/work/data" "$W/runs/$name-same/work/"
     all "$name-same"
+    # and on one GPU alone (the side-by-side runs share the CPU): one-GPU training speed on the same answers
+    mkdir -p "$W/runs/$name-1same/work" && cp -rl "$W/runs/$name-1gpu/work/data" "$W/runs/$name-1same/work/"
+    one "$name-1same" 0
     all "$name-killed" & sleep 1
     until [ "$(ls "$W/runs/$name-killed/work/data/" 2>/dev/null | grep -c '^shard-.*safetensors$')" -ge 2 ]; do sleep 1; done
     pkill -9 -f "runs/$name-killed" || true; wait || true
     echo "killed with $(ls "$W/runs/$name-killed/work/data/" | grep -c '^shard-.*safetensors$') shards; resuming"
     all "$name-killed"
-    for pair in "1gpu 1gpu-again repeat" "1gpu ${gpus}gpu $gpus" "1gpu same same-answers" "${gpus}gpu killed resumed"; do
+    for pair in "1gpu 1gpu-again repeat" "1gpu ${gpus}gpu $gpus" "1gpu same same-answers" "1same same train-1v2" \
+      "${gpus}gpu killed resumed"; do
       set -- $pair
       python3 bench/ddp_compare.py "$W/runs/$name-$1" "$W/runs/$name-$2" | tee "$R/ddp-$name-$3.json"
     done ;;
