@@ -112,7 +112,10 @@ def cmd_train(args) -> int:
     from .train import run_training
     from .train.config import from_args
 
+    from accelerate import PartialState
+
     run_training(from_args(args))
+    PartialState().destroy_process_group()  # under `accelerate launch`: leave cleanly (one process: a no-op)
     return 0
 
 
