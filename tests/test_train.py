@@ -293,3 +293,27 @@ def test_cli_options_are_derived_from_the_config():
     assert cfg.deterministic and not TrainConfig(out="x").deterministic
     assert set(cfg.data_settings()) == {"model", "samples", "mix", "max_new_tokens", "max_prompt_tokens",
                                         "shard_size", "seed", "chat", "prompts_file"}
+
+
+def test_data_curve_reads_runs_on_one_heldout_set(trained, tmp_path):
+    """bench/data_curve.py: a bundle trained on the first answers only (--train-samples) sits beside the full
+    one on the same held-out answers; a report held out on other answers is refused."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("data_curve", ROOT / "bench" / "data_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    tmp, cfg, report = trained
+    few = tmp_path / "few"
+    shutil.copytree(Path(cfg.out) / "work" / "data", few / "work" / "data")
+    run_training(dataclasses.replace(cfg, out=str(few), train_samples=cfg.shard_size))
+    doc = curve.main([cfg.out, str(few), "--out", str(tmp_path / "curve")])
+    got = {p["run"]: p["train_answers"] for p in doc["points"]}
+    assert got == {"few": cfg.shard_size, Path(cfg.out).name: (cfg.n_shards - cfg.heldout_shards) * cfg.shard_size}
+    assert doc["heldout_answers"] == cfg.shard_size and (tmp_path / "curve.png").stat().st_size > 10_000
+    other = json.loads((few / "train_report.json").read_text())
+    other["config"]["heldout_shards"] = 2
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="not held out on the same answers"):
+        curve.main([cfg.out, str(tmp_path / "other.json"), "--out", str(tmp_path / "bad")])

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
-# hf MODEL, train MODEL NAME BASE FLAGS, benchrun MODEL NAME RUN MODES, frontier MODEL NAME RUN MODES, skip NAME, stepcost,
-# profile SHAPE MODE..., devmap MODEL NAME SAMPLES, serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs steps (`S step args` inside) as
-# a background job that outlives the call; `wait SECONDS` follows the jobs and packs the results into
-# $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
+# hf MODEL, train MODEL NAME BASE FLAGS, curve MODEL BASE N,N FLAGS, benchrun MODEL NAME RUN MODES,
+# frontier MODEL NAME RUN MODES, skip NAME, stepcost, profile SHAPE MODE..., devmap MODEL NAME SAMPLES,
+# serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs
+# steps (`S step args` inside) as a background job that outlives the call; `wait SECONDS` follows the jobs
+# and packs the results into $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 W=${COLLOCATE_GPU_HOME:-$HOME/collocate-gpu}
@@ -118,6 +119,10 @@ case ${1:?step} in
       --mix "$MIX" --out "$W/runs/$name" ${GEN_STATIC:+--gen-static} "${@:5}" > "$W/train-$name.log" 2>&1
     mkdir -p "$R/train"  # (--only data / features writes no report)
     if [ -f "$W/runs/$name/train_report.json" ]; then cp "$W/runs/$name/train_report.json" "$R/train/$name.json"; fi ;;
+  curve)  # curve MODEL BASE N,N,... FLAGS...: a bundle BASE-N per N trained on BASE's first N answers
+    # (--train-samples; the same held-out shards), then bench/data_curve.py -> results/curve-BASE.{json,png}
+    for n in ${4//,/ }; do bash "$0" train "${2:?model}" "${3:?base run}-$n" "$3" "${@:5}" --train-samples "$n"; done
+    python3 bench/data_curve.py $(for n in ${4//,/ }; do echo "$W/runs/$3-$n"; done) --out "$R/curve-$3" ;;
   benchrun)  # benchrun MODEL NAME RUN MODES [FLAGS...]: one bench of a bundle's modes -> results/NAME
     cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
       --suite mtbench,gsm8k,humaneval --max-new-tokens "$NEW" --n "$BENCH_N" --modes "${5:?modes}" \
