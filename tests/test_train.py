@@ -317,3 +317,24 @@ def test_data_curve_reads_runs_on_one_heldout_set(trained, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="not held out on the same answers"):
         curve.main([cfg.out, str(tmp_path / "other.json"), "--out", str(tmp_path / "bad")])
+
+
+def test_layer_probe_trains_each_probe_on_one_heldout_set(trained, tmp_path):
+    """bench/layer_probe.py on a trained run's answers: features of an earlier layer and the final one, the
+    three probes trained alike, each loss falling, the fused one reading more."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layer_probe", ROOT / "bench" / "layer_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tmp, cfg, _ = trained
+    doc = probe.main(["--model", cfg.model, "--answers", str(Path(cfg.out) / "work"), "--train", "18",
+                      "--heldout", "6", "--layers", "1", "--vocab", "40", "--epochs", "4",
+                      "--out", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text())["results"].keys() == {"final", "final+block", "fused"}
+    for r in doc["results"].values():
+        assert r["history"][-1]["loss"] < r["history"][0]["loss"]
+        assert all(0 <= a <= 100 for a in r["heldout_top1_+2_+3_+4"])
+    params = {k: r["params"] for k, r in doc["results"].items()}
+    assert params["final"] < params["final+block"] < params["fused"]
+    assert doc["train_positions"] > 0 and doc["heldout_positions"] > 0
