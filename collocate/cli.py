@@ -109,10 +109,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from accelerate import PartialState
+
     from .train import run_training
     from .train.config import from_args
-
-    from accelerate import PartialState
 
     run_training(from_args(args))
     PartialState().destroy_process_group()  # under `accelerate launch`: leave cleanly (one process: a no-op)

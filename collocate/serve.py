@@ -5,11 +5,11 @@
     client.chat.completions.create(model="qwen2.5-coder-1.5b", messages=[...], extra_body={"mode": "verify"})
 
 POST /v1/chat/completions and /v1/completions (with `stream`: server-sent events), GET /v1/models and
-/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `argmax`, `clp_features`, `candidates`, `tree_size`,
-`tree_depth`, `adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per forward pass) and `steps`. Requests
-take turns on the one engine (an asyncio lock, first come first served); a streamed answer runs one
-step per thread hop, so a client that goes away frees the engine at the next step. Bad input gets an
-OpenAI-style JSON error with a 4xx status, and the server keeps serving.
+/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `argmax`, `clp_features`,
+`candidates`, `tree_size`, `tree_depth`, `adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per
+forward pass) and `steps`. Requests take turns on the one engine (an asyncio lock, first come first
+served); a streamed answer runs one step per thread hop, so a client that goes away frees the engine at
+the next step. Bad input gets an OpenAI-style JSON error with a 4xx status, and the server keeps serving.
 """
 from __future__ import annotations
 
