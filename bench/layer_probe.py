@@ -6,10 +6,11 @@ self-distilled answers brought home, before building it into the drafter and the
 
 Features: the hidden states after layers 8 and 16 and the final (normed) one at every answer position of
 the first --train answers of shards 0..n-2 and the first --heldout answers of the last shard, with the
-tokens t+1..t+4. Three probes of tc-shared heads (k=4) over the --vocab most used answer tokens, trained
-alike (AdamW, warm-up then cosine, batch 512): `final` starts from the final state, as the bundles do;
+tokens t+1..t+4. Probes of tc-shared heads (k=4 unless said) over the --vocab most used answer tokens,
+trained alike (AdamW, warm-up then cosine, batch 512): `final` starts from the final state, as the bundles do;
 `final+block` adds a zero-initialised block on the final state alone (a capacity control); `fused` the same
-block on the unit-RMS states of the earlier layers and the final one. Held-out top-1 at +2/+3/+4.
+block on the unit-RMS states of the earlier layers and the final one; `final-k2` the first with k=2 (a head
+for +2 only: does a shorter horizon help +2, as the paper says of large models?). Held-out top-1 at +2/+3/+4.
 """
 import argparse
 import json
@@ -67,22 +68,24 @@ class Probe(nn.Module):
     def __init__(self, kind: str, d: int, layers: tuple[int, ...], vocab: VocabSlice, embed: nn.Module):
         super().__init__()
         self.kind, self.layers, self.vocab, self.embed = kind, layers, vocab, embed
-        self.heads = TokenHeads(d, K, design="tc-shared")
-        self.fuse = {"final": None, "final+block": Fuse(d, 1), "fused": Fuse(d, len(layers) + 1)}[kind]
+        self.k = 2 if kind == "final-k2" else K  # final-k2: the paper's shorter horizon, heads for +2 only
+        self.heads = TokenHeads(d, self.k, design="tc-shared")
+        self.fuse = {"final": None, "final-k2": None, "final+block": Fuse(d, 1),
+                     "fused": Fuse(d, len(layers) + 1)}[kind]
 
     def forward(self, f: dict, rows) -> torch.Tensor:
         hs = ([f[f"h{i}"][rows].float() for i in self.layers] if self.kind == "fused" else []) + [f["hf"][rows].float()]
         h = hs[0] if self.fuse is None else self.fuse(hs)
-        return self.vocab(self.heads(h, tokens=f["targets"][rows, :K - 1], embed=self.embed))  # (n, K-1, V')
+        return self.vocab(self.heads(h, tokens=f["targets"][rows, :self.k - 1], embed=self.embed))  # (n, k-1, V')
 
 
 def heldout_top1(model: Probe, held: dict) -> list[float]:
-    hits, n = torch.zeros(K - 1), torch.zeros(K - 1)
+    hits, n = torch.zeros(model.k - 1), torch.zeros(model.k - 1)
     with torch.no_grad():
         for i in range(0, len(held["hf"]), 2048):
             rows = slice(i, i + 2048)
             pred = model.vocab.ids[model(held, rows).argmax(-1)]  # full-vocabulary ids
-            tgt = held["targets"][rows, 1:]
+            tgt = held["targets"][rows, 1:model.k]
             ok = tgt >= 0  # an answer token outside the draft vocabulary counts as a miss
             hits += ((pred == tgt) & ok).sum(0).float()
             n += ok.sum(0).float()
@@ -102,7 +105,7 @@ def train(kind, train_f, held_f, layers, vocab, embed, epochs: int, batch: int =
             rows = perm[i:i + batch]
             for g in opt.param_groups:
                 g["lr"] = lr * min(1, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, step / steps)))
-            target = vocab.local(train_f["targets"][rows, 1:])  # (n, K-1) draft-vocabulary positions
+            target = vocab.local(train_f["targets"][rows, 1:model.k])  # (n, k-1) draft-vocabulary positions
             loss = F.cross_entropy(model(train_f, rows).flatten(0, 1), target.flatten(), ignore_index=-100)
             opt.zero_grad()
             loss.backward()
