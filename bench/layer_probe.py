@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from collocate.heads import TokenHeads, VocabSlice, unit_rms
 from collocate.train.answers import read_shard
-from collocate.train.features import batches_by_tokens
+from collocate.train.features import answer_targets, batches_by_tokens
 
 K = 4  # heads for +2..+4; the tokens t+1..t+3 condition them
 
@@ -42,12 +42,7 @@ def features(model, seqs, layers: tuple[int, ...]) -> dict:
             for i in layers:
                 out[f"h{i}"].append(o.hidden_states[i][j, rows].clone())
             out["hf"].append(o.last_hidden_state[j, rows].clone())
-            n = len(seq) - plen
-            tgt = torch.full((n, K), -100, dtype=torch.long)
-            for k in range(1, K + 1):
-                c = max(0, n - (k - 1))
-                tgt[:c, k - 1] = torch.tensor(seq[plen - 1 + k: plen - 1 + k + c])
-            out["targets"].append(tgt)
+            out["targets"].append(answer_targets(seq, plen, K))
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -32,18 +32,23 @@ def shard_features(model, run: Path, i: int, k: int, *, cache: bool, batch_token
     for b in batches_by_tokens(seqs, batch_tokens):
         hb = body_hidden(model, [s for s, _ in b])
         for (seq, plen), h in zip(b, hb):
-            rows = range(plen - 1, len(seq) - 1)  # t such that t+1 is an answer token
-            hidden.append(h[plen - 1:len(seq) - 1].to(torch.bfloat16).cpu())
-            tgt = torch.full((len(rows), k), -100, dtype=torch.long)
-            for j in range(1, k + 1):
-                n = max(0, min(len(rows), len(seq) - (plen - 1) - j))
-                tgt[:n, j - 1] = torch.tensor(seq[plen - 1 + j:plen - 1 + j + n])
-            targets.append(tgt)
+            hidden.append(h[plen - 1:len(seq) - 1].to(torch.bfloat16).cpu())  # t such that t+1 is an answer token
+            targets.append(answer_targets(seq, plen, k))
     feats = Features(torch.cat(hidden), torch.cat(targets))
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(asdict(feats), path)
     return feats
+
+
+def answer_targets(seq: list[int], plen: int, k: int) -> torch.Tensor:
+    """(answer length, k) tokens t+1..t+k after each position t whose t+1 is an answer token, -100 past the end."""
+    rows = len(seq) - plen
+    tgt = torch.full((rows, k), -100, dtype=torch.long)
+    for j in range(1, k + 1):
+        n = max(0, rows + 1 - j)
+        tgt[:n, j - 1] = torch.tensor(seq[plen - 1 + j:plen - 1 + j + n])
+    return tgt
 
 
 def batches_by_tokens(seqs, budget: int):
