@@ -1,4 +1,8 @@
 """Tiny randomly initialised models built in code: the unit tests run on these in seconds."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -87,3 +91,13 @@ def write_prompts(path, n, seed=0):
         for _ in range(n):
             f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(3, 96)}" for _ in range(rng.randrange(2, 9)))}) + "\n")
     return str(path)
+
+
+def bench_script(name: str):
+    """A script of bench/ (not a package) as a module, e.g. bench_script("frontier")."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    spec.loader.exec_module(module)
+    return module

@@ -177,14 +177,11 @@ def test_bench_mode_labels():
 
 
 def test_frontier_reads_slim_results_and_places_argmax(tmp_path):
-    import importlib.util
     import json
-    import sys
 
-    spec = importlib.util.spec_from_file_location("frontier", Path(__file__).parents[1] / "bench" / "frontier.py")
-    frontier = importlib.util.module_from_spec(spec)
-    sys.modules["frontier"] = frontier
-    spec.loader.exec_module(frontier)
+    from conftest import bench_script
+
+    frontier = bench_script("frontier")
     row = lambda **kw: {"tau": 1.5, "tok_per_s": 9.0, "prompts": 2, "speedup": 1.5, **kw}  # noqa: E731
     doc = {"summary": {"ar": row(speedup=None), "clp-hidden@argmax": row(threshold=None), "clp": row(threshold=0.97)},
            "per_prompt": {"ar": [{"id": "a", "tokens": [1, 2], "text": "x"}]}}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from collocate.bundle import BundleError, MTPBundle
 from collocate.train import TrainConfig, run_training
 from collocate.train.policies import PolicyData, train_clp, train_gates
-from conftest import save_tiny, write_prompts
+from conftest import bench_script, save_tiny, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,12 +298,9 @@ def test_cli_options_are_derived_from_the_config():
 def test_data_curve_reads_runs_on_one_heldout_set(trained, tmp_path):
     """bench/data_curve.py: a bundle trained on the first answers only (--train-samples) sits beside the full
     one on the same held-out answers; a report held out on other answers is refused."""
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("data_curve", ROOT / "bench" / "data_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    curve = bench_script("data_curve")
     tmp, cfg, report = trained
     few = tmp_path / "few"
     shutil.copytree(Path(cfg.out) / "work" / "data", few / "work" / "data")
@@ -322,11 +319,7 @@ def test_data_curve_reads_runs_on_one_heldout_set(trained, tmp_path):
 def test_layer_probe_trains_each_probe_on_one_heldout_set(trained, tmp_path):
     """bench/layer_probe.py on a trained run's answers: features of an earlier layer and the final one, the
     three probes trained alike, each loss falling, the fused one reading more."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("layer_probe", ROOT / "bench" / "layer_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = bench_script("layer_probe")
     tmp, cfg, _ = trained
     doc = probe.main(["--model", cfg.model, "--answers", str(Path(cfg.out) / "work"), "--train", "18",
                       "--heldout", "6", "--layers", "1", "--vocab", "40", "--epochs", "4",
