@@ -7,6 +7,8 @@ The step is the fast engine's forward + LM head + argmax (as in step_cost.py), o
 step_cost.MODE_STEPS) a whole decode step of that mode with a random bundle: forward, heads, drafting,
 the accept rule, the K/V move. It runs outside a graph under torch.profiler; kernel times are GPU time,
 so their sum and count against the graph's ms per step show how much of a step is launch gaps.
+Attention reads the shortest length that covers the context and the step, as the loop runs it
+(--all-slots: all 2,048).
 """
 import argparse
 
@@ -14,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from collocate.engine import build_decoder
-from collocate.fast import StaticLM
+from collocate.fast import StaticLM, attn_lens
 from step_cost import MODE_STEPS, build, random_bundle
 
 
@@ -25,6 +27,8 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--mode", choices=list(MODE_STEPS), help="a whole decode step of this mode instead")
+    ap.add_argument("--all-slots", action="store_true",
+                    help="attention over all 2,048 slots (as --exact), not the shortest length covering the step")
     args = ap.parse_args()
     model = build(args.shape)
     step = mode_step(model, args) if args.mode else bare_step(model, args)
@@ -48,7 +52,8 @@ def bare_step(model, args):
     ids = torch.randint(0, model.config.vocab_size, (args.width,), device="cuda")
     pos = torch.tensor(args.context, device="cuda")
     head = model.get_output_embeddings()
-    return lambda: head(lm.forward(ids, pos, compiled=True)).argmax(-1)
+    n = None if args.all_slots else min(x for x in attn_lens(2048) if x >= args.context + args.width)
+    return lambda: head(lm.forward(ids, pos, attn_len=n, compiled=True)).argmax(-1)
 
 
 def mode_step(model, args):
@@ -59,7 +64,7 @@ def mode_step(model, args):
 
     def step():
         dec.pos0.fill_(args.context)
-        return dec.run_step(m, plan).read()
+        return dec.run_step(m, plan, None if args.all_slots else args.context + m).read()
     return step
 
 

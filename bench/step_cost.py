@@ -4,10 +4,11 @@
     python bench/step_cost.py --shape 1.5b --widths 1,16,32,64 --modes --out step_cost_1.5b.json
 
 Random weights give honest step timings (the work per step does not depend on the values). Each
-step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph;
-the same step with uncompiled layers is timed too, to show what compiling buys. The cache has
---max-len slots (2,048), as the engine builds it; --unaligned also times the compiled step over
-max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding steps as the decode
+step is the fast engine's forward (compiled layers) + LM head + argmax, replayed as a CUDA graph,
+with attention over every slot and over the shortest attention length that covers the context and
+the step (as the decode loop runs it); the same step with uncompiled layers is timed too, to show what
+compiling buys. The cache has --max-len slots (2,048), as the engine builds it; --unaligned also times
+the compiled step over max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding steps as the decode
 loop runs them on the fast backend with random k=4 bundles (LM head over every fed row and head, the
 heads, the accept rule, the next feed, and the host reading the result), which is what a mode's step
 costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per depth; with
@@ -26,7 +27,7 @@ from collocate.bundle import MTPBundle
 from collocate.decode import EXACT_WIDTH, DecodeConfig
 from collocate.draft import MAX_TREE, best_paths
 from collocate.engine import build_decoder
-from collocate.fast import SLOT_MULTIPLE, StaticLM
+from collocate.fast import SLOT_MULTIPLE, StaticLM, attn_lens
 
 MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as the decode loop feeds each mode
     "ar": ("heads", 0, 4, DecodeConfig("ar"), 1),
@@ -71,13 +72,14 @@ def build(shape: str, device: str = "cuda"):
     return model
 
 
-def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, compiled: bool = True) -> float:
+def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, compiled: bool = True,
+               attn_len: int | None = None) -> float:
     ids = torch.randint(0, model.config.vocab_size, (m,), device="cuda")
     pos0 = torch.tensor(context, device="cuda")
     head = model.get_output_embeddings()
 
     def step():
-        return head(lm.forward(ids, pos0, compiled=compiled)).argmax(-1)
+        return head(lm.forward(ids, pos0, attn_len=attn_len, compiled=compiled)).argmax(-1)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -108,8 +110,11 @@ def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
     return bundle
 
 
-def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str | None = None) -> dict[str, float]:
-    """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result."""
+def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str | None = None,
+                    all_slots: bool = False) -> dict[str, float]:
+    """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result.
+    Attention reads the shortest of the engine's lengths that covers the step, as the loop runs it
+    (all_slots: every slot, as --exact does and as every step did before attention lengths)."""
     out, decoders = {}, {}
     with torch.inference_mode():
         for name, (drafter, vocab, k, cfg, m) in MODE_STEPS.items():
@@ -123,7 +128,7 @@ def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
                 t0 = time.perf_counter()
-                dec.run_step(m, plan).read()
+                dec.run_step(m, plan, None if all_slots else context + m).read()
                 times.append(1000 * (time.perf_counter() - t0))
             out[name] = statistics.median(times[2:])
     return out
@@ -143,14 +148,17 @@ def main():
     model = build(args.shape)
     lm = StaticLM(model, args.max_len)  # as the fast backend builds it
     widths = [int(w) for w in args.widths.split(",")]
+    attn = {m: min(n for n in attn_lens(lm.k_cache.shape[3]) if n >= args.context + m) for m in widths}
     rows = {m: time_width(model, lm, m, args.context) for m in widths}
+    short = {m: time_width(model, lm, m, args.context, attn_len=attn[m]) for m in widths}
     plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in widths}
     params = sum(p.numel() for p in model.parameters())
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "params": params, "context": args.context,
               "cache_slots": lm.k_cache.shape[3], "slot_multiple": SLOT_MULTIPLE,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "ms_per_step": rows, "relative_to_width_1": {m: t / rows[widths[0]] for m, t in rows.items()},
-              "ms_per_step_uncompiled_layers": plain}
+              "ms_per_step_uncompiled_layers": plain,
+              "ms_per_step_attention_over_context": short, "attention_lengths": attn}
     if args.unaligned:
         del lm
         odd = StaticLM(model, args.max_len + 7, slot_multiple=1)
@@ -158,6 +166,8 @@ def main():
                                                               for m in widths}
     if args.modes:
         result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len, only=args.only)
+        result["ms_per_mode_step_all_slots"] = time_mode_steps(model, args.context, args.max_len, only=args.only,
+                                                               all_slots=True)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -56,7 +56,11 @@ class HFBackend:
 
         self.cache = DynamicCache(config=self.model.config)
 
-    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None) -> torch.Tensor:
+    def attn_len(self, end: int | None) -> None:
+        return None  # attention reads what the cache holds
+
+    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
+                attn_len: int | None = None) -> torch.Tensor:
         """(m,) ids after what the cache holds -> (m, d) last-layer hidden states."""
         past = self.cache.get_seq_length()
         extra = {}

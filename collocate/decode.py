@@ -261,13 +261,15 @@ class Decoder:
         self.n_fed = torch.zeros((), dtype=torch.long, device=self.device)  # draft rows of the feed (--exact)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         long = dict(dtype=torch.long, device=self.device)
+        self.warmed: set = set()  # (plan, width, attention length) steps run once already (warm_up)
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
 
     # -- one step: tensor work only (the fast backend captures it) ----------------------------------
-    def step(self, ids: torch.Tensor, plan: Plan, tree: DraftTree | None) -> StepOut:
-        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt, all of it committed)."""
-        h = self.backend.forward(ids, self.pos0, tree)  # (m, d); K/V written at slots pos0..pos0+m-1
+    def step(self, ids: torch.Tensor, plan: Plan, tree: DraftTree | None, attn_len: int | None = None) -> StepOut:
+        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt, all of it committed); attention
+        reads the first attn_len cache slots (the backend's choice, None: all)."""
+        h = self.backend.forward(ids, self.pos0, tree, attn_len)  # (m, d); K/V written at slots pos0..pos0+m-1
         prefill = tree is None
         if prefill:  # only the prompt's last row matters
             advance = torch.full((), ids.shape[0], device=self.device)
@@ -373,15 +375,17 @@ class Decoder:
         first, n, overrides = compete(own, tokens, gate_p, threshold)
         return Next(first, tokens[1:], n, overrides)
 
-    def run_step(self, width: int, plan: Plan) -> Packed:
-        """A step of this width from the feed buffer (the fast backend replays its graph)."""
+    def run_step(self, width: int, plan: Plan, end: int | None = None) -> Packed:
+        """A step of this width from the feed buffer, writing no slot at or past `end` (None: anywhere);
+        the fast backend replays the graph of its width and attention length."""
         fed = plan.fed(width)
+        attn_len = self.backend.attn_len(None if plan.exact else end)
 
         def step() -> Packed:
-            return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed))
+            return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed, attn_len))
 
-        return self.backend.run((plan, fed.n + 1), step, state=(self.feed, self.pos0, self.n_fed,
-                                                                self.sampling.counter))
+        return self.backend.run((plan, fed.n + 1, attn_len), step, state=(self.feed, self.pos0, self.n_fed,
+                                                                          self.sampling.counter))
 
     # -- the loop ---------------------------------------------------------------------------------
     def plan(self, cfg: DecodeConfig) -> Plan:
@@ -421,20 +425,21 @@ class Decoder:
         threshold = self.threshold_of(cfg)
         self.threshold.fill_(GATE_THRESHOLD if threshold is None else threshold)
         self.set_sampling(cfg)
-        if self.backend.captures:
-            self.warm_up(plan)
         capacity, n_prompt = self.backend.capacity, len(prompt_ids)
         # the answer may fill the context, no more (--exact: less the padding rows every step writes)
         budget = min(cfg.max_new_tokens, capacity - n_prompt - (EXACT_WIDTH - 1 if cfg.exact else 0))
         if budget < 1:
             raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {EXACT_WIDTH}-row steps "
                               f"in a context of {capacity}")
+        if self.backend.captures:
+            self.warm_up(plan, n_prompt + 1, n_prompt + budget + max(plan.widths))
         stats, out, proposals = DecodeStats(), [], []
         start = time.perf_counter()
         self.backend.reset()
         self.pos0.zero_()
         self.sampling.counter.zero_()
-        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None)).read()
+        prompt_attn = self.backend.attn_len(None if plan.exact else n_prompt)
+        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None, prompt_attn)).read()
         fed = 0  # draft tokens fed in the step just read
         while True:
             account(stats, res, fed, plan)
@@ -451,7 +456,9 @@ class Decoder:
             width = res.next_width
             if plan.verify and not plan.exact and n_prompt + len(out) + width - 1 > capacity:
                 width = 1  # near the end of the context there is no room for a draft
-            res, fed = self.run_step(width, plan).read(), width - 1
+            # the feed starts at the last token out (verify) or ends there (the rest emit what they feed)
+            end = n_prompt + len(out) + (width - 1 if plan.verify else 0)
+            res, fed = self.run_step(width, plan, end).read(), width - 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.seconds = time.perf_counter() - start
@@ -481,10 +488,16 @@ class Decoder:
         s.top_p.fill_(cfg.top_p)
         s.seed.fill_(cfg.seed if cfg.seed is not None else random.getrandbits(63))
 
-    def warm_up(self, plan: Plan) -> None:
-        """Capture every width this plan uses before anything is timed."""
-        for width in plan.widths:
-            self.run_step(width, plan)
+    def warm_up(self, plan: Plan, first: int, last: int) -> None:
+        """Capture, before anything is timed, every width this plan uses at every attention length that
+        steps writing up to slot `first`..`last` (exclusive ends) read."""
+        lens = {self.backend.attn_len(None if plan.exact else end) for end in (first, last)}
+        lo, hi = min(lens), max(lens)
+        for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
+            for width in plan.widths:
+                if (plan, width, attn_len) not in self.warmed:
+                    self.run_step(width, plan, attn_len)
+                    self.warmed.add((plan, width, attn_len))
         self.pos0.zero_()
 
     def cut(self, emitted: list[int], out: list[int], budget: int, cfg: DecodeConfig) -> tuple[list[int], str]:

@@ -33,6 +33,18 @@ from .rules import Kept
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
+MIN_ATTN_LEN = 256  # the shortest attention length a step reads; the next ones grow by half (attn_lens)
+
+
+def attn_lens(n_slots: int) -> tuple[int, ...]:
+    """The attention lengths a step may read: 256, 384, 512, 768, 1024, 1536, ... (multiples of 128, each
+    at most 1.5x the one before), and the whole cache last. One compile and one graph per length and width;
+    reading at most half again the slots in use keeps attention's cost close to the context's."""
+    lens, n = [], MIN_ATTN_LEN
+    while n < n_slots:
+        lens.append(n)
+        n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3  # 256 -> 384 -> 512 -> 768 -> 1024 ...
+    return (*lens, n_slots)
 
 
 def rotate_half(x):
@@ -76,11 +88,13 @@ def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, s
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k_cache.index_copy_(2, slots, k)
     v_cache.index_copy_(2, slots, v)
+    n = mask.shape[-1]  # attention reads the first n slots (StaticBackend.attn_len), all written before
+    k_cache, v_cache = k_cache[:, :, :n], v_cache[:, :, :n]
     # grouped-query attention at batch 1: the query heads sharing a K/V head become extra query rows,
     # so two batched matmuls cover it with no K/V copies. Written out rather than SDPA: at a few query
     # rows the fused attention kernels cost ~40 us a layer, these ~10 (the softmax fuses with the mask)
     qg = q.reshape(1, nkv, (nh // nkv) * m, hd)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * shape.scale  # (1, nkv, g*m, max_len)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * shape.scale  # (1, nkv, g*m, n)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
     o = torch.matmul(probs, v_cache).reshape(1, nh, m, hd).transpose(1, 2).reshape(1, m, nh * hd)
     x = x + F.linear(o, w.o_w, w.o_b)
@@ -136,11 +150,12 @@ def layer_weights(layer) -> LayerWeights:
 @functools.cache
 def compile_layer():
     """Every layer shares one compiled function, built on first use: weights are arguments, so only
-    the step width recompiles."""
+    the step width and the attention length recompile."""
     import torch._dynamo
 
-    # widths 1..k, times dtypes and models in one process, stay under dynamo's recompile limit
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # widths 1..k times attention lengths, times dtypes and models in one process, stay under dynamo's limits
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
     return torch.compile(decoder_layer, fullgraph=True, dynamic=False)
 
 
@@ -177,12 +192,15 @@ class StaticLM:
         self.final_norm = (norm.weight, float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")))
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
-                visible: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
+                visible: torch.Tensor | None = None, attn_len: int | None = None,
+                compiled: bool = False) -> torch.Tensor:
         """ids (m,) written to slots pos0..pos0+m-1 -> (m, d) final-norm hidden states.
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
-        fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain)."""
+        fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
+        Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m."""
         m = ids.shape[0]
+        key_pos = self.key_pos[:attn_len]
         rows = torch.arange(m, device=ids.device)
         slots = pos0 + rows
         pos = slots if depths is None else pos0 + depths
@@ -190,12 +208,12 @@ class StaticLM:
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
         if visible is None:
-            mask = self.key_pos[None, :] <= slots[:, None]  # (m, slots)
+            mask = key_pos[None, :] <= slots[:, None]  # (m, attn_len)
         else:  # the prefix, and the fed rows this row's tree path goes through
-            rel = self.key_pos - pos0  # (slots,) row index of each slot in this feed
+            rel = key_pos - pos0  # (attn_len,) row index of each slot in this feed
             in_feed = (rel >= 0) & (rel < m)
             mask = (rel < 0)[None, :] | (visible[:, rel.clamp(0, m - 1)] & in_feed[None, :])
-        mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, slots): query rows per K/V head
+        mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, attn_len): query rows per K/V head
         for i, w in enumerate(self.layers):
             x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
         return rms_norm(x, *self.final_norm)[0]
@@ -209,7 +227,7 @@ class StaticLM:
 class StaticBackend:
     """The static cache with compiled layers and CUDA graphs, for Llama, Qwen2 and Mistral."""
 
-    fixed_rows = True  # attention reads every slot at every step: a row's arithmetic has one shape (--exact)
+    fixed_rows = True  # attn_len(None) reads every slot at every step: a row's arithmetic has one shape (--exact)
 
     def __init__(self, model, *, max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None):
         check_supported(model)
@@ -223,6 +241,7 @@ class StaticBackend:
         # max_len counts cache slots: 2,048 by default, the row length that attention was measured fast with
         self.capacity = min(self.model_context, max_len)
         self.lm = StaticLM(model, self.capacity)
+        self.attn_lens = attn_lens(self.lm.k_cache.shape[3])
         device = self.lm.k_cache.device
         self.graphs_on = device.type == "cuda" if graphs is None else graphs
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
@@ -251,14 +270,23 @@ class StaticBackend:
     def reset(self) -> None:
         pass  # the position restarts at 0; later writes overwrite the old slots
 
-    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None) -> torch.Tensor:
+    def attn_len(self, end: int | None) -> int:
+        """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the
+        shortest of attn_lens that covers them; None: every slot (--exact, so no row's arithmetic
+        depends on the context's length)."""
+        if end is None:
+            return self.attn_lens[-1]
+        return next((n for n in self.attn_lens if n >= end), self.attn_lens[-1])
+
+    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
+                attn_len: int | None = None) -> torch.Tensor:
         """A step's feed (tree given) runs the compiled layers; a prompt (tree None) the plain ones, so
         no prompt length ever compiles anything."""
         compiled = self.compile_on and tree is not None
         if tree is None or tree.is_chain:
-            return self.lm.forward(ids, pos0, compiled=compiled)
+            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=compiled)
         t = tree.tensors(ids.device)
-        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, compiled=compiled)
+        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len, compiled=compiled)
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Move the kept path's K/V to the slots after the root (a chain's path is in place already)."""

@@ -162,6 +162,38 @@ def test_verify_with_a_tree_is_lossless_on_both_backends(make):
     assert steps[40] < steps[None]
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+def test_attention_reads_the_shortest_length_that_covers_the_step(make):
+    """A cache of 1,024 slots: every step's attention reads the shortest of the backend's attention
+    lengths that covers the slots it writes (--exact: all of them), and the tokens stay the eager
+    decoder's across the lengths' edges (a 250-token prompt, answers to 410 tokens)."""
+    model = make()
+    model.config.max_position_embeddings = 1024  # (rotary positions are computed, not tabled)
+    bundle = with_rank_probs(bundle_for(model, seed=3))
+    ref, dec = eager(model, bundle), fast(model, bundle, max_len=1024)
+    lens = dec.backend.attn_lens
+    assert lens == (256, 384, 512, 768, 1024)
+    seen, forward = [], dec.backend.forward
+
+    def spy(ids, pos0, tree, attn_len=None):
+        seen.append((int(pos0) + ids.shape[0], attn_len))
+        return forward(ids, pos0, tree, attn_len)
+
+    dec.backend.forward = spy
+    p = (prompts(1, seed=2)[0] * 250)[:250]
+    for cfg in (DecodeConfig(mode="ar", max_new_tokens=160), DecodeConfig(mode="verify", max_new_tokens=160),
+                DecodeConfig(mode="verify", max_new_tokens=160, tree_size=40),
+                DecodeConfig(mode="clp", max_new_tokens=160, threshold=0.0)):
+        seen.clear()
+        a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+        assert b.tokens == a.tokens and same_stats(a, b)
+        assert all(n == min(x for x in lens if x >= end) for end, n in seen), cfg
+        assert {n for _, n in seen} == {256, 384, 512}
+    seen.clear()
+    dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=20, exact=True))
+    assert {n for _, n in seen} == {1024}
+
+
 def test_trees_are_data():
     from collocate.draft import DraftTree
 

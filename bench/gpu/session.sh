@@ -120,8 +120,11 @@ case ${1:?step} in
     mkdir -p "$R/train"  # (--only data / features writes no report)
     if [ -f "$W/runs/$name/train_report.json" ]; then cp "$W/runs/$name/train_report.json" "$R/train/$name.json"; fi ;;
   curve)  # curve MODEL BASE N,N,... FLAGS...: a bundle BASE-N per N trained on BASE's first N answers
-    # (--train-samples; the same held-out shards), then bench/data_curve.py -> results/curve-BASE.{json,png}
-    for n in ${4//,/ }; do bash "$0" train "${2:?model}" "${3:?base run}-$n" "$3" "${@:5}" --train-samples "$n"; done
+    # (--train-samples; the same held-out shards; a bundle trained already is kept), then bench/data_curve.py
+    # -> results/curve-BASE.{json,png}
+    for n in ${4//,/ }; do
+      [ -f "$W/runs/${3:?base run}-$n/train_report.json" ] || bash "$0" train "${2:?model}" "$3-$n" "$3" "${@:5}" --train-samples "$n"
+    done
     python3 bench/data_curve.py $(for n in ${4//,/ }; do echo "$W/runs/$3-$n"; done) --out "$R/curve-$3" ;;
   benchrun)  # benchrun MODEL NAME RUN MODES [FLAGS...]: one bench of a bundle's modes -> results/NAME
     cli bench --model "$W/models/${2:?model}" --heads "$W/runs/${4:?run}" --device "$DEVICE" \
