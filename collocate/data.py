@@ -101,19 +101,21 @@ def humaneval() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-SKIPPED_STDLIB = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
+SKIPPED_STDLIB = {"site-packages", "dist-packages", "__pycache__"}  # installed packages differ by machine
 
 
 def stdlib_files(*, min_lines: int = 40) -> list[Path]:
-    """The standard library's modules, packages included (the top level alone gave ~10K distinct windows, too
-    few for 16K answers), tests and installed packages left out."""
+    """The standard library's modules, packages and tests included (the top level alone gave ~10K distinct
+    windows, and the packages without tests ~7K that do not overlap: too few for 16K answers), installed
+    packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py")) if not SKIPPED_STDLIB & set(p.relative_to(root).parts[:-1])]
     return [p for p in files if len(p.read_text(errors="replace").splitlines()) >= min_lines]
 
 
 def stdlib_snippets(n: int, *, seed: int = 0, lines: int = 30) -> list[str]:
-    """Windows of real Python source, each starting at a def or class, 12 to `lines` lines long."""
+    """Windows of real Python source, each starting at a def or class, 12 to `lines` lines long. Two windows
+    may overlap (one def, two lengths); the data stage leaves near-copies out (train.answers.prepare_prompts)."""
     rng, out, sources = random.Random(seed), [], {}
     files = stdlib_files()
     while len(out) < n and files:

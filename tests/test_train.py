@@ -155,6 +155,54 @@ def test_data_grows_keeping_its_answers(tmp_path):
         run_training(tiny_cfg(tmp_path, model, prompts, samples=24, out="partial", only="data"))
 
 
+def test_near_copies_of_a_prompt_taken_are_left_out(tmp_path):
+    """A prompt that mostly repeats one taken (overlapping code windows did) gives a near-copy of its answer,
+    and in a held-out shard inflates held-out accuracy: the data stage leaves it out, and keeps prompts that
+    share less than half their 8-word pieces with those taken."""
+    import random
+
+    from collocate.train.answers import prepare_prompts
+    from conftest import tiny_tokenizer
+
+    rng = random.Random(0)
+    words = lambda n: [f"w{rng.randrange(3, 96)}" for _ in range(n)]  # noqa: E731
+    originals = [words(20) for _ in range(6)]
+    near = [o[:1] + ["w3"] + o[2:] for o in originals]  # one word changed: 11 of 13 pieces seen
+    half = [o[10:] + words(10) for o in originals]  # their last 10 words, then new ones: 3 of 13 seen
+    texts = [t for pair in zip(originals, near) for t in pair] + half
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(t)}) + "\n" for t in texts))
+    tok = tiny_tokenizer()
+    cfg = TrainConfig(out=str(tmp_path / "run"), samples=12, prompts_file=str(path), chat=False)
+    ids = prepare_prompts(cfg, tok, tmp_path / "run")
+    assert [tok.decode(p).split() for p in ids] == originals + half
+    with pytest.raises(ValueError, match="only 12 usable prompts"):
+        prepare_prompts(dataclasses.replace(cfg, samples=13, out=str(tmp_path / "more")), tok, tmp_path / "more")
+
+
+def test_heldout_overlap_counts_the_pieces_training_already_holds(tmp_path, monkeypatch):
+    """bench/heldout_overlap.py: a held-out answer copied from the training answers is all seen, a new one
+    not at all; only the first N training answers count."""
+    import random
+
+    from collocate.train.answers import write_shard
+
+    rng = random.Random(0)
+    answer = lambda: [rng.randrange(3, 96) for _ in range(40)]  # noqa: E731
+    train = [answer() for _ in range(4)]
+    (tmp_path / "data").mkdir()
+    write_shard(tmp_path, 0, [[1]] * 2, train[:2])
+    write_shard(tmp_path, 1, [[1]] * 2, train[2:])
+    write_shard(tmp_path, 2, [[1, 2]] * 2, [train[3], answer()])  # held out: a copy of the 4th, a new one
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"settings": {}, "shards": [{}, {}, {}]}))
+    out = tmp_path / "overlap.json"
+    monkeypatch.setattr(sys, "argv", ["heldout_overlap", str(tmp_path), "--train", "2,4", "--out", str(out)])
+    bench_script("heldout_overlap").main()
+    first, all_four = json.loads(out.read_text())["points"]
+    assert (first["heldout_pieces_seen"], first["heldout_answers_half_seen"]) == (0, 0)
+    assert (all_four["heldout_pieces_seen"], all_four["heldout_answers_half_seen"]) == (0.5, 0.5)
+
+
 def test_deterministic_training_gives_the_same_answers(tmp_path, trained):
     """--deterministic turns on torch's deterministic kernels for the run (on the CPU the answers were so
     already) and writes the very answers of a plain run."""

@@ -37,13 +37,20 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
 
     def usable(texts) -> list[list[int]]:
         """The kept prompts, then the pool's prompts that fit and are new, in pool order, encoded only until
-        there are enough (encoding a pool of 100K prompts took minutes)."""
+        there are enough (encoding a pool of 100K prompts took minutes). A near-copy of a prompt taken
+        (half its shingles seen) gives a near-copy of its answer, which in a held-out shard inflates
+        held-out accuracy: overlapping code windows did (bench/README, ninth session)."""
         ids, seen = list(kept), {tuple(p) for p in kept}
+        seen_shingles = set().union(*(shingles(tokenizer.decode(p)) for p in kept))
         for text in texts:
+            s = shingles(text)
+            if len(s & seen_shingles) > NEAR_COPY * len(s):
+                continue
             p = encode(tokenizer, text, chat=cfg.chat)
             if len(p) <= cfg.max_prompt_tokens and tuple(p) not in seen:  # a repeated prompt: a repeated answer
                 ids.append(p)
                 seen.add(tuple(p))
+                seen_shingles |= s
                 if len(ids) == cfg.samples:
                     break
         return ids
@@ -62,6 +69,16 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
     if is_main():
         write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))
     return ids[: cfg.samples]
+
+
+NEAR_COPY = 0.5  # a prompt with more than this share of its shingles in the prompts taken is a near-copy
+
+
+def shingles(text: str, n: int = 8) -> set[bytes]:
+    """A text's overlapping n-word pieces, hashed (a text under n words is one piece)."""
+    words = text.split()
+    return {hashlib.blake2b(" ".join(words[i:i + n]).encode(), digest_size=8).digest()
+            for i in range(max(1, len(words) - n + 1))}
 
 
 def can_grow(saved: dict, cfg: TrainConfig) -> bool:

@@ -1,0 +1,54 @@
+"""How much of a run's held-out answers its training answers already contain: the check that a held-out
+accuracy measures generalisation, not recall of near-copies.
+
+    python bench/heldout_overlap.py runs/base/work --train 4096,8192,15360 --out overlap.json
+
+For each training size N (the first N answers, as `collocate train --train-samples N` takes them) it
+reports the share of the held-out answers' 16-token pieces that occur in those training answers, and the
+share of held-out answers more than half of whose pieces do. Near-copies of a prompt (two overlapping
+code windows) give near-copies of its answer; the data stage leaves them out since the ninth session,
+and this measures runs made before that.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from collocate.train.answers import read_shard
+
+PIECE = 16
+
+
+def pieces(tokens: list[int]) -> set[int]:
+    return {hash(tuple(tokens[i:i + PIECE])) for i in range(len(tokens) - PIECE + 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work", help="a run's work folder (with data/manifest.json)")
+    ap.add_argument("--heldout-shards", type=int, default=1)
+    ap.add_argument("--train", required=True, help="training sizes, comma-separated")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    work = Path(args.work)
+    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    n_shards = len(manifest["shards"])
+    train_shards = list(range(n_shards - args.heldout_shards))
+    held = [seq[p:] for i in range(n_shards - args.heldout_shards, n_shards) for seq, p in read_shard(work, i)]
+    held_pieces = [pieces(a) for a in held]
+    answers = [seq[p:] for i in train_shards for seq, p in read_shard(work, i)]
+    points = []
+    for n in sorted(int(x) for x in args.train.split(",")):
+        seen = set().union(*(pieces(a) for a in answers[:n]))
+        shares = [len(h & seen) / len(h) for h in held_pieces if h]
+        points.append({"train_answers": min(n, len(answers)),
+                       "heldout_pieces_seen": sum(shares) / len(shares),
+                       "heldout_answers_half_seen": sum(s > 0.5 for s in shares) / len(shares)})
+        print(json.dumps(points[-1]))
+    result = {"work": str(work), "settings": manifest["settings"], "heldout_answers": len(held),
+              "piece_tokens": PIECE, "points": points}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
