@@ -4,18 +4,20 @@
     backend = StaticBackend(model, max_len=2048)                   # what that builds under the Decoder
 
 The decode loop's whole step (decode.Decoder.step: forward, LM head, rule, drafter, next feed) is
-captured once per plan and feed width and replayed; the host reads one small result per step. Draft
-rows are written to the slots after the root, at positions by depth, under a tree mask; the kept path's
-K/V is then moved into place (nothing moves for a chain). A rejected draft costs nothing to roll back:
-the position does not advance past it and later writes overwrite it.
+captured once per plan, feed width and attention length and replayed; the host reads one small result
+per step. Draft rows are written to the slots after the root, at positions by depth, under a tree mask;
+the kept path's K/V is then moved into place (nothing moves for a chain). A rejected draft costs nothing
+to roll back: the position does not advance past it and later writes overwrite it.
 
 The forward is ours, and small: one function for a pre-norm decoder layer with q/k/v/o projections,
 rotary embeddings and a gated SiLU MLP, which covers Llama, Qwen2 and Mistral. It reuses the HF
 modules' weights (q/k/v and gate/up rebound as views of one fused matrix each) and rotary embedding;
-no modeling file is copied. On CUDA that function is torch.compile'd once per step width (every layer
-shares it), which fuses its small ops into a few kernels: a graph replays kernels, so fewer kernels is
-what makes a batch-1 step fast. Prefill runs the same function uncompiled, so no prompt length ever
-triggers a compile. bench/step_cost.py and bench/profile_step.py measure a step.
+no modeling file is copied. On CUDA that function is torch.compile'd once per step width and attention
+length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
+fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
+the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. Prefill
+runs the same function uncompiled, so no prompt length ever triggers a compile. bench/step_cost.py and
+bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .rules import Kept
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
-MIN_ATTN_LEN = 256  # the shortest attention length a step reads; the next ones grow by half (attn_lens)
+MIN_ATTN_LEN = 256  # the shortest attention length a step reads (attn_lens gives the longer ones)
 
 
 def attn_lens(n_slots: int) -> tuple[int, ...]:
