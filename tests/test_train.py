@@ -371,13 +371,13 @@ def test_layer_probe_trains_each_probe_on_one_heldout_set(trained, tmp_path):
     tmp, cfg, _ = trained
     doc = probe.main(["--model", cfg.model, "--answers", str(Path(cfg.out) / "work"), "--train", "18",
                       "--heldout", "6", "--layers", "1", "--vocab", "40", "--epochs", "4",
-                      "--probes", "final,final+block,fused,final-k2", "--out", str(tmp_path / "probe.json")])
+                      "--probes", "final,final+block,fused,final-k2,final-kl", "--out", str(tmp_path / "probe.json")])
     results = json.loads((tmp_path / "probe.json").read_text())["results"]
-    assert results.keys() == {"final", "final+block", "fused", "final-k2"}
+    assert results.keys() == {"final", "final+block", "fused", "final-k2", "final-kl"}
     for r in doc["results"].values():
         assert r["history"][-1]["loss"] < r["history"][0]["loss"]
-        assert all(0 <= a <= 100 for a in r["heldout_top1_+2_+3_+4"])
+        assert all(0 <= a <= b <= 100 for a, b in zip(r["heldout_top1_+2_+3_+4"], r["heldout_top5_+2_+3_+4"]))
     params = {k: r["params"] for k, r in doc["results"].items()}
-    assert params["final-k2"] < params["final"] < params["final+block"] < params["fused"]
+    assert params["final-k2"] < params["final"] == params["final-kl"] < params["final+block"] < params["fused"]
     assert len(results["final-k2"]["heldout_top1_+2_+3_+4"]) == 1  # k=2: a head for +2 only
     assert doc["train_positions"] > 0 and doc["heldout_positions"] > 0
