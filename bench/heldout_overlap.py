@@ -6,8 +6,8 @@ accuracy measures generalisation, not recall of near-copies.
 For each training size N (the first N answers, as `collocate train --train-samples N` takes them) it
 reports the share of the held-out answers' 16-token pieces that occur in those training answers, and the
 share of held-out answers more than half of whose pieces do. Near-copies of a prompt (two overlapping
-code windows) give near-copies of its answer; the data stage leaves them out since the ninth session,
-and this measures runs made before that.
+code windows) give near-copies of its answer; the data stage leaves them out
+(train.answers.prepare_prompts), and this measures what is left, or what a run made without that holds.
 """
 import argparse
 import json

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from collocate.engine import build_decoder
-from collocate.fast import StaticLM, attn_lens
+from collocate.fast import StaticLM, attn_lens, shortest_covering
 from step_cost import MODE_STEPS, build, random_bundle
 
 
@@ -52,7 +52,7 @@ def bare_step(model, args):
     ids = torch.randint(0, model.config.vocab_size, (args.width,), device="cuda")
     pos = torch.tensor(args.context, device="cuda")
     head = model.get_output_embeddings()
-    n = None if args.all_slots else min(x for x in attn_lens(2048) if x >= args.context + args.width)
+    n = None if args.all_slots else shortest_covering(attn_lens(2048), args.context + args.width)
     return lambda: head(lm.forward(ids, pos, attn_len=n, compiled=True)).argmax(-1)
 
 

@@ -8,11 +8,12 @@ step is the fast engine's forward (compiled layers) + LM head + argmax, replayed
 with attention over every slot and over the shortest attention length that covers the context and
 the step (as the decode loop runs it); the same step with uncompiled layers is timed too, to show what
 compiling buys. The cache has --max-len slots (2,048), as the engine builds it; --unaligned also times
-the compiled step over max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding steps as the decode
-loop runs them on the fast backend with random k=4 bundles (LM head over every fed row and head, the
-heads, the accept rule, the next feed, and the host reading the result), which is what a mode's step
-costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per depth; with
-a 32K draft vocabulary, a fifth of it) and --exact.
+the compiled step over max-len + 7 slots (2,055), an odd row length. --modes also times whole decoding
+steps as the decode loop runs them on the fast backend with random k=4 bundles (LM head over every fed
+row and head, the heads, the accept rule, the next feed, and the host reading the result), which is what
+a mode's step costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per
+depth; with a 32K draft vocabulary, a fifth of it) and --exact; once with attention over the context, as
+the loop runs them, and once over every slot.
 """
 import argparse
 import json
@@ -27,7 +28,7 @@ from collocate.bundle import MTPBundle
 from collocate.decode import EXACT_WIDTH, DecodeConfig
 from collocate.draft import MAX_TREE, best_paths
 from collocate.engine import build_decoder
-from collocate.fast import SLOT_MULTIPLE, StaticLM, attn_lens
+from collocate.fast import SLOT_MULTIPLE, StaticLM, attn_lens, shortest_covering
 
 MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as the decode loop feeds each mode
     "ar": ("heads", 0, 4, DecodeConfig("ar"), 1),
@@ -148,7 +149,7 @@ def main():
     model = build(args.shape)
     lm = StaticLM(model, args.max_len)  # as the fast backend builds it
     widths = [int(w) for w in args.widths.split(",")]
-    attn = {m: min(n for n in attn_lens(lm.k_cache.shape[3]) if n >= args.context + m) for m in widths}
+    attn = {m: shortest_covering(attn_lens(lm.k_cache.shape[3]), args.context + m) for m in widths}
     rows = {m: time_width(model, lm, m, args.context) for m in widths}
     short = {m: time_width(model, lm, m, args.context, attn_len=attn[m]) for m in widths}
     plain = {m: time_width(model, lm, m, args.context, compiled=False) for m in widths}

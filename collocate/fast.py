@@ -49,6 +49,11 @@ def attn_lens(n_slots: int) -> tuple[int, ...]:
     return (*lens, n_slots)
 
 
+def shortest_covering(lens: tuple[int, ...], end: int | None) -> int:
+    """The shortest of `lens` that covers the slots before `end`; None (or past them all): the last."""
+    return next((n for n in lens if end is not None and n >= end), lens[-1])
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -276,9 +281,7 @@ class StaticBackend:
         """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the
         shortest of attn_lens that covers them; None: every slot (--exact, so no row's arithmetic
         depends on the context's length)."""
-        if end is None:
-            return self.attn_lens[-1]
-        return next((n for n in self.attn_lens if n >= end), self.attn_lens[-1])
+        return shortest_covering(self.attn_lens, end)
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None) -> torch.Tensor:

@@ -38,8 +38,8 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
     def usable(texts) -> list[list[int]]:
         """The kept prompts, then the pool's prompts that fit and are new, in pool order, encoded only until
         there are enough (encoding a pool of 100K prompts took minutes). A near-copy of a prompt taken
-        (half its shingles seen) gives a near-copy of its answer, which in a held-out shard inflates
-        held-out accuracy: overlapping code windows did (bench/README, ninth session)."""
+        (half its shingles seen, as two code windows of one def are) gives a near-copy of its answer,
+        which in a held-out shard inflates held-out accuracy."""
         ids, seen = list(kept), {tuple(p) for p in kept}
         seen_shingles = set().union(*(shingles(tokenizer.decode(p)) for p in kept))
         for text in texts:
