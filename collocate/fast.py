@@ -183,8 +183,8 @@ class StaticLM:
         self.group = n_heads // n_kv
         self.layers = [layer_weights(layer) for layer in self.body.layers]
         w = self.body.embed_tokens.weight
-        # attention reads every slot, so the slot count is rounded up to a multiple of 64: an odd row
-        # length leaves its matmuls unaligned (2,055 slots ran at half the speed of 2,048, docs/engine.md)
+        # attention may read every slot (the last of attn_lens), so the slot count is rounded up to a multiple
+        # of 64: an odd row length leaves its matmuls unaligned (2,055 slots ran at half the speed of 2,048)
         n_slots = -(-max_len // slot_multiple) * slot_multiple
         shape = (len(self.layers), 1, n_kv, n_slots, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
