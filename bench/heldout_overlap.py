@@ -5,7 +5,8 @@ accuracy measures generalisation, not recall of near-copies.
 
 For each training size N (the first N answers, as `collocate train --train-samples N` takes them) it
 reports the share of the held-out answers' 16-token pieces that occur in those training answers, and the
-share of held-out answers more than half of whose pieces do. Near-copies of a prompt (two overlapping
+share of held-out answers more than half of whose pieces do (`train.answers.heldout_overlap`, which
+`collocate train` reports for the run's own training shards). Near-copies of a prompt (two overlapping
 code windows) give near-copies of its answer; the data stage leaves them out
 (train.answers.prepare_prompts), and this measures what is left, or what a run made without that holds.
 """
@@ -13,13 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from collocate.train.answers import read_shard
-
-PIECE = 16
-
-
-def pieces(tokens: list[int]) -> set[int]:
-    return {hash(tuple(tokens[i:i + PIECE])) for i in range(len(tokens) - PIECE + 1)}
+from collocate.train.answers import PIECE, heldout_overlap, shard_answers
 
 
 def main():
@@ -32,17 +27,13 @@ def main():
     work = Path(args.work)
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     n_shards = len(manifest["shards"])
-    train_shards = list(range(n_shards - args.heldout_shards))
-    held = [seq[p:] for i in range(n_shards - args.heldout_shards, n_shards) for seq, p in read_shard(work, i)]
-    held_pieces = [pieces(a) for a in held]
-    answers = [seq[p:] for i in train_shards for seq, p in read_shard(work, i)]
+    held = shard_answers(work, list(range(n_shards - args.heldout_shards, n_shards)))
+    answers = shard_answers(work, list(range(n_shards - args.heldout_shards)))
     points = []
     for n in sorted(int(x) for x in args.train.split(",")):
-        seen = set().union(*(pieces(a) for a in answers[:n]))
-        shares = [len(h & seen) / len(h) for h in held_pieces if h]
-        points.append({"train_answers": min(n, len(answers)),
-                       "heldout_pieces_seen": sum(shares) / len(shares),
-                       "heldout_answers_half_seen": sum(s > 0.5 for s in shares) / len(shares)})
+        overlap = heldout_overlap(answers[:n], held)
+        points.append({"train_answers": min(n, len(answers)), "heldout_pieces_seen": overlap["pieces_seen"],
+                       "heldout_answers_half_seen": overlap["answers_half_seen"]})
         print(json.dumps(points[-1]))
     result = {"work": str(work), "settings": manifest["settings"], "heldout_answers": len(held),
               "piece_tokens": PIECE, "points": points}

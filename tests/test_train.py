@@ -48,6 +48,8 @@ def test_training_loss_falls_and_report_is_complete(trained):
         assert len(variant["confusion"]) == cfg.k and "0.95" in variant["thresholds"]
     assert (Path(cfg.out) / "train_report.json").exists()
     assert report["stages"]["data"]["samples"] == cfg.samples
+    assert set(report["heldout_overlap"]) == {"pieces_seen", "answers_half_seen"}  # (bench/heldout_overlap.py tests it)
+    assert all(0 <= v <= 1 for v in report["heldout_overlap"].values())
 
 
 def test_trained_bundle_refuses_other_backbone(trained, tmp_path):

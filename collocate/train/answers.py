@@ -154,6 +154,28 @@ def read_shard(run: Path, i: int) -> list[tuple[list[int], int]]:
     return [(toks[off[j]:off[j + 1]], plen[j]) for j in range(len(plen))]
 
 
+PIECE = 16  # tokens: a piece this long that a training answer also holds was copied, not predicted
+
+
+def answer_pieces(tokens: list[int]) -> set[int]:
+    return {hash(tuple(tokens[i:i + PIECE])) for i in range(len(tokens) - PIECE + 1)}
+
+
+def shard_answers(run: Path, ids: list[int]) -> list[list[int]]:
+    """The answer tokens (prompts left out) of these shards."""
+    return [seq[p:] for i in ids for seq, p in read_shard(run, i)]
+
+
+def heldout_overlap(train: list[list[int]], held: list[list[int]]) -> dict:
+    """How much of the held-out answers the training answers already hold: the share of their 16-token
+    pieces found in a training answer, and the share of held-out answers more than half found. Where it is
+    high, held-out accuracy measures recall of near-copies, not prediction."""
+    seen = set().union(*map(answer_pieces, train))
+    shares = [len(p & seen) / len(p) for p in map(answer_pieces, held) if p]
+    n = max(len(shares), 1)
+    return {"pieces_seen": sum(shares) / n, "answers_half_seen": sum(x > 0.5 for x in shares) / n}
+
+
 def write_manifest(cfg: TrainConfig, run: Path) -> dict:
     shards = []
     for i in range(cfg.n_shards):

@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from ..bundle import MTPBundle
 from ..clp import CLP_FEATURES
 from ..draft import MAX_TREE, best_paths
-from .answers import generate_answers, write_manifest
+from .answers import generate_answers, heldout_overlap, shard_answers, write_manifest
 from .common import is_main, say, write_atomic
 from .config import TrainConfig
 from .features import shard_features
 from .heads import train_heads
 from .policies import train_policies
 
+OVERLAP_WARNING = 0.05  # share of held-out answer pieces found in training answers past which train warns
 
 def run_training(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
@@ -81,6 +82,11 @@ def run_training(cfg: TrainConfig) -> dict:
         bundle.heads.eval()
         t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held))
+        report["heldout_overlap"] = overlap = heldout_overlap(shard_answers(run, train_ids), shard_answers(run, held))
+        if overlap["pieces_seen"] > OVERLAP_WARNING:
+            say(f"warning: {overlap['pieces_seen']:.0%} of the held-out answers' 16-token pieces are in the training "
+                "answers, so held-out accuracy overstates what the heads do on new prompts (near-copies in the "
+                "prompts? bench/heldout_overlap.py)")
         bundle.heldout = report["heldout_head_accuracy"]  # the tree from the held-out ranks, as a bundle reads them
         bundle.config.tree = [list(p) for p in best_paths(bundle.rank_probs(), MAX_TREE)]
         if cfg.draft_vocab:
