@@ -4,7 +4,8 @@ on one data set with `collocate train --train-samples N` (the same answers, the 
     python bench/data_curve.py runs/q15-4096 runs/q15-8192 runs/q15-16384 --out bench/results/.../curve-q15
 
 Each argument is a run folder (its train_report.json) or a report file. Writes OUT.json (a point per run:
-drafter, k, training answers, held-out top-1 and top-5 per offset) and OUT.png (top-1 per offset against
+drafter, k, training answers, held-out top-1 and top-5 per offset, and how much of the held-out answers
+the training answers hold, where the report says) and OUT.png (top-1 per offset against
 training answers, a line per offset and drafter). Refuses reports whose held-out sets differ.
 """
 import argparse
@@ -30,7 +31,8 @@ def point(name: str, report: dict) -> dict:
             "draft_vocab": cfg.get("draft_vocab") or 0, "epochs": cfg["epochs"],
             "train_answers": report["train_shards"] * cfg["shard_size"],
             "heldout_top1": {o: v["top1"] for o, v in held.items() if o != "+1"},
-            "heldout_top5": {o: v.get("top5") for o, v in held.items() if o != "+1"}}
+            "heldout_top5": {o: v.get("top5") for o, v in held.items() if o != "+1"},
+            "heldout_overlap": report.get("heldout_overlap")}  # (reports before it have none)
 
 
 def check_same_heldout(reports: dict[str, dict]) -> dict:

@@ -359,6 +359,8 @@ def test_data_curve_reads_runs_on_one_heldout_set(trained, tmp_path):
     got = {p["run"]: p["train_answers"] for p in doc["points"]}
     assert got == {"few": cfg.shard_size, Path(cfg.out).name: (cfg.n_shards - cfg.heldout_shards) * cfg.shard_size}
     assert doc["heldout_answers"] == cfg.shard_size and (tmp_path / "curve.png").stat().st_size > 10_000
+    overlap = {p["run"]: p["heldout_overlap"]["pieces_seen"] for p in doc["points"]}
+    assert overlap["few"] <= overlap[Path(cfg.out).name]  # fewer training answers hold no more of the held-out ones
     other = json.loads((few / "train_report.json").read_text())
     other["config"]["heldout_shards"] = 2
     (tmp_path / "other.json").write_text(json.dumps(other))
