@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from collocate.heads import TokenHeads, VocabSlice, unit_rms
 from collocate.train.answers import read_shard
-from collocate.train.features import answer_targets, batches_by_tokens
-from collocate.train.heads import head_loss
+from collocate.train.features import Features, answer_targets, batches_by_tokens
+from collocate.train.heads import head_loss, teacher_rows
 
 K = 4  # heads for +2..+4; the tokens t+1..t+3 condition them
 KL_WEIGHT = 0.5  # final-kl: the weight docs/training.md shows for --kl-weight
@@ -106,12 +106,11 @@ def train(kind, train_f, held_f, layers, vocab, embed, epochs: int, batch: int =
             rows = perm[i:i + batch]
             for g in opt.param_groups:
                 g["lr"] = lr * min(1, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, step / steps)))
-            if kind == "final-kl":  # the product's loss; the teacher's state at t+j-1 is row t+j-1 (same answer
-                # wherever the target at t+j exists, which is where the loss counts it)
-                idx = (rows[:, None] + torch.tensor(model.heads.offsets)[None] - 1).clamp(max=n - 1)
+            if kind == "final-kl":  # the product's loss, with the teacher's states as training reads them
+                teacher = teacher_rows(Features(train_f["hf"], train_f["targets"]), rows, model.heads.offsets)
                 loss = head_loss(model.heads, model.heads.offsets, vocab, train_f["hf"][rows].float(),
                                  train_f["targets"][rows, :model.k], SimpleNamespace(kl_weight=KL_WEIGHT),
-                                 teacher_h=train_f["hf"][idx].float(), embed=embed)
+                                 teacher_h=teacher.float(), embed=embed)
             else:
                 target = vocab.local(train_f["targets"][rows, 1:model.k])  # (n, k-1) draft-vocabulary positions
                 loss = F.cross_entropy(model(train_f, rows).flatten(0, 1), target.flatten(), ignore_index=-100)

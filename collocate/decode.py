@@ -379,7 +379,7 @@ class Decoder:
         """A step of this width from the feed buffer, writing no slot at or past `end` (None: anywhere);
         the fast backend replays the graph of its width and attention length."""
         fed = plan.fed(width)
-        attn_len = self.backend.attn_len(None if plan.exact else end)
+        attn_len = self.attn_len(plan, end)
 
         def step() -> Packed:
             return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed, attn_len))
@@ -438,8 +438,8 @@ class Decoder:
         self.backend.reset()
         self.pos0.zero_()
         self.sampling.counter.zero_()
-        prompt_attn = self.backend.attn_len(None if plan.exact else n_prompt)
-        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None, prompt_attn)).read()
+        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None,
+                                  self.attn_len(plan, n_prompt))).read()
         fed = 0  # draft tokens fed in the step just read
         while True:
             account(stats, res, fed, plan)
@@ -488,11 +488,15 @@ class Decoder:
         s.top_p.fill_(cfg.top_p)
         s.seed.fill_(cfg.seed if cfg.seed is not None else random.getrandbits(63))
 
+    def attn_len(self, plan: Plan, end: int | None) -> int | None:
+        """The attention length the backend reads for a step writing slots before `end` (--exact: every
+        slot, so no row's arithmetic depends on the context's length)."""
+        return self.backend.attn_len(None if plan.exact else end)
+
     def warm_up(self, plan: Plan, first: int, last: int) -> None:
         """Capture, before anything is timed, every width this plan uses at every attention length that
         steps writing up to slot `first`..`last` (exclusive ends) read."""
-        lens = {self.backend.attn_len(None if plan.exact else end) for end in (first, last)}
-        lo, hi = min(lens), max(lens)
+        lo, hi = self.attn_len(plan, first), self.attn_len(plan, last)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
             for width in plan.widths:
                 if (plan, width, attn_len) not in self.warmed:

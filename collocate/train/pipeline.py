@@ -24,6 +24,7 @@ from .policies import train_policies
 
 OVERLAP_WARNING = 0.05  # share of held-out answer pieces found in training answers past which train warns
 
+
 def run_training(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
 
@@ -82,16 +83,16 @@ def run_training(cfg: TrainConfig) -> dict:
         bundle.heads.eval()
         t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held))
-        report["heldout_overlap"] = overlap = heldout_overlap(shard_answers(run, train_ids), shard_answers(run, held))
-        if overlap["pieces_seen"] > OVERLAP_WARNING:
-            say(f"warning: {overlap['pieces_seen']:.0%} of the held-out answers' 16-token pieces are in the training "
-                "answers, so held-out accuracy overstates what the heads do on new prompts (near-copies in the "
-                "prompts? bench/heldout_overlap.py)")
         bundle.heldout = report["heldout_head_accuracy"]  # the tree from the held-out ranks, as a bundle reads them
         bundle.config.tree = [list(p) for p in best_paths(bundle.rank_probs(), MAX_TREE)]
         if cfg.draft_vocab:
             report["draft_vocab_coverage"] = vocab_coverage(model, run, held, bundle.draft_ids, cfg)
         report["stages"]["policies"] = {"seconds": add_stage_time(run, "policies", time.perf_counter() - t0)}
+        report["heldout_overlap"] = overlap = heldout_overlap(shard_answers(run, train_ids), shard_answers(run, held))
+        if overlap["pieces_seen"] > OVERLAP_WARNING:
+            say(f"warning: {overlap['pieces_seen']:.0%} of the held-out answers' 16-token pieces are in the training "
+                "answers, so held-out accuracy overstates what the heads do on new prompts (near-copies in the "
+                "prompts? bench/heldout_overlap.py)")
         report["params"] = bundle.param_counts()
         bundle.to("cpu").save_pretrained(cfg.out)
         write_atomic(Path(cfg.out) / "train_report.json", json.dumps(report, indent=1))
