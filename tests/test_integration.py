@@ -65,6 +65,25 @@ def test_code_prompts_are_plentiful_once_near_copies_are_left_out():
     assert distinct > 16_000
 
 
+def test_codegen_prompts_ask_for_a_real_function_from_its_signature_and_docstring():
+    import ast as pyast
+
+    reqs = data.stdlib_functions(300, seed=3)
+    assert len(reqs) == 300 and len(set(reqs)) == 300 and reqs == data.stdlib_functions(300, seed=3)
+    stubs = [r.split("```python\n", 1)[1].rsplit("\n```", 1)[0] for r in reqs if "```python" in r]
+    assert len(stubs) > 150  # three of the four phrasings show the stub
+    for stub in stubs:
+        fn = pyast.parse(stub + "\n    ...").body[0]  # a def whose body is its docstring, then ours
+        assert isinstance(fn, (pyast.FunctionDef, pyast.AsyncFunctionDef)) and not fn.name.startswith("__")
+        assert pyast.get_docstring(fn) and len(fn.body) == 2
+    prose = [r for r in reqs if r.startswith("Write a Python function `")]
+    assert prose and all("`. " in r for r in prose)
+    mixed = data.training_prompts(60, mix=("codegen",), seed=1)
+    assert len(mixed) == 60 and sum(r in data.stdlib_functions(30, seed=1) for r in mixed) >= 20
+    with pytest.raises(ValueError, match="codegen"):
+        data.training_prompts(10, mix=("poems",))
+
+
 def test_cached_load_is_fast_and_never_touches_the_network(smol, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")
