@@ -13,7 +13,9 @@ steps as the decode loop runs them on the fast backend with random k=4 bundles (
 row and head, the heads, the accept rule, the next feed, and the host reading the result), which is what
 a mode's step costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per
 depth; with a 32K draft vocabulary, a fifth of it) and --exact; once with attention over the context, as
-the loop runs them, and once over every slot.
+the loop runs them, and once over every slot; and once more with the step's tail (everything after the
+forward: accept rule, drafting, next feed; Decoder.settle) run plain instead of compiled, to show what
+compiling it buys.
 """
 import argparse
 import json
@@ -112,10 +114,11 @@ def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
 
 
 def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str | None = None,
-                    all_slots: bool = False) -> dict[str, float]:
+                    all_slots: bool = False, plain_tail: bool = False) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result.
     Attention reads the shortest of the engine's lengths that covers the step, as the loop runs it
-    (all_slots: every slot, as --exact does and as every step did before attention lengths)."""
+    (all_slots: every slot, as --exact does and as every step did before attention lengths). plain_tail:
+    the step after the forward runs op by op, not compiled."""
     out, decoders = {}, {}
     with torch.inference_mode():
         for name, (drafter, vocab, k, cfg, m) in MODE_STEPS.items():
@@ -125,6 +128,8 @@ def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str
                 decoders = {(drafter, vocab, k): build_decoder(model, bundle=random_bundle(model, drafter, vocab, k),
                                                                engine="fast", max_len=max_len)}
             dec = decoders[drafter, vocab, k]
+            if plain_tail:
+                dec.settle_compiled = dec.settle
             plan, times = dec.plan(cfg), []
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 dec.pos0.fill_(context)
@@ -169,6 +174,8 @@ def main():
         result["ms_per_mode_step"] = time_mode_steps(model, args.context, args.max_len, only=args.only)
         result["ms_per_mode_step_all_slots"] = time_mode_steps(model, args.context, args.max_len, only=args.only,
                                                                all_slots=True)
+        result["ms_per_mode_step_plain_tail"] = time_mode_steps(model, args.context, args.max_len, only=args.only,
+                                                                plain_tail=True)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

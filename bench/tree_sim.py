@@ -44,8 +44,8 @@ def answers(model, tokenizer, prompts, max_new: int):
 def static_accepted(drafter, tree, h, root, truth) -> int:
     """Accepted drafts of a static tree, by the decoder's own rule: as if the backbone's token after every
     row at depth d were truth[d] (a row off the true path never has its children kept anyway)."""
-    draft = drafter.propose(tree, h=h, root=root).tokens
-    t = tree.tensors(draft.device)
+    t = tree.tensors(h.device)
+    draft = drafter.propose(t, h=h, root=root).tokens
     truth = torch.tensor((list(truth) + [-1] * (tree.max_depth + 1))[: tree.max_depth + 1])
     return int(longest_accepted(truth[t.depths], torch.cat([root.view(1), draft]), t).count)
 

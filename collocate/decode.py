@@ -28,7 +28,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from .clp import CLP_FEATURES, GATE_THRESHOLD
-from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter
+from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter, TreeTensors
 from .rules import (Kept, Sampling, compete, filtered_probs, leading_true, longest_accepted, pick, residual_draw,
                     sampled_accepted, span_at_threshold, uniforms)
 
@@ -204,6 +204,13 @@ class StepOut(NamedTuple):
     proposal: torch.Tensor  # (k-1,) the +2..+k heads' argmax from the new root's row
 
 
+class Settled(NamedTuple):
+    """What a step's forward decided (Decoder.settle), before the step's state is updated."""
+    out: StepOut
+    kept: Kept  # the fed rows that stay: the backend keeps their K/V
+    feed: torch.Tensor  # the next step's feed: its root and draft
+
+
 class Next(NamedTuple):
     """What follows a step's new root, on the device."""
     root: torch.Tensor  # () the root token (the backbone's own; `compete`: maybe the +1 head's)
@@ -262,6 +269,8 @@ class Decoder:
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         long = dict(dtype=torch.long, device=self.device)
         self.warmed: set = set()  # (plan, width, attention length) steps run once already (warm_up)
+        # compiled on first use by the compiling backend, once per plan and width (Decoder.step)
+        self.settle_compiled = torch.compile(self.settle, fullgraph=True, dynamic=False)
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
 
@@ -274,26 +283,38 @@ class Decoder:
         if prefill:  # only the prompt's last row matters
             advance = torch.full((), ids.shape[0], device=self.device)
             h, ids, tree = h[-1:], ids[-1:], DraftTree(())
-        t = tree.tensors(self.device)
+        # the compiling backend runs the rest of a step as one compiled graph, so inductor fuses its many small
+        # ops (accept rule, drafting, next feed) into a few kernels; a prompt runs it plain (no compile)
+        settle = self.settle_compiled if self.backend.compile_on and not prefill else self.settle
+        s = settle(h, ids, plan, tree.tensors(self.device), plan.tree.tensors(self.device))
+        if plan.sample:
+            self.sampling.counter.add_(1)
+        if not prefill:  # (a prompt keeps all it wrote)
+            self.backend.keep(self.pos0, s.kept, tree)
+            advance = 1 + s.kept.count
+        self.feed[: s.feed.shape[0]].copy_(s.feed)
+        self.n_fed.copy_(s.out.next_width - 1)
+        self.pos0.add_(advance)
+        return s.out
+
+    def settle(self, h: torch.Tensor, ids: torch.Tensor, plan: Plan, t: TreeTensors, drafts: TreeTensors) -> "Settled":
+        """What a step's forward output h decides, as a pure function of it: the backbone's tokens, which
+        fed rows (tree t) stay, the next root and draft (tree `drafts`, the plan's), what to emit."""
         own_logits, heads = self.logits(h, plan)
         own = pick(own_logits)  # (m,) the backbone's token after each fed row
-        if plan.exact and not prefill:  # padding never matches, nor a node off the leading chain (see check)
+        if plan.exact:  # padding never matches, nor a node off the leading chain (see check)
             rows = torch.arange(ids.shape[0], device=self.device)
-            ids = torch.where(rows <= self.n_fed.clamp(max=tree.chain_rows), ids, -1)
+            ids = torch.where(rows <= self.n_fed.clamp(max=t.chain_rows), ids, -1)
         probs, u = None, None
         if plan.sample:  # the backbone's distribution after every row, and a uniform per node and the root
             probs = filtered_probs(own_logits, self.sampling, use_top_k=plan.top_k, use_top_p=plan.top_p)
             u = uniforms(self.sampling, ids.shape[0])
-            self.sampling.counter.add_(1)
         kept, wrong = self.check(own, ids, t, plan, probs, u)
-        if not prefill:  # (a prompt keeps all it wrote)
-            self.backend.keep(self.pos0, kept, tree)
-            advance = 1 + kept.count
         if heads is not None:  # (n_heads, V) from the root's row
             heads = heads.index_select(0, kept.row.view(1))[0] if plan.verify else heads[0]
         row = kept.row.view(1)
         root = own.index_select(0, row)[0] if probs is None else residual_draw(probs, ids, t, row, u[-1])
-        nxt = self.next_draft(plan, h, row, root, heads, compiled=self.backend.compile_on and not prefill)
+        nxt = self.next_draft(plan, drafts, h, row, root, heads)
         fed_next = torch.cat([nxt.root.view(1), nxt.draft])  # the next step's feed
         if plan.verify:  # emit the kept path, then the backbone's token after it
             path_tokens = torch.cat([ids.index_select(0, kept.path), nxt.root.view(1)])
@@ -302,19 +323,18 @@ class Decoder:
             n_emitted = kept.count + 1
         else:  # emit the root and the head tokens the rule takes; the next step feeds (checks) them
             emitted, n_emitted = fed_next, nxt.n + 1
-        self.feed[: fed_next.shape[0]].copy_(fed_next)
-        self.n_fed.copy_(nxt.n)
-        self.pos0.add_(advance)
-        return StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, self.proposal(plan, nxt))
+        out = StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, self.proposal(plan, nxt))
+        return Settled(out, kept, fed_next)
 
     def proposal(self, plan: Plan, nxt: "Next") -> torch.Tensor:
         """The drafter's argmax chain from the root, +2..+k (for head accuracy); -1 past the tree's chain."""
         n = self.bundle.k - 1 if self.bundle is not None else 0
+        chain_rows = plan.tree.chain_rows
         if plan.mode == "ar":
             return nxt.draft
-        if plan.mode == "compete" or plan.tree.chain_rows >= n:
+        if plan.mode == "compete" or chain_rows >= n:
             return nxt.draft[:n]
-        return torch.cat([nxt.draft[: plan.tree.chain_rows], nxt.draft.new_full((n - plan.tree.chain_rows,), -1)])
+        return torch.cat([nxt.draft[:chain_rows], nxt.draft.new_full((n - chain_rows,), -1)])
 
     def check(self, own: torch.Tensor, ids: torch.Tensor, tree, plan: Plan, probs=None,
               u=None) -> tuple[Kept, torch.Tensor]:
@@ -346,11 +366,11 @@ class Decoder:
         logits = self.lm_head(torch.cat([h, states.flatten(0, 1)]))
         return logits[: h.shape[0]], logits[h.shape[0]:].view(*states.shape[:2], -1)
 
-    def next_draft(self, plan: Plan, h: torch.Tensor, row: torch.Tensor, own: torch.Tensor,
-                   heads: torch.Tensor | None, *, compiled: bool = False) -> "Next":
+    def next_draft(self, plan: Plan, tree: TreeTensors, h: torch.Tensor, row: torch.Tensor, own: torch.Tensor,
+                   heads: torch.Tensor | None) -> "Next":
         """The mode's rule at the new root (feed row `row`, shape (1,): index_select, since indexing by a
         0-d tensor reads it on the host), from its hidden row, the backbone's token `own` there and the
-        heads' logits. compiled: the drafter may compile its work (a step of the compiling backend)."""
+        heads' logits; the drafter fills `tree`."""
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         if plan.mode == "ar":
             return Next(own, zero[None][:0], zero, zero)
@@ -360,7 +380,7 @@ class Decoder:
         if plan.mode == "compete":  # the +1 head's token and then the others': independent heads only
             tokens = pick(heads)
         else:
-            draft = self.drafter.propose(plan.tree, h=h_root, root=own, head_logits=heads, compiled=compiled)
+            draft = self.drafter.propose(tree, h=h_root, root=own, head_logits=heads)
             tokens = draft.tokens
         if plan.verify:
             if plan.adaptive:

@@ -4,8 +4,9 @@
     tree = DraftTree.chain(3).with_siblings(4)     # ... and 4 more guesses for d1, side by side
     tree = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])   # ranks along each path (Medusa's choices)
     tree = DraftTree.best(rank_probs, 16)          # the 16 nodes with the most expected accepted tokens
-    draft = HeadDrafter(bundle).propose(tree, head_logits=logits)      # independent heads: draft.tokens (tree.n,)
-    draft = TokenDrafter(bundle, lm_head, embed).propose(tree, h=h, root=y1)  # token-conditioned, depth by depth
+    t = tree.tensors(device)                                          # the tree as the step reads it
+    draft = HeadDrafter(bundle).propose(t, head_logits=logits)      # independent heads: draft.tokens (tree.n,)
+    draft = TokenDrafter(bundle, lm_head, embed).propose(t, h=h, root=y1)  # token-conditioned, depth by depth
 
 A step feeds the root (the token the backbone chose) at row 0 and draft node i at row i + 1. Node i's
 parent is the row `parents[i]` (< i + 1), so any prefix of the nodes is a tree too: that is how an
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,10 @@ MAX_TREE = 64  # draft nodes a step can feed (a 64-node step costs 1.2x a 1-toke
 class DraftTree:
     parents: tuple[int, ...]  # parents[i]: the feed row of node i's parent (0 = the root)
     ranks: tuple[int, ...] = ()  # ranks[i]: which of its head's guesses node i is (0, the argmax, by default)
+    # derived in __post_init__, as plain attributes: a compiled step reads them (dynamo cannot trace a
+    # cached_property on every Python we support)
+    depths: tuple[int, ...] = field(init=False, repr=False, compare=False)  # of every feed row: the root 0
+    chain_rows: int = field(init=False, repr=False, compare=False)  # leading nodes that form a chain from the root
 
     def __post_init__(self):
         if not self.ranks:
@@ -42,6 +47,11 @@ class DraftTree:
         for i, p in enumerate(self.parents):
             if not 0 <= p <= i:
                 raise ValueError(f"draft node {i} has parent row {p}; a parent must be an earlier row (0..{i})")
+        depths = [0]
+        for p in self.parents:
+            depths.append(depths[p] + 1)
+        object.__setattr__(self, "depths", tuple(depths))
+        object.__setattr__(self, "chain_rows", next((i for i, p in enumerate(self.parents) if p != i), self.n))
 
     @staticmethod
     def chain(n: int) -> "DraftTree":
@@ -77,22 +87,9 @@ class DraftTree:
     def is_chain(self) -> bool:
         return self.parents == tuple(range(self.n))
 
-    @functools.cached_property
-    def depths(self) -> tuple[int, ...]:
-        """Depth of every feed row: the root 0, a node one more than its parent."""
-        d = [0]
-        for p in self.parents:
-            d.append(d[p] + 1)
-        return tuple(d)
-
     @property
     def max_depth(self) -> int:
         return max(self.depths)
-
-    @functools.cached_property
-    def chain_rows(self) -> int:
-        """How many leading nodes form a chain from the root (rows 1..c, each the child of the row before)."""
-        return next((i for i, p in enumerate(self.parents) if p != i), self.n)
 
     @functools.cached_property
     def levels(self) -> tuple["Level", ...]:
@@ -123,7 +120,8 @@ class DraftTree:
                            ranks=torch.tensor(self.ranks, dtype=torch.long, device=device),
                            depths=torch.tensor(self.depths, dtype=torch.long, device=device),
                            visible=torch.tensor(self.visible, dtype=torch.bool, device=device),
-                           max_depth=self.max_depth, is_chain=self.is_chain,
+                           n=self.n, max_depth=self.max_depth, is_chain=self.is_chain, chain_rows=self.chain_rows,
+                           top=max(self.ranks, default=0) + 1,
                            levels=tuple(lv.tensors(device) for lv in self.levels),
                            earlier=torch.tensor([[j < i and self.parents[j] == p for j in range(self.n)]
                                                  for i, p in enumerate(self.parents)], dtype=torch.bool,
@@ -173,12 +171,16 @@ class LevelTensors(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class TreeTensors:
+    """A DraftTree as the step reads it: tensors and plain numbers only, so a compiled step traces it whole."""
     parents: torch.Tensor  # (n,) feed row of each node's parent
     ranks: torch.Tensor  # (n,) which guess of its head each node is
     depths: torch.Tensor  # (n + 1,) depth of each feed row
     visible: torch.Tensor  # (n + 1, n + 1) bool: row r attends to row c
+    n: int
     max_depth: int
     is_chain: bool
+    chain_rows: int  # DraftTree.chain_rows
+    top: int  # guesses needed per head: the largest rank + 1 (1: argmaxes only)
     levels: tuple[LevelTensors, ...]
     earlier: torch.Tensor  # (n, n) bool: node j is an earlier sibling of node i (sampling tries them in order)
 
@@ -205,14 +207,11 @@ class HeadDrafter:
             return self.bundle.tree(nodes, depth=depth)
         return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
 
-    def propose(self, tree: DraftTree, *, head_logits: torch.Tensor, h=None, root=None,
-                compiled: bool = False) -> Draft:
-        """(k-1, V) logits of heads +2..+k from the root's row -> a token per node (compiled: unused here,
-        the heads ran with the LM head)."""
-        if tree.is_chain and not any(tree.ranks):  # a chain of argmaxes: no top-k needed
-            return Draft(pick(head_logits)[: tree.n], head_logits)
-        t = tree.tensors(head_logits.device)
-        guesses = head_logits.topk(max(tree.ranks) + 1, dim=-1).indices  # (k-1, R)
+    def propose(self, t: TreeTensors, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
+        """(k-1, V) logits of heads +2..+k from the root's row -> a token per node of the tree t."""
+        if t.top == 1:  # argmaxes only: no top-k needed
+            return Draft(pick(head_logits)[t.depths[1:] - 1], head_logits)
+        guesses = head_logits.topk(t.top, dim=-1).indices  # (k-1, R)
         return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
 
 
@@ -229,19 +228,13 @@ class TokenDrafter(HeadDrafter):
         self.heads, self.embed = bundle.heads, embed
         self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
         self.lm_head = self.vocab if self.vocab is not None else lm_head  # (r, d) -> (r, V') logits
-        # compiled on first use, once per tree shape (the fast backend's steps use it): every depth and the
-        # gathers between depths in one graph, so inductor fuses them into few kernels
-        self.compiled_draft = torch.compile(self.draft, fullgraph=True, dynamic=False)
 
-    def propose(self, tree: DraftTree, *, h: torch.Tensor, root: torch.Tensor, head_logits=None,
-                compiled: bool = False) -> Draft:
-        """h (d,) the root's hidden row and root () its token -> a token per node. compiled: through
-        torch.compile (the fast backend's steps, as its layers)."""
-        t = tree.tensors(h.device)
+    def propose(self, t: TreeTensors, *, h: torch.Tensor, root: torch.Tensor, head_logits=None) -> Draft:
+        """h (d,) the root's hidden row and root () its token -> a token per node of the tree t."""
         # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
         # as training computed them)
-        full_chain = tree.is_chain and tree.n == self.k - 1
-        tokens, chain = (self.compiled_draft if compiled else self.draft)(h, root, t.levels, tree.n, full_chain)
+        full_chain = t.is_chain and t.n == self.k - 1
+        tokens, chain = self.draft(h, root, t.levels, t.n, full_chain)
         return Draft(tokens, chain)
 
     def draft(self, h: torch.Tensor, root: torch.Tensor, levels: tuple[LevelTensors, ...], n: int,

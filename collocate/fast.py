@@ -166,6 +166,11 @@ def compile_layer():
     return torch.compile(decoder_layer, fullgraph=True, dynamic=False)
 
 
+@functools.cache
+def compile_norm():
+    return torch.compile(rms_norm, fullgraph=True, dynamic=False)
+
+
 class StaticLM:
     """A general forward for pre-norm rotary decoders over a preallocated cache indexed by position."""
 
@@ -197,6 +202,8 @@ class StaticLM:
         self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
         norm = self.body.norm
         self.final_norm = (norm.weight, float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")))
+        # a step's inputs in a few fused kernels, not a dozen (compiled on first use, per width and length)
+        self.inputs_compiled = torch.compile(self.inputs, fullgraph=True, dynamic=False)
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
                 visible: torch.Tensor | None = None, attn_len: int | None = None,
@@ -205,13 +212,23 @@ class StaticLM:
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
         fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
-        Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m."""
+        Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m.
+        compiled: the layers, and what comes before and after them, each through torch.compile."""
+        layer_fn = compile_layer() if compiled else decoder_layer
+        inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
+        x, slots, mask, cos, sin = inputs(ids, pos0, depths, visible, attn_len)
+        for i, w in enumerate(self.layers):
+            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
+        return norm(x, *self.final_norm)[0]
+
+    def inputs(self, ids, pos0, depths, visible, attn_len):
+        """The layers' inputs: embeddings (1, m, d), the slots written, the attention mask and the rotary
+        tables at each row's position."""
         m = ids.shape[0]
         key_pos = self.key_pos[:attn_len]
         rows = torch.arange(m, device=ids.device)
         slots = pos0 + rows
         pos = slots if depths is None else pos0 + depths
-        layer_fn = compile_layer() if compiled else decoder_layer
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
         if visible is None:
@@ -221,9 +238,7 @@ class StaticLM:
             in_feed = (rel >= 0) & (rel < m)
             mask = (rel < 0)[None, :] | (visible[:, rel.clamp(0, m - 1)] & in_feed[None, :])
         mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, attn_len): query rows per K/V head
-        for i, w in enumerate(self.layers):
-            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
-        return rms_norm(x, *self.final_norm)[0]
+        return x, slots, mask, cos, sin
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of slots `src` to slots `dst`, in every layer."""

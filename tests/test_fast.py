@@ -83,14 +83,22 @@ def test_fused_projections_leave_the_hf_model_unchanged_and_are_reused(qwen):
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")
-def test_compiled_layers_give_the_same_tokens(qwen):
-    """The GPU path's torch.compile, run by inductor's CPU backend: same tokens as the eager reference."""
-    bundle = bundle_for(qwen, compete=True, seed=3)
+def test_compiled_steps_give_the_same_tokens(qwen):
+    """The GPU path's torch.compile (the layers, the forward's inputs and final norm, and the step's whole
+    tail: accept rule, token-conditioned drafting of a tree, next feed), run by inductor's CPU backend:
+    the eager reference's tokens and stats, with no graph break."""
+    from torch._dynamo.utils import counters
+    from test_tokenheads import tc_bundle
+
+    bundle = tc_bundle(qwen, "tc-shared", vocab=50)
     ref, dec = eager(qwen, bundle), fast(qwen, bundle, compile=True)
-    for cfg in (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12)):
+    counters.clear()
+    for cfg in (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12, tree_size=12)):
         p = prompts(1, seed=5)[0]
-        assert dec.generate(p, cfg).tokens == ref.generate(p, cfg).tokens
+        a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+        assert b.tokens == a.tokens and same_stats(a, b) and b.proposals == a.proposals
     assert dec.backend.compile_on  # it compiled, and did not fall back
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])

@@ -44,7 +44,7 @@ def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
     drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
     tree = bundle.tree(30)  # no stored tree: the best 30 nodes from the rank statistics
     h, root = torch.randn(32), torch.tensor(7)
-    draft = drafter.propose(tree, h=h, root=root)
+    draft = drafter.propose(tree.tensors(h.device), h=h, root=root)
     rows = rank_paths(tree)
     for i, path in enumerate(rows):
         assert int(draft.tokens[i]) == walk(bundle, model, h, root, path), (i, path)
@@ -53,16 +53,19 @@ def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_drafting_equals_eager():
-    """The fast backend's drafting (every depth in one torch.compile graph) gives eager's tokens and chain
-    logits, for a tree cut in depth and for a chain (CPU inductor here; bench/cuda_check.py on CUDA)."""
+    """Drafting traced whole by torch.compile (as the fast backend's compiled steps trace it) gives eager's
+    tokens and chain logits, for a tree cut in depth and for a chain (CPU inductor here; bench/cuda_check.py
+    on CUDA)."""
     model = tiny_llama()
     bundle = tc_bundle(model, "tc-shared", vocab=50)
     drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
+    compiled = torch.compile(drafter.propose, fullgraph=True, dynamic=False)
     h, root = torch.randn(32), torch.tensor(7)
     for tree, has_chain_logits in ((bundle.tree(24, depth=2), False), (DraftTree.chain(bundle.k - 1), True)):
+        t = tree.tensors(h.device)
         with torch.inference_mode():
-            eager_draft = drafter.propose(tree, h=h, root=root)
-            compiled_draft = drafter.propose(tree, h=h, root=root, compiled=True)
+            eager_draft = drafter.propose(t, h=h, root=root)
+            compiled_draft = compiled(t, h=h, root=root)
         assert torch.equal(eager_draft.tokens, compiled_draft.tokens)
         if has_chain_logits:  # (a CLP reading head confidences needs them)
             torch.testing.assert_close(eager_draft.chain_logits, compiled_draft.chain_logits)
