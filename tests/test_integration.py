@@ -65,7 +65,7 @@ def test_code_prompts_are_plentiful_once_near_copies_are_left_out():
     assert distinct > 16_000
 
 
-def test_codegen_prompts_ask_for_a_real_function_from_its_signature_and_docstring():
+def test_codegen_prompts_ask_for_a_real_function_from_its_signature_and_docstring(monkeypatch):
     import ast as pyast
 
     reqs = data.stdlib_functions(300, seed=3)
@@ -78,8 +78,11 @@ def test_codegen_prompts_ask_for_a_real_function_from_its_signature_and_docstrin
         assert pyast.get_docstring(fn) and len(fn.body) == 2
     prose = [r for r in reqs if r.startswith("Write a Python function `")]
     assert prose and all("`. " in r for r in prose)
+    chat = [{"conversations": [{"from": "human", "value": f"question {i}"}]} for i in range(40)]
+    monkeypatch.setattr(data, "sharegpt", lambda: chat)  # (parsing the real ShareGPT takes seconds)
     mixed = data.training_prompts(60, mix=("codegen",), seed=1)
-    assert len(mixed) == 60 and sum(r in data.stdlib_functions(30, seed=1) for r in mixed) >= 20
+    requests = set(data.stdlib_functions(30, seed=1))
+    assert len(mixed) == 60 and sum(r in requests for r in mixed) == 30 and sum(r.startswith("question") for r in mixed) == 30
     with pytest.raises(ValueError, match="codegen"):
         data.training_prompts(10, mix=("poems",))
 
