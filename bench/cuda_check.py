@@ -2,10 +2,12 @@
 in float32: every mode, trees, token-conditioned heads and sampling (same seed), same tokens and stats; the same with a second
 threshold on the same graphs; and --exact (fast backend only) verify against --exact ar, in bf16.
 
-    python bench/cuda_check.py      # prints one line per mode and model; exits 1 on a difference
+    python bench/cuda_check.py            # prints one line per mode and model; exits 1 on a difference
+    python bench/cuda_check.py --compile  # on a CPU: the same with the compiled step (inductor's C++ backend)
 
 The unit tests run the fast backend on the CPU without graphs; this is what they cannot: capture.
 """
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -44,9 +46,10 @@ def compare(name, eager, fast, prompts, configs) -> int:
     return bad
 
 
-def exact(name, model, bundle, prompts) -> int:
+def exact(name, model, bundle, prompts, compile_on) -> int:
     """bf16, fast backend: verify --exact gives ar --exact's tokens."""
-    fast = build_decoder(model.to(torch.bfloat16), bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256)
+    fast = build_decoder(model.to(torch.bfloat16), bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256,
+                         compile=compile_on)
     bad = 0
     for kw in EXACT_CONFIGS:
         same = sum(fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True, **kw)).tokens ==
@@ -57,6 +60,10 @@ def exact(name, model, bundle, prompts) -> int:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true", help="compile the fast backend's step on a CPU too "
+                    "(on CUDA it always compiles)")
+    compile_on = ap.parse_args().compile or None  # None: the backend's default (compile on CUDA)
     bad = 0
     for make in (tiny_llama, tiny_qwen):
         model = make().to(DEVICE)
@@ -68,11 +75,11 @@ def main() -> int:
             bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
             with_rank_probs(bundle)
             eager = build_decoder(model, bundle=bundle, engine="eager", eos_token_ids=[2])
-            fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256)
+            fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256, compile=compile_on)
             name = f"{make.__name__} {drafter}"
             bad += compare(name, eager, fast, prompts, configs)
             print(f"{name}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")
-        bad += exact(make.__name__, model, bundle, prompts)
+        bad += exact(make.__name__, model, bundle, prompts, compile_on)
     return 1 if bad else 0
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ class AttnShape(NamedTuple):
     scale: float
 
 
+class LayerInputs(NamedTuple):
+    x: torch.Tensor  # (1, m, d) the fed tokens' embeddings
+    slots: torch.Tensor  # (m,) cache slots the rows write
+    mask: torch.Tensor  # (1, 1, g*m, attn_len) bool: which slots each query row (per K/V head) sees
+    cos: torch.Tensor  # (1, 1, m, hd) rotary tables at each row's position
+    sin: torch.Tensor
+
+
 class LayerWeights(NamedTuple):
     """One decoder layer's tensors, q/k/v and gate/up each fused into one matrix (one matmul each)."""
     ln1: torch.Tensor
@@ -221,9 +229,8 @@ class StaticLM:
             x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
         return norm(x, *self.final_norm)[0]
 
-    def inputs(self, ids, pos0, depths, visible, attn_len):
-        """The layers' inputs: embeddings (1, m, d), the slots written, the attention mask and the rotary
-        tables at each row's position."""
+    def inputs(self, ids, pos0, depths, visible, attn_len) -> "LayerInputs":
+        """What every layer of a step reads, from the fed ids (arguments as forward's)."""
         m = ids.shape[0]
         key_pos = self.key_pos[:attn_len]
         rows = torch.arange(m, device=ids.device)
@@ -238,7 +245,7 @@ class StaticLM:
             in_feed = (rel >= 0) & (rel < m)
             mask = (rel < 0)[None, :] | (visible[:, rel.clamp(0, m - 1)] & in_feed[None, :])
         mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, attn_len): query rows per K/V head
-        return x, slots, mask, cos, sin
+        return LayerInputs(x, slots, mask, cos, sin)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of slots `src` to slots `dst`, in every layer."""
