@@ -8,6 +8,7 @@ import torch
 from collocate.bundle import BundleError, MTPBundle
 from collocate.decode import EXACT_WIDTH, DecodeConfig, DecodeError
 from collocate.draft import DraftTree, TokenDrafter
+from collocate.heads import TokenHeads
 from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
 from test_decode import eager, prompts
 from test_fast import fast, same_stats
@@ -36,7 +37,7 @@ def walk(bundle, model, h, root, path):
     return int(tok)
 
 
-@pytest.mark.parametrize("design,vocab", [("tc-depth", 0), ("tc-shared", 0), ("tc-shared", 50)])
+@pytest.mark.parametrize("design,vocab", [("tc-depth", 0), ("tc-shared", 0), ("tc-shared", 50), ("tc-wide", 50)])
 def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
     """The depth-by-depth batched drafter gives every node the token a walk down its own path gives."""
     model = tiny_llama()
@@ -81,11 +82,11 @@ def rank_paths(tree: DraftTree) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
-@pytest.mark.parametrize("design", ["tc-depth", "tc-shared"])
+@pytest.mark.parametrize("design", ["tc-depth", "tc-shared", "tc-wide"])
 def test_token_conditioned_verify_is_lossless_on_both_backends(make, design):
     """Chain, adaptive, candidates and tree: ar's tokens, with the same counts on both backends."""
     model = make()
-    bundle = tc_bundle(model, design, vocab=60 if design == "tc-shared" else 0)
+    bundle = tc_bundle(model, design, vocab=0 if design == "tc-depth" else 60)
     ref, dec = eager(model, bundle), fast(model, bundle)
     configs = [dict(), dict(adaptive=True), dict(candidates=4), dict(tree_size=24), dict(tree_size=24, tree_depth=2)]
     for p in prompts(4, seed=5):
@@ -140,12 +141,15 @@ def test_tree_is_stored_best_first_and_cut_by_tree_size(tmp_path, llama):
 def test_bundle_format_2_round_trip_and_unknown_drafter(tmp_path, llama):
     import json
 
-    b = tc_bundle(llama, "tc-shared", vocab=40)
-    b.save_pretrained(tmp_path)
-    c = MTPBundle.from_pretrained(tmp_path, backbone=llama)
-    assert c.config == b.config and c.token_conditioned and torch.equal(c.draft_ids, b.draft_ids)
-    for (n1, t1), (n2, t2) in zip(b.state_dict().items(), c.state_dict().items()):
-        assert n1 == n2 and torch.equal(t1, t2)
+    for design in ("tc-wide", "tc-shared"):
+        b = tc_bundle(llama, design, vocab=40)
+        b.save_pretrained(tmp_path)
+        c = MTPBundle.from_pretrained(tmp_path, backbone=llama)
+        assert c.config == b.config and c.token_conditioned and torch.equal(c.draft_ids, b.draft_ids)
+        for (n1, t1), (n2, t2) in zip(b.state_dict().items(), c.state_dict().items()):
+            assert n1 == n2 and torch.equal(t1, t2)
+    wide = tc_bundle(llama, "tc-wide").heads.blocks[0]
+    assert wide.inp.out_features == TokenHeads.WIDE * llama.config.hidden_size == wide.depth_bias.shape[1]
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "drafter": "eagle9"}))
     with pytest.raises(BundleError, match="unknown drafter type 'eagle9'.*newer collocate"):

@@ -28,7 +28,7 @@ class TrainConfig:
     model: str = setting(DEFAULT_MODEL, "short name, hub id, local folder or .gguf file", data=True)
     k: int = setting(4, "heads predict t+2..t+k")
     drafter: str = setting("heads", "head type: independent heads, or token-conditioned ones (+j sees the token "
-                           "at +j-1; tc-depth: a block per offset, tc-shared: one block for all)",
+                           "at +j-1; tc-depth: a block per offset, tc-shared: one block for all, tc-wide: that block 4x wider)",
                            choices=("heads",) + TokenHeads.DESIGNS)
     draft_vocab: int = setting(0, "token-conditioned heads: draft over the N tokens the answers use most "
                                   "(a smaller LM-head read per depth; 0: the whole vocabulary)")
