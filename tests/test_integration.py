@@ -68,20 +68,33 @@ def test_code_prompts_are_plentiful_once_near_copies_are_left_out():
 def test_codegen_prompts_ask_for_a_real_function_from_its_signature_and_docstring(monkeypatch):
     import ast as pyast
 
-    reqs = data.stdlib_functions(300, seed=3)
-    assert len(reqs) == 300 and len(set(reqs)) == 300 and reqs == data.stdlib_functions(300, seed=3)
-    stubs = [r.split("```python\n", 1)[1].rsplit("\n```", 1)[0] for r in reqs if "```python" in r]
-    assert len(stubs) > 150  # three of the four phrasings show the stub
-    for stub in stubs:
-        fn = pyast.parse(stub + "\n    ...").body[0]  # a def whose body is its docstring, then ours
-        assert isinstance(fn, (pyast.FunctionDef, pyast.AsyncFunctionDef)) and not fn.name.startswith("__")
-        assert pyast.get_docstring(fn) and len(fn.body) == 2
+    def stubs_of(reqs):  # three of the four phrasings show the stub
+        return [r.split("```python\n", 1)[1].rsplit("\n```", 1)[0] for r in reqs if "```python" in r]
+
+    def assert_real_functions(stubs):
+        for stub in stubs:
+            fn = pyast.parse(stub + "\n    ...").body[0]  # a def whose body is its docstring, then ours
+            assert isinstance(fn, (pyast.FunctionDef, pyast.AsyncFunctionDef)) and not fn.name.startswith("__")
+            assert pyast.get_docstring(fn) and len(fn.body) == 2
+
+    reqs = data.functions_to_write(300, seed=3)
+    assert len(reqs) == 300 and len(set(reqs)) == 300 and reqs == data.functions_to_write(300, seed=3)
+    assert len(stubs_of(reqs)) > 150
+    assert_real_functions(stubs_of(reqs))
     prose = [r for r in reqs if r.startswith("Write a Python function `")]
     assert prose and all("`. " in r for r in prose)
+    # the packages' functions, alone: every pinned package there, its tests left out
+    files, root = data.package_files(), data.cache_dir() / "data" / "packages"
+    wheels = {p.relative_to(root).parts[0].split("-")[0] for p in files}  # (one folder per wheel)
+    assert wheels == {"pydash", "boltons", "funcy", "more_itertools", "toolz", "networkx"}
+    assert not any("tests" in p.parts for p in files)
+    monkeypatch.setattr(data, "stdlib_files", lambda: ())
+    assert_real_functions(stubs_of(data.functions_to_write(60, seed=0)))
+    # --mix codegen: half the prompts (ShareGPT's turns, a stand-in here: the real one takes seconds to parse)
     chat = [{"conversations": [{"from": "human", "value": f"question {i}"}]} for i in range(40)]
-    monkeypatch.setattr(data, "sharegpt", lambda: chat)  # (parsing the real ShareGPT takes seconds)
+    monkeypatch.setattr(data, "sharegpt", lambda: chat)
     mixed = data.training_prompts(60, mix=("codegen",), seed=1)
-    requests = set(data.stdlib_functions(30, seed=1))
+    requests = set(data.functions_to_write(30, seed=1))
     assert len(mixed) == 60 and sum(r in requests for r in mixed) == 30 and sum(r.startswith("question") for r in mixed) == 30
     with pytest.raises(ValueError, match="codegen"):
         data.training_prompts(10, mix=("poems",))
