@@ -144,7 +144,7 @@ WRITE_REQUESTS = (  # several phrasings, so the heads learn code writing, not on
 
 
 # pure-Python packages whose documented functions join the standard library's as functions to write
-# (pinned: the prompt pool must be the same on every machine; about 2.8K functions, 1.3K with short stubs)
+# (pinned: the prompt pool must be the same on every machine)
 CODE_PACKAGES = ("pydash==8.1.0", "boltons==26.2.0", "funcy==2.1", "more-itertools==11.2.1", "toolz==1.2.0",
                  "networkx==3.6.1")
 
@@ -163,7 +163,7 @@ def functions_to_write(n: int, *, seed: int = 0) -> list[str]:
     """Requests to write a function of the standard library or CODE_PACKAGES, given its signature and
     docstring (or the docstring alone), under one of WRITE_REQUESTS: one request per distinct stub,
     dunder methods and functions whose body is only a docstring left out (about 7.7K in CPython 3.12's
-    standard library, 2.8K in the packages)."""
+    standard library, 2.4K more in the packages)."""
     rng, out, seen = random.Random(seed), [], set()
     files = list(stdlib_files()) + list(package_files())
     rng.shuffle(files)
@@ -177,13 +177,13 @@ def functions_to_write(n: int, *, seed: int = 0) -> list[str]:
             continue
         lines = text.splitlines()
         for node in ast.walk(tree):
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("__")
-                    and len(node.body) > 1 and ast.get_docstring(node)):
-                stub = textwrap.dedent("\n".join(lines[node.lineno - 1:node.body[0].end_lineno]))
-                if stub in seen:  # (overrides often repeat their base's signature and docstring)
-                    continue
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("__"):
+                continue
+            doc = ast.get_docstring(node)
+            stub = textwrap.dedent("\n".join(lines[node.lineno - 1:node.body[0].end_lineno]))
+            if doc and len(node.body) > 1 and stub not in seen:  # (overrides often repeat their base's stub)
                 seen.add(stub)
-                out.append(rng.choice(WRITE_REQUESTS).format(stub=stub, name=node.name, doc=ast.get_docstring(node),
+                out.append(rng.choice(WRITE_REQUESTS).format(stub=stub, name=node.name, doc=doc,
                                                              args=ast.unparse(node.args)))
     rng.shuffle(out)
     return out[:n]

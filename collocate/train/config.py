@@ -10,6 +10,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..clp import CLP_FEATURES
+from ..data import MIXES
 from ..heads import TokenHeads
 from ..zoo import DEFAULT_MODEL
 
@@ -33,7 +34,8 @@ class TrainConfig:
     draft_vocab: int = setting(0, "token-conditioned heads: draft over the N tokens the answers use most "
                                   "(a smaller LM-head read per depth; 0: the whole vocabulary)")
     samples: int = setting(2000, "self-distilled answers", data=True)
-    mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated: gsm,code,codegen", data=True)
+    mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated, in equal shares: "
+                                   + "; ".join(f"{k}: {v}" for k, v in MIXES.items()), data=True)
     max_new_tokens: int = setting(192, "answer length of the distilled data", data=True)
     max_prompt_tokens: int = setting(256, "longer prompts are skipped", data=True)
     gen_batch: int = setting(64, "answers generated at once")
