@@ -164,6 +164,10 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs:
          "tau": toks / max(sum(r["steps"] for r in rows), 1),
          "ms_per_step": 1000 * secs / max(sum(r["steps"] for r in rows), 1),
          **{f"rep{n}": mean(r["rep"][n] for r in rows) for n in (2, 3, 4)}}
+    prefill = sum(r["prefill_seconds"] for r in rows)
+    if prefill:  # the prompt's pass and the steps after it, apart (HF generate's rows time only the whole)
+        s["ms_per_prefill"] = 1000 * prefill / len(rows)
+        s["ms_per_decode_step"] = 1000 * (secs - prefill) / max(sum(r["steps"] for r in rows) - len(rows), 1)
     checked = sum(r["head_checked"] for r in rows)
     s["wrong_share"] = sum(r["head_wrong"] for r in rows) / checked if checked else None
     s["draft_acceptance"] = (sum(r["draft_accepted"] for r in rows) / max(sum(r["drafted"] for r in rows), 1)

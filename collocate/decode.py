@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import random
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -121,11 +122,16 @@ class DecodeStats:
     new_tokens: int = 0
     steps: int = 0  # backbone forward passes, prefill included
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # of which the prompt's pass, until its first token was on the host
     head_accepted: int = 0  # unverified modes: head tokens emitted without a check
     head_wrong: int = 0  # ... of which the backbone's own argmax disagreed (read from the next pass)
     head_checked: int = 0
     drafted: int = 0  # verify: draft tokens fed for checking
     draft_accepted: int = 0
+
+    def counts(self) -> "DecodeStats":
+        """The same stats with the times zeroed: what two runs of the same decode must agree on."""
+        return replace(self, seconds=0.0, prefill_seconds=0.0)
 
     @property
     def tau(self) -> float:
@@ -171,6 +177,17 @@ class Plan:
     @property
     def verify(self) -> bool:
         return self.mode == "verify"
+
+    @property
+    def fixed_width(self) -> int | None:
+        """The width of every step (the root and the draft fed), where no step's result decides it: ar and
+        plain verify (the context's edge aside). None: the rule decides it each step."""
+        return 1 + self.tree.n if self.mode == "ar" or (self.verify and not self.adaptive) else None
+
+    @property
+    def most_emitted(self) -> int:
+        """ar and verify: the most tokens one step can emit, the longest path of the draft and the root."""
+        return self.tree.max_depth + 1
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -235,12 +252,26 @@ class Packed(NamedTuple):
     """A StepOut as one tensor, so the host reads a step with one copy; `read` names the fields again."""
     flat: torch.Tensor
     shapes: tuple[tuple[int, ...], ...]  # each field's shape, in StepOut's order
+    copied: torch.cuda.Event | None = None  # to_host: recorded after the copy; read waits for it
 
     @staticmethod
     def of(out: StepOut) -> "Packed":
         return Packed(torch.cat([t.reshape(-1).long() for t in out]), tuple(tuple(t.shape) for t in out))
 
+    def to_host(self) -> "Packed":
+        """Start the copy to the host without waiting for it: the device may run the next step before the
+        host reads this one (a graph's next replay overwrites its output, not this copy)."""
+        if self.flat.device.type != "cuda":
+            return self
+        host = torch.empty(self.flat.shape, dtype=self.flat.dtype, pin_memory=True)
+        host.copy_(self.flat, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return Packed(host, self.shapes, copied)
+
     def read(self) -> StepResult:
+        if self.copied is not None:
+            self.copied.synchronize()
         values, start, named = self.flat.tolist(), 0, {}  # the one host sync of a step
         for name, shape in zip(StepOut._fields, self.shapes):
             size = shape[0] if shape else 1
@@ -252,11 +283,15 @@ class Packed(NamedTuple):
 class Decoder:
     """The decode loop over a backend (the HF model with its cache, or the static cache with graphs)."""
 
-    def __init__(self, backend, tokenizer=None, bundle=None, *, eos_token_ids: list[int] | None = None):
+    def __init__(self, backend, tokenizer=None, bundle=None, *, eos_token_ids: list[int] | None = None,
+                 overlap: bool | None = None):
+        """overlap: a plan of one step width queues each step before the host reads the one before it, so the
+        device never waits for the host's bookkeeping (None: on CUDA; a finished answer wastes one step)."""
         self.backend, self.tokenizer, self.bundle = backend, tokenizer, bundle
         self.model = backend.model
         self.lm_head = self.model.get_output_embeddings()
         self.device = self.lm_head.weight.device
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         if bundle is not None:  # in the backbone's dtype: float32 heads would run as slow float32 GEMVs
             bundle.to(self.device, self.lm_head.weight.dtype)
             self.drafter = TokenDrafter(bundle, self.lm_head, self.model.get_input_embeddings()) \
@@ -405,7 +440,7 @@ class Decoder:
             return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed, attn_len))
 
         return self.backend.run((plan, fed.n + 1, attn_len), step, state=(self.feed, self.pos0, self.n_fed,
-                                                                          self.sampling.counter))
+                                                                          self.sampling.counter)).to_host()
 
     # -- the loop ---------------------------------------------------------------------------------
     def plan(self, cfg: DecodeConfig) -> Plan:
@@ -460,7 +495,9 @@ class Decoder:
         self.sampling.counter.zero_()
         res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None,
                                   self.attn_len(plan, n_prompt))).read()
+        stats.prefill_seconds = time.perf_counter() - start
         fed = 0  # draft tokens fed in the step just read
+        queued: deque[tuple[Packed, int]] = deque()  # steps run or running, not read yet, with their draft rows
         while True:
             account(stats, res, fed, plan)
             emitted = res.emitted[: res.n_emitted]
@@ -472,13 +509,16 @@ class Decoder:
             if emitted:
                 yield emitted
             if finish != "continue":
-                break
-            width = res.next_width
-            if plan.verify and not plan.exact and n_prompt + len(out) + width - 1 > capacity:
-                width = 1  # near the end of the context there is no room for a draft
-            # the feed starts at the last token out (verify) or ends there (the rest emit what they feed)
-            end = n_prompt + len(out) + (width - 1 if plan.verify else 0)
-            res, fed = self.run_step(width, plan, end).read(), width - 1
+                break  # (a step queued ahead has run for nothing)
+            if not queued:
+                width = res.next_width
+                if plan.verify and not plan.exact and n_prompt + len(out) + width - 1 > capacity:
+                    width = 1  # near the end of the context there is no room for a draft
+                queued.append((self.run_step(width, plan, self.step_end(plan, n_prompt + len(out), width)), width - 1))
+            if self.overlap and len(queued) == 1:
+                self.queue_ahead(queued, plan, n_prompt, len(out), budget)
+            packed, fed = queued.popleft()
+            res = packed.read()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.seconds = time.perf_counter() - start
@@ -487,6 +527,24 @@ class Decoder:
         if finish == "stop":
             text = cut_at_stop(text, cfg.stop)
         return DecodeResult(out, text, stats, finish, proposals)
+
+    def step_end(self, plan: Plan, context: int, width: int) -> int:
+        """The end of the slots a step writes when `context` tokens are in: its feed starts at the last of
+        them (verify) or ends there (the rest emit what they feed)."""
+        return context + (width - 1 if plan.verify else 0)
+
+    def queue_ahead(self, queued: deque, plan: Plan, n_prompt: int, n_out: int, budget: int) -> None:
+        """Run the step after the queued one before its result is read, where the loop would run that very
+        step whatever the result: a plan of one width, an answer that may go on (each step emits at least
+        a token) and room for the widest draft. The result is only known to be at most `most_emitted`
+        tokens longer, so attention reads up to that bound (the mask hides the slots not written yet)."""
+        width = plan.fixed_width
+        if width is None or n_out + len(queued) >= budget:
+            return
+        context = n_prompt + min(n_out + len(queued) * plan.most_emitted, budget - 1)
+        if plan.verify and not plan.exact and context + width - 1 > self.backend.capacity:
+            return
+        queued.append((self.run_step(width, plan, self.step_end(plan, context, width)), width - 1))
 
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
                  on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:

@@ -32,14 +32,16 @@ def pick_engine(model, engine: str = "auto") -> str:
 
 
 def build_decoder(model, tokenizer=None, bundle=None, *, engine: str = "auto", eos_token_ids: list[int] | None = None,
-                  max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None) -> Decoder:
+                  max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None,
+                  overlap: bool | None = None) -> Decoder:
     """engine "fast" runs anywhere it can (on a CPU without graphs or compiling, as the tests drive it);
-    max_len, graphs and compile are the fast backend's (cache slots; None: on where there is CUDA)."""
+    max_len, graphs and compile are the fast backend's (cache slots; None: on where there is CUDA); overlap
+    is the loop's (Decoder)."""
     if pick_engine(model, engine) == "fast":
         backend = StaticBackend(model, max_len=max_len, graphs=graphs, compile=compile)
     else:
         backend = HFBackend(model)
-    return Decoder(backend, tokenizer, bundle, eos_token_ids=eos_token_ids)
+    return Decoder(backend, tokenizer, bundle, eos_token_ids=eos_token_ids, overlap=overlap)
 
 
 def load_decoder(model: str, *, heads: str | None = None, need_heads: bool = True, device: str = "auto",
