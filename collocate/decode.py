@@ -319,8 +319,8 @@ class Decoder:
             advance = torch.full((), ids.shape[0], device=self.device)
             h, ids, tree = h[-1:], ids[-1:], DraftTree(())
         # the compiling backend runs the rest of a step as one compiled graph, so inductor fuses its many small
-        # ops (accept rule, drafting, next feed) into a few kernels; a prompt runs it plain (no compile)
-        settle = self.settle_compiled if self.backend.compile_on and not prefill else self.settle
+        # ops (accept rule, drafting, next feed) into a few kernels (a prompt's: the same, on its last row)
+        settle = self.settle_compiled if self.backend.compile_on else self.settle
         s = settle(h, ids, plan, tree.tensors(self.device), plan.tree.tensors(self.device))
         if plan.sample:
             self.sampling.counter.add_(1)
@@ -574,6 +574,10 @@ class Decoder:
     def warm_up(self, plan: Plan, first: int, last: int) -> None:
         """Capture, before anything is timed, every width this plan uses at every attention length that
         steps writing up to slot `first`..`last` (exclusive ends) read."""
+        if (plan, "prompt") not in self.warmed:  # a prompt's pass compiles on first use; two lengths, so
+            for n in (3, 7):  # that the compile covers every length before anything is timed
+                self.backend.call(lambda: self.step(self.feed[:n], plan, None, self.attn_len(plan, n)))
+            self.warmed.add((plan, "prompt"))
         lo, hi = self.attn_len(plan, first), self.attn_len(plan, last)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
             for width in plan.widths:

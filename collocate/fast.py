@@ -16,8 +16,8 @@ no modeling file is copied. On CUDA that function is torch.compile'd once per st
 length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
 fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
 the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. Prefill
-runs the same function uncompiled, so no prompt length ever triggers a compile. bench/step_cost.py and
-bench/profile_step.py measure a step.
+runs the same function compiled once with symbolic shapes, so no new prompt length triggers a compile
+(the decoder's warm-up runs two short prompts). bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
@@ -163,15 +163,16 @@ def layer_weights(layer) -> LayerWeights:
 
 
 @functools.cache
-def compile_layer():
+def compile_layer(any_length: bool = False):
     """Every layer shares one compiled function, built on first use: weights are arguments, so only
-    the step width and the attention length recompile."""
+    the step width and the attention length recompile. any_length: one compile for every width and
+    attention length (symbolic shapes), for prompts, whose lengths are many."""
     import torch._dynamo
 
     # widths 1..k times attention lengths, times dtypes and models in one process, stay under dynamo's limits
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-    return torch.compile(decoder_layer, fullgraph=True, dynamic=False)
+    return torch.compile(decoder_layer, fullgraph=True, dynamic=any_length)
 
 
 @functools.cache
@@ -215,15 +216,17 @@ class StaticLM:
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
                 visible: torch.Tensor | None = None, attn_len: int | None = None,
-                compiled: bool = False) -> torch.Tensor:
+                compiled: bool = False, any_length: bool = False) -> torch.Tensor:
         """ids (m,) written to slots pos0..pos0+m-1 -> (m, d) final-norm hidden states.
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
         fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
         Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m.
-        compiled: the layers, and what comes before and after them, each through torch.compile."""
-        layer_fn = compile_layer() if compiled else decoder_layer
-        inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
+        compiled: the layers, and what comes before and after them, each through torch.compile, once per
+        width and attention length; with any_length (a prompt), only the layers, once for every length."""
+        layer_fn = compile_layer(any_length) if compiled else decoder_layer
+        fixed = compiled and not any_length
+        inputs, norm = (self.inputs_compiled, compile_norm()) if fixed else (self.inputs, rms_norm)
         x, slots, mask, cos, sin = inputs(ids, pos0, depths, visible, attn_len)
         for i, w in enumerate(self.layers):
             x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
@@ -276,6 +279,7 @@ class StaticBackend:
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
         # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
         self.compile_on = device.type == "cuda" if compile is None else compile
+        self.compile_prompts = self.compile_on  # a prompt's layers: one compile for every length
         self.graphs: dict = {}
 
     @property
@@ -307,13 +311,23 @@ class StaticBackend:
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None) -> torch.Tensor:
-        """A step's feed (tree given) runs the compiled layers; a prompt (tree None) the plain ones, so
-        no prompt length ever compiles anything."""
-        compiled = self.compile_on and tree is not None
-        if tree is None or tree.is_chain:
-            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=compiled)
+        """A step's feed (tree given) runs the layers compiled for its width; a prompt (tree None) the layers
+        compiled once for every length (plain, where that compile fails: a prompt's ~40 small ops a layer,
+        launched one by one, took 25 ms for Qwen2.5-1.5B on an H200)."""
+        if tree is None:
+            if self.compile_prompts:
+                try:
+                    return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=True, any_length=True)
+                except Exception as e:  # noqa: BLE001  (as in `call`)
+                    print(f"collocate: torch.compile of the prompt's layers failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); running them uncompiled", file=sys.stderr)
+                    self.compile_prompts = False
+            return self.lm.forward(ids, pos0, attn_len=attn_len)
+        if tree.is_chain:
+            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=self.compile_on)
         t = tree.tensors(ids.device)
-        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len, compiled=compiled)
+        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len,
+                               compiled=self.compile_on)
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Move the kept path's K/V to the slots after the root (a chain's path is in place already)."""
