@@ -56,6 +56,9 @@ class HFBackend:
 
         self.cache = DynamicCache(config=self.model.config)
 
+    def prompt_width(self, n_prompt: int) -> int:
+        return n_prompt  # the cache keeps every row fed: no padding
+
     def attn_len(self, end: int | None) -> None:
         return None  # attention reads what the cache holds
 

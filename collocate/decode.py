@@ -301,6 +301,9 @@ class Decoder:
         self.feed = torch.zeros(width, dtype=torch.long, device=self.device)  # the next step's tokens
         self.pos0 = torch.zeros((), dtype=torch.long, device=self.device)  # position of feed[0]
         self.n_fed = torch.zeros((), dtype=torch.long, device=self.device)  # draft rows of the feed (--exact)
+        # the prompt (then padding: the backend's prompt width), and its length
+        self.prompt = torch.zeros(backend.capacity, dtype=torch.long, device=self.device)
+        self.n_prompt = torch.zeros((), dtype=torch.long, device=self.device)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         long = dict(dtype=torch.long, device=self.device)
         self.warmed: set = set()  # (plan, width, attention length) steps run once already (warm_up)
@@ -311,13 +314,14 @@ class Decoder:
 
     # -- one step: tensor work only (the fast backend captures it) ----------------------------------
     def step(self, ids: torch.Tensor, plan: Plan, tree: DraftTree | None, attn_len: int | None = None) -> StepOut:
-        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt, all of it committed); attention
-        reads the first attn_len cache slots (the backend's choice, None: all)."""
+        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt of n_prompt tokens, all committed,
+        maybe then padding); attention reads the first attn_len cache slots (the backend's choice, None: all)."""
         h = self.backend.forward(ids, self.pos0, tree, attn_len)  # (m, d); K/V written at slots pos0..pos0+m-1
         prefill = tree is None
         if prefill:  # only the prompt's last row matters
-            advance = torch.full((), ids.shape[0], device=self.device)
-            h, ids, tree = h[-1:], ids[-1:], DraftTree(())
+            last = (self.n_prompt - 1).view(1)
+            advance = self.n_prompt
+            h, ids, tree = h.index_select(0, last), ids.index_select(0, last), DraftTree(())
         # the compiling backend runs the rest of a step as one compiled graph, so inductor fuses its many small
         # ops (accept rule, drafting, next feed) into a few kernels (a prompt's: the same, on its last row)
         settle = self.settle_compiled if self.backend.compile_on else self.settle
@@ -439,8 +443,25 @@ class Decoder:
         def step() -> Packed:
             return Packed.of(self.step(self.feed[: fed.n + 1], plan, fed, attn_len))
 
-        return self.backend.run((plan, fed.n + 1, attn_len), step, state=(self.feed, self.pos0, self.n_fed,
-                                                                          self.sampling.counter)).to_host()
+        return self.backend.run((plan, fed.n + 1, attn_len), step, state=self.state).to_host()
+
+    def run_prompt(self, prompt_ids: list[int], plan: Plan) -> Packed:
+        """The prompt's pass, fed as the backend's prompt width (the fast backend replays a graph per width)."""
+        n = len(prompt_ids)
+        width = self.backend.prompt_width(n)
+        self.prompt[:n].copy_(torch.tensor(prompt_ids))
+        self.n_prompt.fill_(n)
+        attn_len = self.attn_len(plan, width)
+
+        def step() -> Packed:
+            return Packed.of(self.step(self.prompt[:width], plan, None, attn_len))
+
+        return self.backend.run((plan, "prompt", width, attn_len), step, state=self.state).to_host()
+
+    @property
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """What a step updates in place."""
+        return self.feed, self.pos0, self.n_fed, self.sampling.counter
 
     # -- the loop ---------------------------------------------------------------------------------
     def plan(self, cfg: DecodeConfig) -> Plan:
@@ -487,14 +508,13 @@ class Decoder:
             raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {EXACT_WIDTH}-row steps "
                               f"in a context of {capacity}")
         if self.backend.captures:
-            self.warm_up(plan, n_prompt + 1, n_prompt + budget + max(plan.widths))
+            self.warm_up(plan, prompt_ids, n_prompt + budget + max(plan.widths))
         stats, out, proposals = DecodeStats(), [], []
         start = time.perf_counter()
         self.backend.reset()
         self.pos0.zero_()
         self.sampling.counter.zero_()
-        res = Packed.of(self.step(torch.tensor(prompt_ids, device=self.device), plan, None,
-                                  self.attn_len(plan, n_prompt))).read()
+        res = self.run_prompt(prompt_ids, plan).read()
         stats.prefill_seconds = time.perf_counter() - start
         fed = 0  # draft tokens fed in the step just read
         queued: deque[tuple[Packed, int]] = deque()  # steps run or running, not read yet, with their draft rows
@@ -571,14 +591,14 @@ class Decoder:
         slot, so no row's arithmetic depends on the context's length)."""
         return self.backend.attn_len(None if plan.exact else end)
 
-    def warm_up(self, plan: Plan, first: int, last: int) -> None:
-        """Capture, before anything is timed, every width this plan uses at every attention length that
-        steps writing up to slot `first`..`last` (exclusive ends) read."""
-        if (plan, "prompt") not in self.warmed:  # a prompt's pass compiles on first use; two lengths, so
-            for n in (3, 7):  # that the compile covers every length before anything is timed
-                self.backend.call(lambda: self.step(self.feed[:n], plan, None, self.attn_len(plan, n)))
-            self.warmed.add((plan, "prompt"))
-        lo, hi = self.attn_len(plan, first), self.attn_len(plan, last)
+    def warm_up(self, plan: Plan, prompt_ids: list[int], last: int) -> None:
+        """Capture, before anything is timed, this prompt's pass and every width this plan uses at every
+        attention length that steps writing up to slot len(prompt_ids) + 1..`last` (exclusive ends) read."""
+        width = self.backend.prompt_width(len(prompt_ids))
+        if (plan, "prompt", width) not in self.warmed:
+            self.run_prompt(prompt_ids, plan)
+            self.warmed.add((plan, "prompt", width))
+        lo, hi = self.attn_len(plan, len(prompt_ids) + 1), self.attn_len(plan, last)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
             for width in plan.widths:
                 if (plan, width, attn_len) not in self.warmed:

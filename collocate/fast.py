@@ -15,9 +15,10 @@ modules' weights (q/k/v and gate/up rebound as views of one fused matrix each) a
 no modeling file is copied. On CUDA that function is torch.compile'd once per step width and attention
 length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
 fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
-the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. Prefill
-runs the same function compiled once with symbolic shapes, so no new prompt length triggers a compile
-(the decoder's warm-up runs two short prompts). bench/step_cost.py and bench/profile_step.py measure a step.
+the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. A prompt
+is padded to one of a few widths (prompt_widths) and its pass is a graph too, through the same function
+compiled once with symbolic shapes, so no prompt length triggers a compile. bench/step_cost.py and
+bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
@@ -36,17 +37,24 @@ from .rules import Kept
 SUPPORTED = ("llama", "qwen2", "mistral")
 SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
 MIN_ATTN_LEN = 256  # the shortest attention length a step reads (attn_lens gives the longer ones)
+MIN_PROMPT_WIDTH = 64  # the fewest rows a prompt's pass feeds (prompt_widths gives the wider ones)
+
+
+def lengths(first: int, last: int) -> tuple[int, ...]:
+    """first, then each at most 1.5x the one before (256, 384, 512, 768, 1024, 1536, ...), below `last`,
+    and `last` itself: a few sizes, each within half again of any size it covers."""
+    out, n = [], first
+    while n < last:
+        out.append(n)
+        n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3  # 256 -> 384 -> 512 -> 768 -> 1024 ...
+    return (*out, last)
 
 
 def attn_lens(n_slots: int) -> tuple[int, ...]:
-    """The attention lengths a step may read: 256, 384, 512, 768, 1024, 1536, ... (multiples of 128, each
-    at most 1.5x the one before), and the whole cache last. One compile and one graph per length and width;
-    reading at most half again the slots in use keeps attention's cost close to the context's."""
-    lens, n = [], MIN_ATTN_LEN
-    while n < n_slots:
-        lens.append(n)
-        n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3  # 256 -> 384 -> 512 -> 768 -> 1024 ...
-    return (*lens, n_slots)
+    """The attention lengths a step may read: 256, 384, 512, ... and the whole cache last. One compile and
+    one graph per length and width; reading at most half again the slots in use keeps attention's cost
+    close to the context's."""
+    return lengths(MIN_ATTN_LEN, n_slots)
 
 
 def shortest_covering(lens: tuple[int, ...], end: int | None) -> int:
@@ -274,6 +282,10 @@ class StaticBackend:
         self.capacity = min(self.model_context, max_len)
         self.lm = StaticLM(model, self.capacity)
         self.attn_lens = attn_lens(self.lm.k_cache.shape[3])
+        # a prompt is padded to one of a few widths, each a graph: its pass launched op by op (hundreds of
+        # small kernels) costs more than its arithmetic. Rows past the prompt write slots that the next
+        # steps overwrite before anything reads them, and no row before them sees them.
+        self.prompt_widths = lengths(MIN_PROMPT_WIDTH, self.capacity)
         device = self.lm.k_cache.device
         self.graphs_on = device.type == "cuda" if graphs is None else graphs
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
@@ -303,6 +315,10 @@ class StaticBackend:
     def reset(self) -> None:
         pass  # the position restarts at 0; later writes overwrite the old slots
 
+    def prompt_width(self, n_prompt: int) -> int:
+        """The rows a prompt of n_prompt tokens is fed as (the prompt, then padding)."""
+        return shortest_covering(self.prompt_widths, n_prompt)
+
     def attn_len(self, end: int | None) -> int:
         """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the
         shortest of attn_lens that covers them; None: every slot (--exact, so no row's arithmetic
@@ -312,8 +328,7 @@ class StaticBackend:
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None) -> torch.Tensor:
         """A step's feed (tree given) runs the layers compiled for its width; a prompt (tree None) the layers
-        compiled once for every length (plain, where that compile fails: a prompt's ~40 small ops a layer,
-        launched one by one, took 25 ms for Qwen2.5-1.5B on an H200)."""
+        compiled once for every width (plain, where that compile fails)."""
         if tree is None:
             if self.compile_prompts:
                 try:

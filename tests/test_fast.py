@@ -260,3 +260,25 @@ def test_steps_queued_ahead_give_the_serial_loops_tokens_and_counts(engine):
             finishes.add((a.finish_reason, len(p) + len(a.tokens) == 256))
     assert any(w for one_width, w in wasted if one_width) and not any(w for one_width, w in wasted if not one_width)
     assert finishes == {("eos", False), ("length", False), ("length", True)}
+
+
+def test_a_prompt_is_fed_padded_to_one_of_a_few_widths(llama):
+    """The fast backend feeds a prompt as the shortest of a few widths that holds it (one graph each on
+    CUDA); the rows past the prompt change nothing: the eager decoder's tokens, for prompts of many lengths
+    up to the context's edge, in ar and in a tree's verify."""
+    bundle = with_rank_probs(bundle_for(llama, seed=3))
+    ref, dec = eager(llama, bundle), fast(llama, bundle, max_len=250)
+    assert dec.backend.prompt_widths == (64, 96, 128, 192, 250)
+    fed, forward = [], dec.backend.forward
+
+    def spy(ids, pos0, tree, attn_len=None):
+        if tree is None:
+            fed.append(ids.shape[0])
+        return forward(ids, pos0, tree, attn_len)
+
+    dec.backend.forward = spy
+    base = prompts(1, seed=4)[0] * 250
+    for n, width in ((1, 64), (64, 64), (65, 96), (130, 192), (240, 250)):
+        for cfg in (DecodeConfig(mode="ar", max_new_tokens=8), DecodeConfig(mode="verify", max_new_tokens=8, tree_size=20)):
+            a, b = ref.generate(base[:n], cfg), dec.generate(base[:n], cfg)
+            assert b.tokens == a.tokens and same_stats(a, b) and fed[-1] == width
