@@ -323,8 +323,8 @@ class Decoder:
             advance = self.n_prompt
             h, ids, tree = h.index_select(0, last), ids.index_select(0, last), DraftTree(())
         # the compiling backend runs the rest of a step as one compiled graph, so inductor fuses its many small
-        # ops (accept rule, drafting, next feed) into a few kernels (a prompt's: the same, on its last row)
-        settle = self.settle_compiled if self.backend.compile_on else self.settle
+        # ops (accept rule, drafting, next feed) into a few kernels; a prompt's, once per answer, runs plain
+        settle = self.settle_compiled if self.backend.compile_on and not prefill else self.settle
         s = settle(h, ids, plan, tree.tensors(self.device), plan.tree.tensors(self.device))
         if plan.sample:
             self.sampling.counter.add_(1)

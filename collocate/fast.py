@@ -16,9 +16,8 @@ no modeling file is copied. On CUDA that function is torch.compile'd once per st
 length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
 fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
 the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. A prompt
-is padded to one of a few widths (prompt_widths) and its pass is a graph too, through the same function
-compiled once with symbolic shapes, so no prompt length triggers a compile. bench/step_cost.py and
-bench/profile_step.py measure a step.
+is padded to one of a few widths (prompt_widths), so its pass is a graph too and compiles once per width,
+not per prompt length. bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
@@ -171,16 +170,15 @@ def layer_weights(layer) -> LayerWeights:
 
 
 @functools.cache
-def compile_layer(any_length: bool = False):
+def compile_layer():
     """Every layer shares one compiled function, built on first use: weights are arguments, so only
-    the step width and the attention length recompile. any_length: one compile for every width and
-    attention length (symbolic shapes), for prompts, whose lengths are many."""
+    the step width and the attention length recompile."""
     import torch._dynamo
 
     # widths 1..k times attention lengths, times dtypes and models in one process, stay under dynamo's limits
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-    return torch.compile(decoder_layer, fullgraph=True, dynamic=any_length)
+    return torch.compile(decoder_layer, fullgraph=True, dynamic=False)
 
 
 @functools.cache
@@ -224,17 +222,15 @@ class StaticLM:
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
                 visible: torch.Tensor | None = None, attn_len: int | None = None,
-                compiled: bool = False, any_length: bool = False) -> torch.Tensor:
+                compiled: bool = False) -> torch.Tensor:
         """ids (m,) written to slots pos0..pos0+m-1 -> (m, d) final-norm hidden states.
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
         fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
         Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m.
-        compiled: the layers, and what comes before and after them, each through torch.compile, once per
-        width and attention length; with any_length (a prompt), only the layers, once for every length."""
-        layer_fn = compile_layer(any_length) if compiled else decoder_layer
-        fixed = compiled and not any_length
-        inputs, norm = (self.inputs_compiled, compile_norm()) if fixed else (self.inputs, rms_norm)
+        compiled: the layers, and what comes before and after them, each through torch.compile."""
+        layer_fn = compile_layer() if compiled else decoder_layer
+        inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
         x, slots, mask, cos, sin = inputs(ids, pos0, depths, visible, attn_len)
         for i, w in enumerate(self.layers):
             x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
@@ -291,7 +287,6 @@ class StaticBackend:
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
         # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
         self.compile_on = device.type == "cuda" if compile is None else compile
-        self.compile_prompts = self.compile_on  # a prompt's layers: one compile for every length
         self.graphs: dict = {}
 
     @property
@@ -327,18 +322,9 @@ class StaticBackend:
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None) -> torch.Tensor:
-        """A step's feed (tree given) runs the layers compiled for its width; a prompt (tree None) the layers
-        compiled once for every width (plain, where that compile fails)."""
-        if tree is None:
-            if self.compile_prompts:
-                try:
-                    return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=True, any_length=True)
-                except Exception as e:  # noqa: BLE001  (as in `call`)
-                    print(f"collocate: torch.compile of the prompt's layers failed ({type(e).__name__}: "
-                          f"{str(e)[:300]}); running them uncompiled", file=sys.stderr)
-                    self.compile_prompts = False
-            return self.lm.forward(ids, pos0, attn_len=attn_len)
-        if tree.is_chain:
+        """A step's feed or a prompt (tree None, padded to one of prompt_widths) through the layers compiled
+        for its width and attention length."""
+        if tree is None or tree.is_chain:
             return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=self.compile_on)
         t = tree.tensors(ids.device)
         return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len,

@@ -84,9 +84,9 @@ def test_fused_projections_leave_the_hf_model_unchanged_and_are_reused(qwen):
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")
 def test_compiled_steps_give_the_same_tokens(qwen):
     """The GPU path's torch.compile (the layers, the forward's inputs and final norm, and the step's whole
-    tail: accept rule, token-conditioned drafting of a tree, next feed; a prompt's layers, once for every
-    length), run by inductor's CPU backend: the eager reference's tokens and stats, with no graph break,
-    and a prompt of a new length compiles nothing."""
+    tail: accept rule, token-conditioned drafting of a tree, next feed), run by inductor's CPU backend: the
+    eager reference's tokens and stats, with no graph break, and a prompt of another length that pads to
+    the same width compiles nothing."""
     from torch._dynamo.utils import counters
     from test_tokenheads import tc_bundle
 
@@ -97,8 +97,8 @@ def test_compiled_steps_give_the_same_tokens(qwen):
     p = prompts(1, seed=5)[0]
     a, b = ref.generate(p, cfg), dec.generate(p, cfg)
     assert b.tokens == a.tokens and same_stats(a, b) and b.proposals == a.proposals
-    assert dec.backend.compile_on and dec.backend.compile_prompts  # it compiled, and did not fall back
-    assert counters["stats"]["unique_graphs"] >= 5 and not counters["graph_break"]  # layers x2, inputs, norm, tail
+    assert dec.backend.compile_on  # it compiled, and did not fall back
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]  # layer, inputs, norm, tail
     graphs, q = counters["stats"]["unique_graphs"], (p * 4)[:len(p) + 5]
     a, b = ref.generate(q, cfg), dec.generate(q, cfg)
     assert b.tokens == a.tokens and same_stats(a, b) and counters["stats"]["unique_graphs"] == graphs

@@ -245,7 +245,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, smol):
     from collocate.bench import BenchConfig, run_bench
 
     out = tmp_path / "bench"
-    modes = ("ar", "clp", "clp-hidden@argmax", "gate", "compete", "verify", "hf")
+    modes = ("ar", "clp", "clp-hidden@argmax", "verify", "hf")
     run_bench(BenchConfig(suites=("gsm8k", "humaneval"), modes=modes, n=1, max_new_tokens=12, out=str(out)))
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["summary"]) == set(modes)
