@@ -278,12 +278,13 @@ class StaticBackend:
         self.capacity = min(self.model_context, max_len)
         self.lm = StaticLM(model, self.capacity)
         self.attn_lens = attn_lens(self.lm.k_cache.shape[3])
-        # a prompt is padded to one of a few widths, each a graph: its pass launched op by op (hundreds of
-        # small kernels) costs more than its arithmetic. Rows past the prompt write slots that the next
-        # steps overwrite before anything reads them, and no row before them sees them.
         self.prompt_widths = lengths(MIN_PROMPT_WIDTH, self.capacity)
         device = self.lm.k_cache.device
         self.graphs_on = device.type == "cuda" if graphs is None else graphs
+        # with graphs a prompt is padded to one of a few widths, each a graph: its pass launched op by op
+        # (hundreds of small kernels) costs more than its arithmetic. Rows past the prompt write slots that
+        # the next steps overwrite before anything reads them, and no row before them sees them.
+        self.pad_prompts = self.graphs_on
         # torch.compile fuses each layer's small ops (norms, rotary, cache writes, SiLU) into a few
         # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
         self.compile_on = device.type == "cuda" if compile is None else compile
@@ -311,8 +312,8 @@ class StaticBackend:
         pass  # the position restarts at 0; later writes overwrite the old slots
 
     def prompt_width(self, n_prompt: int) -> int:
-        """The rows a prompt of n_prompt tokens is fed as (the prompt, then padding)."""
-        return shortest_covering(self.prompt_widths, n_prompt)
+        """The rows a prompt of n_prompt tokens is fed as (the prompt, then any padding)."""
+        return shortest_covering(self.prompt_widths, n_prompt) if self.pad_prompts else n_prompt
 
     def attn_len(self, end: int | None) -> int:
         """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the

@@ -85,13 +85,14 @@ def test_fused_projections_leave_the_hf_model_unchanged_and_are_reused(qwen):
 def test_compiled_steps_give_the_same_tokens(qwen):
     """The GPU path's torch.compile (the layers, the forward's inputs and final norm, and the step's whole
     tail: accept rule, token-conditioned drafting of a tree, next feed), run by inductor's CPU backend: the
-    eager reference's tokens and stats, with no graph break, and a prompt of another length that pads to
-    the same width compiles nothing."""
+    eager reference's tokens and stats, with no graph break, and a prompt padded to the width of an earlier
+    one compiles nothing."""
     from torch._dynamo.utils import counters
     from test_tokenheads import tc_bundle
 
     bundle = tc_bundle(qwen, "tc-shared", vocab=50)
     ref, dec = eager(qwen, bundle), fast(qwen, bundle, compile=True)
+    dec.backend.pad_prompts = True  # as with graphs
     counters.clear()
     cfg = DecodeConfig(mode="verify", max_new_tokens=12, tree_size=12)  # (ar's step is a subset of this one's)
     p = prompts(1, seed=5)[0]
@@ -246,9 +247,8 @@ def test_steps_queued_ahead_give_the_serial_loops_tokens_and_counts(engine):
     ahead.backend.forward = count
     wasted, finishes = [], set()
     long_prompt = (prompts(1, seed=2)[0] * 240)[:240]
-    for kw in (dict(mode="ar"), dict(mode="verify"), dict(mode="verify", tree_size=20), dict(mode="verify", candidates=3),
-               dict(mode="verify", adaptive=True), dict(mode="clp", threshold=0.5),
-               dict(mode="verify", temperature=0.8, seed=5, tree_size=20)):
+    for kw in (dict(mode="ar"), dict(mode="verify", tree_size=20), dict(mode="verify", candidates=3),
+               dict(mode="verify", adaptive=True), dict(mode="verify", temperature=0.8, seed=5, tree_size=20)):
         for p in prompts(4, seed=13) + [long_prompt]:
             cfg = DecodeConfig(max_new_tokens=30, **kw)
             calls[0] = 0
@@ -263,12 +263,13 @@ def test_steps_queued_ahead_give_the_serial_loops_tokens_and_counts(engine):
 
 
 def test_a_prompt_is_fed_padded_to_one_of_a_few_widths(llama):
-    """The fast backend feeds a prompt as the shortest of a few widths that holds it (one graph each on
-    CUDA); the rows past the prompt change nothing: the eager decoder's tokens, for prompts of many lengths
-    up to the context's edge, in ar and in a tree's verify."""
+    """With graphs (on CUDA) the fast backend feeds a prompt as the shortest of a few widths that holds it,
+    one graph each; the rows past the prompt change nothing: the eager decoder's tokens, for prompts of
+    many lengths up to the context's edge, in ar and in a tree's verify."""
     bundle = with_rank_probs(bundle_for(llama, seed=3))
     ref, dec = eager(llama, bundle), fast(llama, bundle, max_len=250)
-    assert dec.backend.prompt_widths == (64, 96, 128, 192, 250)
+    assert dec.backend.prompt_widths == (64, 96, 128, 192, 250) and not dec.backend.pad_prompts  # (no graphs)
+    dec.backend.pad_prompts = True
     fed, forward = [], dec.backend.forward
 
     def spy(ids, pos0, tree, attn_len=None):
