@@ -77,8 +77,8 @@ def main() -> int:
             # the reference reads every step before the next (overlap off); the fast backend queues ar's and
             # verify's next step ahead, as it runs by default on CUDA (on a CPU dry run, forced on)
             eager = build_decoder(model, bundle=bundle, engine="eager", eos_token_ids=[2], overlap=False)
-            fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256, compile=compile_on,
-                                 overlap=True)
+            fast = build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[2], max_len=256,
+                                 compile=compile_on, overlap=True)
             name = f"{make.__name__} {drafter}"
             bad += compare(name, eager, fast, prompts, configs)
             print(f"{name}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")

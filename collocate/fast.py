@@ -323,13 +323,14 @@ class StaticBackend:
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None) -> torch.Tensor:
-        """A step's feed or a prompt (tree None, padded to one of prompt_widths) through the layers compiled
-        for its width and attention length."""
+        """A step's feed (tree given) or a padded prompt (tree None) through the layers compiled for its
+        width and attention length; a prompt fed as it is, through the plain ones, so that no prompt length
+        compiles anything."""
+        compiled = self.compile_on and (tree is not None or self.pad_prompts)
         if tree is None or tree.is_chain:
-            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=self.compile_on)
+            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=compiled)
         t = tree.tensors(ids.device)
-        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len,
-                               compiled=self.compile_on)
+        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len, compiled=compiled)
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Move the kept path's K/V to the slots after the root (a chain's path is in place already)."""

@@ -280,6 +280,7 @@ def test_a_prompt_is_fed_padded_to_one_of_a_few_widths(llama):
     dec.backend.forward = spy
     base = prompts(1, seed=4)[0] * 250
     for n, width in ((1, 64), (64, 64), (65, 96), (130, 192), (240, 250)):
-        for cfg in (DecodeConfig(mode="ar", max_new_tokens=8), DecodeConfig(mode="verify", max_new_tokens=8, tree_size=20)):
+        for cfg in (DecodeConfig(mode="ar", max_new_tokens=8),
+                    DecodeConfig(mode="verify", max_new_tokens=8, tree_size=20)):
             a, b = ref.generate(base[:n], cfg), dec.generate(base[:n], cfg)
             assert b.tokens == a.tokens and same_stats(a, b) and fed[-1] == width
