@@ -13,8 +13,8 @@ A step feeds the root (the backbone's newest token) and a draft after it, and th
   3. has the drafter propose the next draft from that row's heads, and the mode's rule say how many of
      its tokens to feed (verify: all, or CLP's count with --adaptive) or to emit unchecked (clp, gate,
      compete).
-The host reads one small StepResult a step and keeps the books: budget, EOS, stop strings, stats,
-streaming. Backends (backend.HFBackend, fast.StaticBackend) only run the forward and keep or drop
+The host reads one small StepResult a step (ar and plain verify: while the next step runs, `overlap`)
+and keeps the books: budget, EOS, stop strings, stats, streaming. Backends (backend.HFBackend, fast.StaticBackend) only run the forward and keep or drop
 what it wrote.
 """
 from __future__ import annotations
