@@ -123,8 +123,8 @@ def test_ar_equals_hf_generate_on_embedded_model(smol, eval_prompts):
     model, tok = smol
     dec = build_decoder(model, tok)
     for p in eval_prompts[::17]:  # one prompt of each suite
-        ours = dec.generate(p.ids, DecodeConfig(max_new_tokens=40)).tokens
-        ref = model.generate(torch.tensor([p.ids]), max_new_tokens=40, do_sample=False,
+        ours = dec.generate(p.ids, DecodeConfig(max_new_tokens=32)).tokens
+        ref = model.generate(torch.tensor([p.ids]), max_new_tokens=32, do_sample=False,
                              eos_token_id=sorted(dec.eos), pad_token_id=tok.pad_token_id or 0)
         assert ours == ref[0, len(p.ids):].tolist()
 
