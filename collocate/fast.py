@@ -15,9 +15,10 @@ modules' weights (q/k/v and gate/up rebound as views of one fused matrix each) a
 no modeling file is copied. On CUDA that function is torch.compile'd once per step width and attention
 length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
 fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
-the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. A prompt
-is padded to one of a few widths (prompt_widths), so its pass is a graph too and compiles once per width,
-not per prompt length. bench/step_cost.py and bench/profile_step.py measure a step.
+the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. With
+graphs a prompt is padded to one of a few widths (prompt_widths), so its pass is a graph too and compiles
+once per width; without them it runs the plain layers, so no prompt length compiles anything.
+bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
 
