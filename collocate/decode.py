@@ -532,7 +532,7 @@ class Decoder:
                 break  # (a step queued ahead has run for nothing)
             if not queued:
                 width = res.next_width
-                if plan.verify and not plan.exact and n_prompt + len(out) + width - 1 > capacity:
+                if not self.draft_fits(plan, n_prompt + len(out), width):
                     width = 1  # near the end of the context there is no room for a draft
                 queued.append((self.run_step(width, plan, self.step_end(plan, n_prompt + len(out), width)), width - 1))
             if self.overlap and len(queued) == 1:
@@ -548,6 +548,11 @@ class Decoder:
             text = cut_at_stop(text, cfg.stop)
         return DecodeResult(out, text, stats, finish, proposals)
 
+    def draft_fits(self, plan: Plan, context: int, width: int) -> bool:
+        """Whether a step of this width fits after `context` tokens (verify writes its draft past them;
+        --exact's budget leaves room for its rows already)."""
+        return not (plan.verify and not plan.exact) or context + width - 1 <= self.backend.capacity
+
     def step_end(self, plan: Plan, context: int, width: int) -> int:
         """The end of the slots a step writes when `context` tokens are in: its feed starts at the last of
         them (verify) or ends there (the rest emit what they feed)."""
@@ -562,7 +567,7 @@ class Decoder:
         if width is None or n_out + len(queued) >= budget:
             return
         context = n_prompt + min(n_out + len(queued) * plan.most_emitted, budget - 1)
-        if plan.verify and not plan.exact and context + width - 1 > self.backend.capacity:
+        if not self.draft_fits(plan, context, width):
             return
         queued.append((self.run_step(width, plan, self.step_end(plan, context, width)), width - 1))
 
