@@ -185,6 +185,22 @@ class TreeTensors:
     earlier: torch.Tensor  # (n, n) bool: node j is an earlier sibling of node i (sampling tries them in order)
 
 
+def top_indices(logits: torch.Tensor, top: int, chunks: int = 64) -> torch.Tensor:
+    """(r, V) -> (r, top): where each row's `top` largest logits are, largest first, in two rounds where V
+    splits into `chunks` equal pieces: each piece's `top`, then the `top` of those, the same set as one
+    top-k over the row (ties aside). Why: on CUDA a top-k over a long row with few rows is a multi-block
+    select of about 15 small kernels; over pieces of a few thousand it is one kernel a round, and a tree
+    step takes one per drafting depth."""
+    r, v = logits.shape
+    while chunks > 1 and v % chunks:
+        chunks //= 2
+    if chunks == 1 or top > v // chunks:
+        return logits.topk(top, dim=-1).indices
+    piece = logits.view(r, chunks, v // chunks).topk(top, dim=-1, sorted=False)  # (r, chunks, top)
+    best = piece.values.view(r, -1).topk(top, dim=-1).indices  # (r, top), into chunks * top
+    return piece.indices.view(r, -1).gather(1, best) + best.div(top, rounding_mode="floor") * (v // chunks)
+
+
 class Draft(NamedTuple):
     tokens: torch.Tensor  # (tree.n,) a token per node
     chain_logits: torch.Tensor | None  # (k-1, V) the argmax chain's logits per offset, when the drafter has them
@@ -211,7 +227,7 @@ class HeadDrafter:
         """(k-1, V) logits of heads +2..+k from the root's row -> a token per node of the tree t."""
         if t.top == 1:  # argmaxes only: no top-k needed
             return Draft(pick(head_logits)[t.depths[1:] - 1], head_logits)
-        guesses = head_logits.topk(t.top, dim=-1).indices  # (k-1, R)
+        guesses = top_indices(head_logits, t.top)  # (k-1, R)
         return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
 
 
@@ -261,5 +277,5 @@ class TokenDrafter(HeadDrafter):
         s = self.heads.update(before, self.embed(tokens), depth).to(before.dtype)
         logits = self.lm_head(s)
         # a level of argmaxes (a chain) needs no top-k over the vocabulary
-        best = logits.argmax(-1, keepdim=True) if top == 1 else logits.topk(top, dim=-1).indices
+        best = logits.argmax(-1, keepdim=True) if top == 1 else top_indices(logits, top)
         return s, logits, best

@@ -6,7 +6,7 @@ import torch
 
 from collocate.bundle import BundleError, MTPBundle
 from collocate.decode import EXACT_WIDTH, DecodeConfig, DecodeError
-from collocate.draft import DraftTree, TokenDrafter
+from collocate.draft import DraftTree, TokenDrafter, top_indices
 from collocate.heads import TokenHeads
 from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
 from test_decode import eager, prompts
@@ -48,6 +48,17 @@ def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
     rows = rank_paths(tree)
     for i, path in enumerate(rows):
         assert int(draft.tokens[i]) == walk(bundle, model, h, root, path), (i, path)
+
+
+@pytest.mark.parametrize("v", [32768, 151936, 50, 7])
+def test_top_k_in_two_rounds_is_one_top_k(v):
+    """The drafter's top-k in two rounds (each piece's top, then the top of those) gives torch.topk's
+    indices in torch.topk's order: a 32K draft vocabulary, Qwen's whole one, a tiny one, one that does not split."""
+    torch.manual_seed(v)
+    logits = torch.randn(11, v)
+    for top in (1, 2, 6, 10):
+        if top <= v:
+            assert torch.equal(top_indices(logits, top), logits.topk(top, dim=-1).indices), top
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
