@@ -3,7 +3,8 @@ step, then each tree's mean over its runs.
 
     python bench/ab_table.py bench/results/gpu-2026-11-29c qwen2.5-coder-1.5b old new old2 new2 old3 new3 old4
 
-Runs are folders ab-<tree><n>-MODEL (ab-old-…, ab-new2-…), listed in the order they ran (default: by name).
+Runs are folders ab-<tree><n>-NAME (ab-old-…, ab-new2-…; NAME: the model, or the bundle session.sh ab was given),
+listed in the order they ran (default: by name); the modes are those the runs benched.
 """
 import json
 import re
@@ -21,7 +22,7 @@ def row(doc: dict, mode: str) -> dict:
 
 def main(folder: str, model: str, *order: str) -> None:
     runs = [Path(folder) / f"ab-{r}-{model}" for r in order] or sorted(Path(folder).glob(f"ab-*-{model}"))
-    modes = ["ar", "verify", "verify-c5"]
+    modes = list(json.loads((runs[0] / "results.json").read_text())["summary"])  # as the bench ran them, ar first
     print(f"# {model}: A/B of two trees on one GPU, one bundle\n")
     print("| run | " + " | ".join(f"{m} tok/s | {m} ms/step" + (f" | {m} speedup" if m != "ar" else "") for m in modes) + " |")
     print("|---" * (1 + 3 * len(modes) - 1) + "|")
@@ -37,10 +38,10 @@ def main(folder: str, model: str, *order: str) -> None:
     print("\nMean over each tree's runs:\n")
     for tree, cells in by_tree.items():
         mean = lambda m, k: statistics.mean(c[m][k] for c in cells)  # noqa: E731
+        others = ", ".join(f"{m} {mean(m, 'speedup'):.2f}x ({mean(m, 'ms_step'):.3f} ms/step, tau {mean(m, 'tau'):.2f})"
+                           for m in modes if m != "ar")
         print(f"- {tree} ({len(cells)} runs): ar {mean('ar', 'tok_s'):.1f} tok/s ({mean('ar', 'ms_step'):.3f} ms/step), "
-              f"verify {mean('verify', 'speedup'):.2f}x ({mean('verify', 'ms_step'):.3f} ms/step, tau "
-              f"{mean('verify', 'tau'):.2f}), verify-c5 {mean('verify-c5', 'speedup'):.2f}x "
-              f"({mean('verify-c5', 'ms_step'):.3f} ms/step, tau {mean('verify-c5', 'tau'):.2f})")
+              + others)
 
 
 if __name__ == "__main__":

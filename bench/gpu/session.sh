@@ -100,14 +100,16 @@ case ${1:?step} in
     bench_model "${2:?model name}" ;;
   hf)  # hf MODEL
     hf_rows "${2:?model name}" ;;
-  ab)  # ab MODEL OLD: ar, verify and verify-c5 with the k=4 bundle from OLD (an earlier collocate/ tree, e.g.
-    # `git archive REV collocate`), then from this tree, then OLD again: the same bundle, prompts and GPU
-    q=${2:?model name} old=${3:?old tree}
-    common=(--model "$W/models/$q" --heads "$W/runs/$q-k4" --device "$DEVICE" --suite mtbench,gsm8k,humaneval
-            --max-new-tokens "$NEW" --n "$BENCH_N" --modes ar,verify,verify-c5)
-    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old-$q")
-    cli bench "${common[@]}" --out "$R/ab-new-$q"
-    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old2-$q") ;;
+  ab)  # ab MODEL OLD [RUN MODES]: RUN's MODES (default: the k=4 bundle; ar, verify, verify-c5) from OLD (an
+    # earlier collocate/ tree, e.g. `git archive REV collocate`), then from this tree, then OLD again: the same
+    # bundle, prompts and GPU -> results/ab-{old,new,old2}-RUN (without RUN: -MODEL)
+    q=${2:?model name} old=${3:?old tree} run=${4:-} modes=${5:-ar,verify,verify-c5}
+    common=(--model "$W/models/$q" --heads "$W/runs/${run:-$q-k4}" --device "$DEVICE" --suite mtbench,gsm8k,humaneval
+            --max-new-tokens "$NEW" --n "$BENCH_N" --modes "$modes")
+    tag=${run:-$q}
+    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old-$tag")
+    cli bench "${common[@]}" --out "$R/ab-new-$tag"
+    (cd "$old" && PYTHONPATH=$old:/tmp/site python3 -m collocate.cli bench "${common[@]}" --out "$R/ab-old2-$tag") ;;
   train)  # train MODEL NAME BASE FLAGS...: a bundle at runs/NAME from the answers and features of run BASE
     # (hard links; "-": its own), e.g. other drafters or fewer answers (--train-samples) on the very same data
     q=${2:?model} name=${3:?run name} base=${4:?base run or -}
