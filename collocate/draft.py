@@ -196,7 +196,7 @@ def top_indices(logits: torch.Tensor, top: int, chunks: int = 64) -> torch.Tenso
         chunks //= 2
     if chunks == 1 or top > v // chunks:
         return logits.topk(top, dim=-1).indices
-    piece = logits.view(r, chunks, v // chunks).topk(top, dim=-1, sorted=False)  # (r, chunks, top)
+    piece = logits.reshape(r, chunks, v // chunks).topk(top, dim=-1, sorted=False)  # (r, chunks, top)
     best = piece.values.view(r, -1).topk(top, dim=-1).indices  # (r, top), into chunks * top
     return piece.indices.view(r, -1).gather(1, best) + best.div(top, rounding_mode="floor") * (v // chunks)
 
