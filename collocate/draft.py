@@ -189,8 +189,8 @@ def top_indices(logits: torch.Tensor, top: int, chunks: int = 64) -> torch.Tenso
     """(r, V) -> (r, top): where each row's `top` largest logits are, largest first, in two rounds where V
     splits into `chunks` equal pieces: each piece's `top`, then the `top` of those, the same set as one
     top-k over the row (ties aside). Why: on CUDA a top-k over a long row with few rows is a multi-block
-    select of about 15 small kernels; over pieces of a few thousand it is one kernel a round, and a tree
-    step takes one per drafting depth."""
+    select of about 15 small kernels; over pieces of at most a few thousand it is one kernel a round, and
+    a tree step takes one per drafting depth."""
     r, v = logits.shape
     while chunks > 1 and v % chunks:
         chunks //= 2
