@@ -190,7 +190,9 @@ def top_indices(logits: torch.Tensor, top: int, chunks: int = 64) -> torch.Tenso
     splits into `chunks` equal pieces: each piece's `top`, then the `top` of those, the same set as one
     top-k over the row (ties aside). Why: on CUDA a top-k over a long row with few rows is a multi-block
     select of about 15 small kernels; over pieces of at most a few thousand it is one kernel a round, and
-    a tree step takes one per drafting depth."""
+    a tree step takes one per drafting depth. top 1 (a chain's level) is the argmax: no top-k at all."""
+    if top == 1:
+        return pick(logits)[:, None]
     r, v = logits.shape
     while chunks > 1 and v % chunks:
         chunks //= 2
@@ -225,8 +227,6 @@ class HeadDrafter:
 
     def propose(self, t: TreeTensors, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
         """(k-1, V) logits of heads +2..+k from the root's row -> a token per node of the tree t."""
-        if t.top == 1:  # argmaxes only: no top-k needed
-            return Draft(pick(head_logits)[t.depths[1:] - 1], head_logits)
         guesses = top_indices(head_logits, t.top)  # (k-1, R)
         return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
 
@@ -276,6 +276,4 @@ class TokenDrafter(HeadDrafter):
         logits (r, V') and each row's `top` guesses (r, top), as positions in V'."""
         s = self.heads.update(before, self.embed(tokens), depth).to(before.dtype)
         logits = self.lm_head(s)
-        # a level of argmaxes (a chain) needs no top-k over the vocabulary
-        best = logits.argmax(-1, keepdim=True) if top == 1 else top_indices(logits, top)
-        return s, logits, best
+        return s, logits, top_indices(logits, top)
