@@ -1,11 +1,11 @@
 """The whole decode loop's speed on a random-weight Qwen2.5 shape: ar tok/s and ms per step for ar and
-verify, host loop included, for comparing two trees (run it with PYTHONPATH at each).
+verify, host loop included, for comparing two trees (run it with PYTHONPATH at each; both must have
+collocate.engine.build_decoder, as every tree since the one decode loop has).
 
     python bench/loop_cost.py --shape 1.5b --out loop_new.json
     (cd OLD/bench && PYTHONPATH=OLD python ../../bench/loop_cost.py --shape 1.5b --out loop_old.json)
 
-Random weights give honest step timings; no EOS is set, so every answer is --new tokens long. A tree
-from before the one decode loop (FastDecoder) is driven through its own API.
+Random weights give honest step timings; no EOS is set, so every answer is --new tokens long.
 """
 import argparse
 import json
@@ -15,18 +15,9 @@ import torch
 
 from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig
+from collocate.engine import build_decoder
 
 from step_cost import build
-
-
-def decoder(model, bundle):
-    try:
-        from collocate.engine import build_decoder
-    except ImportError:  # the engine before the one loop
-        from collocate.fast import FastDecoder
-
-        return FastDecoder(model, None, bundle, eos_token_ids=[])
-    return build_decoder(model, None, bundle, engine="fast", eos_token_ids=[])
 
 
 def main():
@@ -38,7 +29,8 @@ def main():
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape)
-    dec = decoder(model, MTPBundle.for_backbone(model, k=4, base_model="random weights"))
+    dec = build_decoder(model, None, MTPBundle.for_backbone(model, k=4, base_model="random weights"), engine="fast",
+                        eos_token_ids=[])
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(32, 400, (args.prompts,), generator=g)]

@@ -60,11 +60,11 @@ def mode_step(model, args):
     drafter, vocab, k, cfg, m = MODE_STEPS[args.mode]
     dec = build_decoder(model, bundle=random_bundle(model, drafter, vocab, k), engine="fast", max_len=2048,
                         graphs=False)
-    plan = dec.plan(cfg)
+    rule, run = dec.rule_for(cfg), dec.runner
 
     def step():
-        dec.pos0.fill_(args.context)
-        return dec.run_step(m, plan, None if args.all_slots else args.context + m).read()
+        run.pos0.fill_(args.context)
+        return run.run_step(m, rule, None if args.all_slots else args.context + m).read()
     return step
 
 

@@ -32,12 +32,9 @@ def percentile(xs: list[float], q: float) -> float:
 
 def request_fields(spec: str) -> dict:
     """A bench mode name (verify, verify-t32, clp@0.9, ...) as the server's extra body fields."""
-    from collocate.bench import parse_mode
+    from collocate.options import spec_options
 
-    m = parse_mode(spec, None)
-    fields = {"mode": m.mode, "threshold": m.threshold, "candidates": m.candidates if m.candidates > 1 else None,
-              "tree_size": m.tree_size, "tree_depth": m.tree_depth, "adaptive": m.adaptive or None}
-    return {k: v for k, v in fields.items() if v is not None}
+    return spec_options(spec)
 
 
 def one_request(client, model: str, prompt: str, mode: str, max_tokens: int, stream: bool) -> dict:

@@ -14,7 +14,7 @@ row and head, the heads, the accept rule, the next feed, and the host reading th
 a mode's step costs beyond the bare forward: chains, trees, token-conditioned drafts (one LM-head read per
 depth; with a 32K draft vocabulary, a fifth of it) and --exact; once with attention over the context, as
 the loop runs them, and once over every slot; and once more with the step's tail (everything after the
-forward: accept rule, drafting, next feed; Decoder.settle) run plain instead of compiled, to show what
+forward: accept rule, drafting, next feed; StepRunner.settle) run plain instead of compiled, to show what
 compiling it buys.
 """
 import argparse
@@ -127,14 +127,14 @@ def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str
             if (drafter, vocab, k) not in decoders:  # the same 2,048 slots as above
                 decoders = {(drafter, vocab, k): build_decoder(model, bundle=random_bundle(model, drafter, vocab, k),
                                                                engine="fast", max_len=max_len)}
-            dec = decoders[drafter, vocab, k]
+            run = decoders[drafter, vocab, k].runner
             if plain_tail:
-                dec.settle_compiled = dec.settle
-            plan, times = dec.plan(cfg), []
+                run.settle_step = run.settle
+            rule, times = decoders[drafter, vocab, k].rule_for(cfg), []
             for _ in range(reps + 2):  # the first two capture the graph and warm up
-                dec.pos0.fill_(context)
+                run.pos0.fill_(context)
                 t0 = time.perf_counter()
-                dec.run_step(m, plan, None if all_slots else context + m).read()
+                run.run_step(m, rule, None if all_slots else context + m).read()
                 times.append(1000 * (time.perf_counter() - t0))
             out[name] = statistics.median(times[2:])
     return out

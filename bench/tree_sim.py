@@ -118,10 +118,10 @@ def main():
     sizes = [int(x) for x in args.sizes.split(",")]
     configs = {"chain": lambda h, root, truth: static_accepted(drafter, drafter.tree(), h, root, truth)}
     for n in sizes:
-        tree = bundle.tree(n)
+        tree = drafter.tree(nodes=n)
         configs[f"static {n}"] = lambda h, root, truth, tree=tree: static_accepted(drafter, tree, h, root, truth)
         for depth in (int(x) for x in args.depths.split(",") if x):
-            cut = bundle.tree(n, depth=depth)  # as `--tree-size n --tree-depth depth` decodes
+            cut = drafter.tree(nodes=n, depth=depth)  # as `--tree-size n --tree-depth depth` decodes
             configs[f"static {n}, depth <= {depth}"] = (
                 lambda h, root, truth, tree=cut: static_accepted(drafter, tree, h, root, truth))
         for m in (int(x) for x in args.expand.split(",") if not args.no_dynamic):

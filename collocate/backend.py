@@ -1,10 +1,11 @@
-"""The reference backend: the Hugging Face model itself over its DynamicCache.
+"""What a backend is (Backend), and the reference one: the Hugging Face model itself over its DynamicCache.
 
     backend = HFBackend(model)     # any HF causal LM
     dec = Decoder(backend, tokenizer, bundle)
 
 A backend runs the forward over given ids at given positions with a given draft tree, and then keeps
-what the acceptance rule kept and drops the rest. This one hands a tree to HF as a 4-D attention mask
+what the acceptance rule kept and drops the rest; the step runner (step.py) and the loop read nothing
+of it but what Backend declares. This one hands a tree to HF as a 4-D attention mask
 (a row sees the prefix and its ancestors) with position ids by depth, and keeps a path by cutting the
 cache back and gathering the kept rows. The fast backend (fast.StaticBackend) is tested against it
 token for token.
@@ -12,12 +13,47 @@ token for token.
 from __future__ import annotations
 
 import inspect
+from typing import Callable, Protocol
 
 import torch
 
-from .decode import DecodeError
 from .draft import DraftTree
+from .errors import DecodeError
 from .rules import Kept
+
+
+class Backend(Protocol):
+    """The forward of one decode step, the cache behind it, and how steps are run."""
+    model: torch.nn.Module  # the HF causal LM (its embeddings and LM head are read by the step)
+    capacity: int  # the most tokens the cache holds: prompt and answer
+    attn_lens: tuple[int, ...]  # the attention lengths a step may read (graphs are captured per length)
+
+    @property
+    def captures(self) -> bool:
+        """Steps are captured as graphs (so warm-up captures them before anything is timed)."""
+
+    @property
+    def fixed_rows(self) -> bool:
+        """attn_len(None) reads every slot at every step, so a row's arithmetic has one shape (--exact)."""
+
+    def describe(self) -> str: ...
+    def check_fits(self, n_prompt: int) -> None: ...
+    def reset(self) -> None: ...
+    def prompt_width(self, n_prompt: int) -> int: ...
+    def attn_len(self, end: int | None) -> int | None: ...
+
+    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
+                attn_len: int | None = None) -> torch.Tensor:
+        """(m,) ids written after the cache's pos0 slots, as `tree` (None: a prompt) -> (m, d) hidden states."""
+
+    def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
+        """Keep the root and the kept path of what the last forward wrote; drop the rest."""
+
+    def compiled(self, fn: Callable) -> Callable:
+        """fn, through torch.compile where this backend compiles (decided at each call: it may stop)."""
+
+    def run(self, key, step: Callable, *, state: tuple[torch.Tensor, ...]):
+        """step() (a graph replay, captured for `key` on first use, where the backend captures)."""
 
 
 def check_supported(model) -> None:
@@ -34,7 +70,8 @@ def model_context(model) -> int:
 
 class HFBackend:
     captures = False  # steps run as they are, no graphs
-    compile_on = False  # nor compiled
+    fixed_rows = False  # attention reads what the cache holds, so its length changes every step
+    attn_lens = ()
 
     def __init__(self, model):
         check_supported(model)
@@ -92,6 +129,9 @@ class HFBackend:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(-2, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(-2, rows.to(layer.values.device))
+
+    def compiled(self, fn):
+        return fn
 
     def run(self, key, step, *, state):
         return step()

@@ -4,27 +4,28 @@
 
 Writes results.json (every prompt, every mode), results.md (one row per mode, the paper's numbers
 beside it) and speed_quality.png. Speedups are against our own `ar` in the same run.
-Mode specs: ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN, verify-tNdD (an N-node
-tree at most D deep), hf (HF generate), hf-static (HF generate with a static cache); append `@T` to set a
-threshold, e.g. clp@0.8, or `@argmax` for CLP's likeliest length (the paper's reading); clp-hidden,
-clp-hidden+conf pick one of the bundle's CLPs (plain clp: its default; without @: the calibrated threshold).
+Mode names (options.from_spec): ar, clp, gate, compete, verify, verify-adaptive, verify-cN, verify-tN,
+verify-tNdD (an N-node tree at most D deep); append `@T` to set a threshold, e.g. clp@0.8, or `@argmax` for
+CLP's likeliest length (the paper's reading); clp-hidden, clp-hidden+conf pick one of the bundle's CLPs
+(plain clp: its default; without @: the calibrated threshold). Beside them, hf (HF generate) and hf-static
+(HF generate with a static cache). The decoding options given to the bench go to each mode that reads them.
 """
 from __future__ import annotations
 
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .clp import CLP_FEATURES
-from .decode import CLP_DEFAULT_MAX_WRONG, DecodeConfig, DecodeResult, DecodeStats
+from .decode import DecodeConfig, DecodeResult, DecodeStats
 from .engine import load_decoder
 from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
+from .options import from_spec
 
 # What the paper's abstract reports, for the table. It gives no per-suite numbers.
 PAPER = {
@@ -45,50 +46,21 @@ class BenchConfig:
     out: str = "bench/results/latest"
     device: str = "auto"  # cuda where there is a GPU
     dtype: str = "auto"
-    threshold: float | None = None
     prompts_file: str | None = None
     near_tie_eps: float = 0.5
     engine: str = "auto"  # auto | eager | fast (see fast.py); auto: fast on CUDA
-    exact: bool = False  # every mode (ar included) at one step width: verify bitwise ar's
-    max_wrong: float | None = None  # clp modes without @T: the calibrated threshold for this wrong share
+    options: dict = field(default_factory=dict)  # DecodeConfig fields, for every mode that reads them
+
+    def __post_init__(self):
+        self.max_new_tokens = self.options.setdefault("max_new_tokens", self.max_new_tokens)  # (one value, both places)
 
 
-@dataclass
-class ModeSpec:
-    label: str
-    mode: str
-    threshold: float | None = None
-    adaptive: bool = False
-    candidates: int = 1
-    tree_size: int | None = None
-    tree_depth: int | None = None
-    argmax: bool = False
-    clp_features: str | None = None
+BASELINES = ("hf", "hf-static")  # HF generate, eager and with a static cache
 
 
-def parse_mode(spec: str, default_threshold: float | None) -> ModeSpec:
-    name, _, thr = spec.partition("@")
-    argmax = thr == "argmax"
-    threshold = None if argmax else float(thr) if thr else default_threshold
-    if name.startswith("clp-") and name[len("clp-"):] in CLP_FEATURES:  # clp-hidden: that CLP of the bundle
-        return ModeSpec(spec, "clp", threshold, argmax=argmax, clp_features=name[len("clp-"):])
-    if argmax and name not in ("clp", "verify-adaptive"):
-        raise ValueError(f"'{spec}': @argmax is CLP's rule (clp, clp-FEATURES, verify-adaptive)")
-    if name == "verify-adaptive":
-        return ModeSpec(spec, "verify", threshold, adaptive=True, argmax=argmax)
-    if name.startswith("verify-c") and name[len("verify-c"):].isdigit():  # verify-c3: 3 candidates for +2
-        return ModeSpec(spec, "verify", threshold, candidates=int(name[len("verify-c"):]))
-    size, _, depth = name[len("verify-t"):].partition("d")
-    if name.startswith("verify-t") and size.isdigit() and (depth.isdigit() or not depth):  # verify-t16: a 16-node
-        return ModeSpec(spec, "verify", threshold, tree_size=int(size),  # tree; verify-t48d3: at most 3 deep
-                        tree_depth=int(depth) if depth else None)
-    known = ("ar", "clp", "gate", "compete", "verify", "hf", "hf-static")
-    if name not in known:
-        raise ValueError(f"unknown bench mode '{name}'; choose from {', '.join(known)}, verify-adaptive, "
-                         "verify-cN (N candidates for the first draft), verify-tN (an N-node tree), "
-                         "verify-tNdD (an N-node tree at most D deep), clp-hidden, clp-hidden+conf")
-    return ModeSpec(spec, name, threshold if name in ("clp", "gate", "compete", "verify") else None,
-                    argmax=argmax)
+def parse_mode(spec: str, default_threshold: float | None = None, **options) -> DecodeConfig:
+    """A bench mode name as the DecodeConfig it runs (ValueError if unknown)."""
+    return from_spec(spec, **{"threshold": default_threshold, **options})
 
 
 def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> DecodeResult:
@@ -107,19 +79,10 @@ def hf_generate(dec, ids: list[int], max_new_tokens: int, *, static: bool) -> De
                         "eos" if tokens and tokens[-1] in dec.eos else "length")
 
 
-def decode_config(spec: ModeSpec, max_new_tokens: int, exact: bool, max_wrong: float | None) -> DecodeConfig:
-    return DecodeConfig(mode=spec.mode, max_new_tokens=max_new_tokens, threshold=spec.threshold,
-                        adaptive=spec.adaptive, candidates=spec.candidates, tree_size=spec.tree_size,
-                        tree_depth=spec.tree_depth, exact=exact, argmax=spec.argmax, clp_features=spec.clp_features,
-                        max_wrong=max_wrong if spec.mode == "clp" and spec.threshold is None and not spec.argmax
-                        else None)
-
-
-def run_one(dec, spec: ModeSpec, ids: list[int], max_new_tokens: int, *, exact: bool = False,
-            max_wrong: float | None = None) -> DecodeResult:
-    if spec.mode in ("hf", "hf-static"):
-        return hf_generate(dec, ids, max_new_tokens, static=spec.mode == "hf-static")
-    return dec.generate(ids, decode_config(spec, max_new_tokens, exact, max_wrong))
+def run_one(dec, label: str, cfg: DecodeConfig, ids: list[int]) -> DecodeResult:
+    if label in BASELINES:
+        return hf_generate(dec, ids, cfg.max_new_tokens, static=label == "hf-static")
+    return dec.generate(ids, cfg)
 
 
 @torch.inference_mode()
@@ -192,32 +155,31 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs:
 def run_bench(cfg: BenchConfig) -> dict:
     dec = load_decoder(cfg.model, heads=cfg.heads, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine)
     tokenizer = dec.tokenizer
-    specs = [parse_mode(m, cfg.threshold) for m in cfg.modes]
-    if specs[0].mode != "ar":
-        specs = [parse_mode("ar", None)] + [s for s in specs if s.label != "ar"]  # ar is the reference
+    labels = ["ar"] + [m for m in cfg.modes if m != "ar"]  # ar first: the reference
+    configs = {m: parse_mode("ar" if m in BASELINES else m, **cfg.options) for m in labels}
     suites = (cfg.prompts_file,) if cfg.prompts_file else cfg.suites
     prompts = [p for s in suites for p in data.prompts(s, tokenizer, n=cfg.n)]
     n_heads = dec.bundle.k - 1 if dec.bundle else 0
-    for spec in specs:  # warm-up: first-call costs stay out of every timing
-        run_one(dec, spec, prompts[0].ids, min(16, cfg.max_new_tokens), exact=cfg.exact, max_wrong=cfg.max_wrong)
+    for label, run_cfg in configs.items():  # warm-up: first-call costs stay out of every timing
+        run_one(dec, label, replace(run_cfg, max_new_tokens=min(16, run_cfg.max_new_tokens)), prompts[0].ids)
     results: dict[str, dict] = {}
     reference: list[DecodeResult] | None = None  # ar's answers, which every other mode is compared with
-    for spec in specs:
+    for label, run_cfg in configs.items():
         rows, accs, answers = [], [], []
-        for i, p in enumerate(tqdm(prompts, desc=f"bench {spec.label}", unit="prompt")):
-            r = run_one(dec, spec, p.ids, cfg.max_new_tokens, exact=cfg.exact, max_wrong=cfg.max_wrong)
+        for i, p in enumerate(tqdm(prompts, desc=f"bench {label}", unit="prompt")):
+            r = run_one(dec, label, run_cfg, p.ids)
             answers.append(r)
             rows.append(score_prompt(dec, p, r, reference[i] if reference else None, cfg.near_tie_eps))
             rows[-1]["suite"] = suite_of(p.id)
-            if r.proposals and n_heads and spec.mode == "verify":  # verify's output is ar's: a fair yardstick
+            if r.proposals and n_heads and run_cfg.rule.lossless:  # its output is ar's: a fair yardstick
                 accs.append(head_accuracy(r, n_heads))
         ref_rows = results["ar"]["rows"] if reference else None
-        results[spec.label] = {"spec": asdict(spec), "rows": rows, "summary": summarize(rows, ref_rows, n_heads, accs)}
-        if spec.mode in ("clp", "gate", "compete") or spec.adaptive:  # the threshold it ran at (None: argmax)
-            run_cfg = decode_config(spec, 1, cfg.exact, cfg.max_wrong)
-            results[spec.label]["summary"]["threshold"] = dec.threshold_of(run_cfg)
-            if spec.mode == "clp" and spec.threshold is None and not spec.argmax:  # calibrated for this share
-                results[spec.label]["summary"]["max_wrong"] = run_cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
+        summary = summarize(rows, ref_rows, n_heads, accs)
+        if "threshold" in run_cfg.rule.options and label not in BASELINES:  # the threshold it ran at (None: argmax)
+            summary["threshold"] = dec.threshold_of(run_cfg)
+            if run_cfg.rule.calibrated_share(run_cfg) is not None:  # calibrated for this share
+                summary["max_wrong"] = run_cfg.rule.calibrated_share(run_cfg)
+        results[label] = {"rows": rows, "summary": summary}
         reference = reference or answers
         write_outputs(cfg, results, dec, quiet=True)  # partial results survive a kill
     return write_outputs(cfg, results, dec)
@@ -261,9 +223,10 @@ def suite_counts(doc: dict) -> str:
 
 def markdown_table(doc: dict) -> str:
     env, cfg = doc["environment"], doc["config"]
+    options = {**cfg, **cfg.get("options", {})}  # (results from before the options were grouped: at the top)
     lines = [f"# collocate bench: {env['model']} on {env['device']}", "",
              f"{env['date']}, {env['dtype']}, torch {env['torch']}, engine {env['engine']}, batch 1, greedy, "
-             f"max {cfg['max_new_tokens']} new tokens{', --exact' if cfg.get('exact') else ''}, suites {suite_counts(doc)}. "
+             f"max {options['max_new_tokens']} new tokens{', --exact' if options.get('exact') else ''}, suites {suite_counts(doc)}. "
              "Speedup is tok/s against our own `ar` in the same run.", "",
              "| mode | tau | ms/step | tok/s | speedup | rep-4 | Δrep-4 | exact vs ar | divergences at near-tie | wrong head tokens "
              "| head acc +2.. | GSM8K | HumanEval | paper |",

@@ -23,16 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .clp import CLP, CLP_FEATURES, Gates
-from .draft import MAX_TREE, DraftTree, best_paths
+from .errors import BundleError
 from .heads import MTPHeads, TokenHeads
 
 FORMAT_VERSION = 3
 DRAFTERS = ("heads",) + TokenHeads.DESIGNS
 BUNDLED = Path(__file__).parent / "bundles"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used: missing, corrupt, or made for another backbone."""
 
 
 @dataclass
@@ -106,21 +102,6 @@ class MTPBundle(nn.Module):
     @property
     def token_conditioned(self) -> bool:
         return self.config.drafter != "heads"
-
-    def tree(self, n: int, *, depth: int | None = None) -> DraftTree:
-        """The best n-node draft tree: the first n of the stored paths, else chosen from the held-out report.
-        depth: only paths of at most that many drafts (a token-conditioned depth costs a sequential LM-head
-        read, so a shallower tree of the same size can be faster)."""
-        if not 1 <= n <= MAX_TREE:
-            raise BundleError(f"tree size must lie in 1..{MAX_TREE} draft nodes (what a step can feed), got {n}")
-        if depth is not None and not 1 <= depth <= self.k - 1:
-            raise BundleError(f"tree depth must lie in 1..{self.k - 1}: this bundle drafts +2..+{self.k}, got {depth}")
-        paths = self.config.tree or best_paths(self.rank_probs(), MAX_TREE)
-        if depth is not None:  # the best-first order stays best first, and prefix-closed, when cut by depth
-            paths = [p for p in paths if len(p) <= depth]
-            if len(paths) < n and self.heldout:  # the stored 64 hold too few this shallow: choose afresh
-                paths = best_paths(self.rank_probs()[:depth], n)
-        return DraftTree.from_paths(paths[:n])
 
     def clp_for(self, features: str | None = None) -> CLP:
         """The CLP that reads these features (None: the default one)."""

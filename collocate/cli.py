@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from .clp import CLP_FEATURES
-from .engine import ENGINES
+from .engine import DTYPES, ENGINES
+from .options import SPEC_HELP
+from .options import add_arguments as add_decoding_arguments
 from .train.config import add_arguments as add_train_arguments
 from .zoo import DEFAULT_MODEL, ZOO, is_cached, model_dir
 
@@ -48,7 +49,7 @@ def cmd_info(args) -> int:
     if report.exists():
         acc = json.loads(report.read_text()).get("heldout_head_accuracy", {})
         print("held-out top-1  " + "  ".join(f"{o} {v['top1']:.1%}" for o, v in acc.items()))
-    from .decode import CLP_DEFAULT_MAX_WRONG
+    from .modes import CLP_DEFAULT_MAX_WRONG
 
     for f in [c.clp_features, *bundle.clp_variants]:
         t = bundle.safe_threshold(CLP_DEFAULT_MAX_WRONG, f)
@@ -67,37 +68,25 @@ def load_for_decoding(args, *, need_heads: bool):
     return dec, dec.tokenizer
 
 
-def decode_config(args, mode: str, *, side_by_side: bool = False):
-    """The decode settings from the options; side by side (the demo's modes), --max-wrong goes to clp only."""
-    from .decode import DecodeConfig
-
-    return DecodeConfig(mode=mode, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                        adaptive=args.adaptive, stop=tuple(args.stop or ()), candidates=args.candidates,
-                        max_wrong=args.max_wrong if mode == "clp" or not side_by_side else None,
-                        argmax=args.argmax and (mode == "clp" or not side_by_side),
-                        clp_features=args.clp_features if mode == "clp" or not side_by_side else None,
-                        tree_size=args.tree_size, tree_depth=args.tree_depth, exact=args.exact,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-
-
 def cmd_generate(args) -> int:
     from .api import Generator
-    from .decode import UNVERIFIED, DecodeError, drain
+    from .decode import DecodeError, drain
+    from .options import from_args
 
-    cfg = decode_config(args, args.mode)
+    cfg = from_args(args)
     if not args.prompt.strip():
         raise DecodeError("empty prompt: give --prompt some text")
-    gen = Generator(load_for_decoding(args, need_heads=args.mode != "ar")[0])
+    gen = Generator(load_for_decoding(args, need_heads=cfg.rule.drafts)[0])
     r = drain(gen.stream(args.prompt, cfg, chat=args.chat), lambda piece: print(piece, end="", flush=True))
     s = r.stats
-    extra = f"  wrong head tokens {s.wrong_share:.1%}" if args.mode in UNVERIFIED else ""
-    extra += f"  drafts accepted {s.draft_acceptance:.1%}" if args.mode == "verify" else ""
-    print(f"\n\n[{args.mode}] {s.new_tokens} tokens in {s.steps} steps, tau {s.tau:.2f}, "
+    extra = f"  wrong head tokens {s.wrong_share:.1%}" if not cfg.rule.lossless else ""
+    extra += f"  drafts accepted {s.draft_acceptance:.1%}" if s.drafted else ""
+    print(f"\n\n[{cfg.mode}] {s.new_tokens} tokens in {s.steps} steps, tau {s.tau:.2f}, "
           f"{s.tok_per_s:.1f} tok/s, finished by {r.finish_reason}{extra}", file=sys.stderr)
-    if args.mode == "clp":
-        note = clp_default_note(gen.decoder, cfg)
+    note = clp_default_note(gen.decoder, cfg)
+    if note:
         hint = "" if "verify" in note else " For speed at the model's own quality: --mode verify."
-        print(f"[clp] {note}{hint}", file=sys.stderr)
+        print(f"[{cfg.mode}] {note}{hint}", file=sys.stderr)
     return 0
 
 
@@ -121,12 +110,12 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, run_bench
+    from .options import given
 
     cfg = BenchConfig(model=args.model, heads=args.heads, suites=tuple(args.suite.split(",")),
-                      modes=tuple(args.modes.split(",")), n=args.n, max_new_tokens=args.max_new_tokens,
-                      out=args.out, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                      prompts_file=args.prompts, near_tie_eps=args.near_tie_eps, engine=args.engine,
-                      exact=args.exact, max_wrong=args.max_wrong)
+                      modes=tuple(args.modes.split(",")), n=args.n, out=args.out, device=args.device,
+                      dtype=args.dtype, prompts_file=args.prompts, near_tie_eps=args.near_tie_eps,
+                      engine=args.engine, options=given(args))
     run_bench(cfg)
     return 0
 
@@ -139,8 +128,6 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"collocate serve needs FastAPI and uvicorn ({e}): pip install 'collocate[serve]'") from None
 
-    if args.threshold is not None or args.max_wrong is not None:
-        raise ValueError("collocate serve takes threshold and max_wrong per request (body fields), not as flags")
     gen = Generator(load_for_decoding(args, need_heads=True)[0])
     serve(gen, name=args.name or args.model, host=args.host, port=args.port,
           default_max_tokens=args.max_new_tokens)
@@ -171,24 +158,25 @@ DEMO_PROMPTS = (
 
 
 def clp_default_note(dec, cfg) -> str:
-    """What the 'clp' row ran at, in words: the calibrated threshold, and whether it is as safe as asked."""
-    from .decode import CLP_DEFAULT_MAX_WRONG
-
+    """What a calibrated rule (clp) ran at, in words: its threshold, and whether it is as safe as asked;
+    "" for modes that calibrate nothing."""
+    if "max_wrong" not in cfg.rule.options:
+        return ""
     t = dec.threshold_of(cfg)
-    if cfg.argmax or cfg.threshold is not None:
-        return f"'clp' ran at {'its argmax' if cfg.argmax else f'threshold {t:g}'}, as asked."
+    share = cfg.rule.calibrated_share(cfg)
+    if share is None:
+        return f"'{cfg.mode}' ran at {f'threshold {t:g}' if t is not None else 'its argmax'}, as asked."
     if t is None:
-        return "'clp' took the CLP's argmax (this bundle has no held-out calibration)."
+        return f"'{cfg.mode}' took the CLP's argmax (this bundle has no held-out calibration)."
     row = dec.bundle.calibration_at(t, cfg.clp_features)
-    said = f"'clp' ran at threshold {t:g}"
+    said = f"'{cfg.mode}' ran at threshold {t:g}"
     if not row:
         return said + "."
-    asked = cfg.max_wrong or CLP_DEFAULT_MAX_WRONG
-    if row["wrong_share"] <= asked:
+    if row["wrong_share"] <= share:
         kept = "" if cfg.max_wrong else " (the share that kept task quality on the whole suites; few head tokens pass)"
         return said + f", where {row['wrong_share']:.1%} of held-out head tokens were wrong{kept}."
     return (said + f", this bundle's most cautious, and still {row['wrong_share']:.0%} of held-out head tokens were "
-            f"wrong: its CLP cannot reach the {asked:.0%} asked (use verify for quality).")
+            f"wrong: its CLP cannot reach the {share:.0%} asked (use verify for quality).")
 
 
 def cmd_demo(args) -> int:
@@ -197,13 +185,16 @@ def cmd_demo(args) -> int:
 
     from .data import encode
     from .metrics import first_divergence
+    from .options import DecodeConfig, DecodeError, given, with_options
 
     dec, tokenizer = load_for_decoding(args, need_heads=True)
-    rows = {"ar": decode_config(args, "ar", side_by_side=True),
-            "verify": decode_config(args, "verify", side_by_side=True),
-            "clp": decode_config(args, "clp", side_by_side=True)}
-    if not (args.argmax or args.threshold is not None or args.max_wrong is not None):
-        rows["clp argmax"] = replace(rows["clp"], argmax=True)  # the paper's reading, beside the calibrated default
+    rows = {m: with_options(DecodeConfig(mode=m), **given(args)) for m in ("ar", "verify", "clp")}
+    try:  # the paper's reading beside the calibrated default, unless a threshold or the argmax was asked for
+        paper = replace(rows["clp"], argmax=True)
+        if paper != rows["clp"]:
+            rows["clp argmax"] = paper
+    except DecodeError:
+        pass
     totals = {m: [0, 0, 0.0, 0, 0, 0] for m in rows}  # tokens, steps, seconds, exact, wrong, checked
     dec.generate(encode(tokenizer, "Hi"), rows["verify"])  # warm-up
     for prompt in DEMO_PROMPTS:
@@ -234,55 +225,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def add_clp_args(p):
-    p.add_argument("--argmax", action="store_true",
-                   help="clp: accept the CLP's likeliest length (the paper's reading; no quality bound)")
-    p.add_argument("--clp-features", choices=CLP_FEATURES,
-                   help="clp: which of the bundle's CLPs (hidden: the paper's; default: the bundle's own)")
-
-
-def add_decoding_args(p, *, mode: bool = True):
+def add_model_args(p, command: str):
+    """The backbone, its bundle, where it runs, and the decoding options `command` takes (options.py)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub id, local folder or .gguf file")
     p.add_argument("--heads", help="MTP bundle folder (default: the bundle shipped for --model, if any)")
     p.add_argument("--device", default="auto", help="auto: cuda if there is a GPU, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
                         "Mistral); auto: fast on CUDA where it supports the model, else eager")
-    p.add_argument("--threshold", type=float,
-                   help="CLP: accept the longest span whose P(all right) reaches this; gate: the gate threshold "
-                        "(default: clp calibrated, see --max-wrong; gate 0.5; verify --adaptive: CLP's argmax)")
-    p.add_argument("--max-wrong", type=float, help="clp: the threshold whose held-out wrong share (head tokens "
-                                                    "the backbone would not write) is at most this, e.g. 0.05 "
-                                                    "(default: the bundle's calibrated quality-safe threshold)")
-    if mode:
-        p.add_argument("--mode", default="ar", choices=["ar", "clp", "gate", "compete", "verify"])
-        p.add_argument("--adaptive", action="store_true", help="verify: CLP chooses the draft length")
-        add_clp_args(p)
-        p.add_argument("--candidates", type=int, default=1,
-                       help="verify: also check the +2 head's next best tokens in the same pass")
-        p.add_argument("--tree-size", type=int, default=None,
-                       help="verify: draft the bundle's best tree of this many nodes (1..64), chosen from its "
-                            "heads' held-out rank statistics; checked in one pass, lossless")
-        p.add_argument("--tree-depth", type=int, default=None,
-                       help="with --tree-size: the best tree whose paths draft at most this many tokens (each "
-                            "depth of token-conditioned heads costs a sequential LM-head read)")
-        p.add_argument("--stop", action="append", help="stop string (repeatable)")
-        add_exact_arg(p)
-        p.add_argument("--temperature", type=float, default=0.0,
-                       help="0: greedy; > 0: sample (ar, verify: the same distribution; unverified modes "
-                            "sample t+1 and keep the heads' argmax)")
-        p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (0: all)")
-        p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
-        p.add_argument("--seed", type=int, help="sampling: the same seed gives the same answer")
-
-
-def add_exact_arg(p):
-    p.add_argument("--exact", action="store_true",
-                   help="ar, verify: feed every step at one width, so verify is bitwise ar's in bf16 too "
-                        "(fast engine; a tree keeps only its leading chain)")
+    add_decoding_arguments(p, command)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("generate", help="stream an answer")
-    add_decoding_args(p)
+    add_model_args(p, "generate")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(fn=cmd_generate)
@@ -302,11 +254,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("demo", help="the embedded model and its shipped bundle: ar, clp, verify")
-    add_decoding_args(p, mode=False)
-    add_clp_args(p)
-    p.set_defaults(fn=cmd_demo, max_new_tokens=96, adaptive=False, candidates=1,
-                   tree_size=None, tree_depth=None,
-                   stop=None, exact=False, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+    add_model_args(p, "demo")
+    p.set_defaults(fn=cmd_demo, max_new_tokens=96)
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
@@ -318,18 +267,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the backbone whose LM head goes with the heads (default: the bundle's)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)")
-    add_decoding_args(p, mode=False)
+    add_model_args(p, "serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model name clients ask for (default: --model)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
-    add_decoding_args(p, mode=False)
+    add_model_args(p, "bench")
     p.add_argument("--suite", default="mtbench,gsm8k,humaneval")
-    p.add_argument("--modes", default="ar,clp,gate,compete,verify")
+    p.add_argument("--modes", default="ar,clp,gate,compete,verify", help=f"comma-separated: {SPEC_HELP}")
     p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} lines, used instead of --suite")
     p.add_argument("--n", type=int, default=10, help="prompts per suite")
-    add_exact_arg(p)
     p.add_argument("--near-tie-eps", type=float, default=0.5, help="logit gap under which a divergence is a near-tie")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(fn=cmd_bench)

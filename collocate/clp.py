@@ -65,6 +65,13 @@ class Gates(nn.Module):
         h = h.to(self.mlps[0][0].weight.dtype)
         return torch.cat([mlp(h) for mlp in self.mlps], dim=-1)
 
-    def accept(self, h, head_logits=None, *, threshold: float | torch.Tensor = GATE_THRESHOLD) -> torch.Tensor:
-        """Accept head tokens in order until the first gate under the threshold."""
-        return leading_true(self(h).float().sigmoid() >= threshold)
+    def probs(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., n_heads) P(head j is right), in float32."""
+        return self(h).float().sigmoid()
+
+    def accept(self, h, head_logits=None, *, threshold: float | torch.Tensor = GATE_THRESHOLD,
+               last: int | None = None) -> torch.Tensor:
+        """Accept head tokens in order until the first gate under the threshold; `last`: only the last
+        this many gates (a bundle with a +1 head has one gate more)."""
+        p = self.probs(h)
+        return leading_true((p if last is None else p[..., -last:]) >= threshold)

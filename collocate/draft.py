@@ -4,6 +4,7 @@
     tree = DraftTree.chain(3).with_siblings(4)     # ... and 4 more guesses for d1, side by side
     tree = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])   # ranks along each path (Medusa's choices)
     tree = DraftTree.best(rank_probs, 16)          # the 16 nodes with the most expected accepted tokens
+    tree = HeadDrafter(bundle).tree(nodes=48, depth=3)                # the bundle's best 48-node tree, 3 deep
     t = tree.tensors(device)                                          # the tree as the step reads it
     draft = HeadDrafter(bundle).propose(t, head_logits=logits)      # independent heads: draft.tokens (tree.n,)
     draft = TokenDrafter(bundle, lm_head, embed).propose(t, h=h, root=y1)  # token-conditioned, depth by depth
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import BundleError
 from .heads import VocabSlice
 from .rules import pick
 
@@ -211,8 +213,9 @@ class Draft(NamedTuple):
 class HeadDrafter:
     """The independent MTP heads as a drafter: node i at depth d is the ranks[i]-th guess of the head
     for offset d + 1. The chain is each head's argmax; side-by-side candidates are the +2 head's
-    runners-up; a tree (`--tree-size N`) is the bundle's, chosen from its held-out rank statistics.
-    `fused`: the heads' states join the backbone's LM-head matmul (decode.Decoder.logits)."""
+    runners-up; a tree (`--tree-size N`) is the best N nodes of the bundle's stored paths (best first) or,
+    where it stores none, of its heads' held-out rank statistics.
+    `fused`: the heads' states join the backbone's LM-head matmul (step.StepRunner.logits)."""
 
     fused = True
 
@@ -221,9 +224,20 @@ class HeadDrafter:
         self.k = bundle.k
 
     def tree(self, *, candidates: int = 1, nodes: int = 0, depth: int | None = None) -> DraftTree:
-        if nodes:
-            return self.bundle.tree(nodes, depth=depth)
-        return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
+        """The draft this drafter feeds: its argmax chain (and candidates - 1 more guesses for +2), or the
+        best tree of `nodes` nodes whose paths are at most `depth` drafts deep (a token-conditioned depth
+        costs a sequential LM-head read, so a shallower tree of the same size can be faster)."""
+        if not nodes:
+            return DraftTree.chain(self.k - 1).with_siblings(candidates - 1)
+        if depth is not None and not 1 <= depth <= self.k - 1:
+            raise BundleError(f"tree depth must lie in 1..{self.k - 1}: this bundle drafts +2..+{self.k}, got {depth}")
+        stored = [tuple(p) for p in self.bundle.config.tree]
+        paths = stored or best_paths(self.bundle.rank_probs(), MAX_TREE)
+        if depth is not None:  # the best-first order stays best first, and prefix-closed, when cut by depth
+            paths = [p for p in paths if len(p) <= depth]
+            if len(paths) < nodes and self.bundle.heldout:  # the stored paths hold too few this shallow
+                paths = best_paths(self.bundle.rank_probs()[:depth], nodes)
+        return DraftTree.from_paths(paths[:nodes])
 
     def propose(self, t: TreeTensors, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
         """(k-1, V) logits of heads +2..+k from the root's row -> a token per node of the tree t."""

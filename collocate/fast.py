@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import check_supported, model_context
-from .decode import DecodeError
 from .draft import DraftTree
+from .errors import DecodeError
 from .rules import Kept
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -294,6 +294,12 @@ class StaticBackend:
     @property
     def captures(self) -> bool:
         return self.graphs_on
+
+    def compiled(self, fn):
+        """fn through torch.compile (compiled on first use, per input shapes) while the layers compile;
+        the plain fn once compiling has failed (see call)."""
+        fast = torch.compile(fn, fullgraph=True, dynamic=False)
+        return lambda *args: (fast if self.compile_on else fn)(*args)
 
     def describe(self) -> str:
         """What actually runs: graphs or compiling can be lost at run time (with a message)."""

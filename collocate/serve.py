@@ -5,9 +5,8 @@
     client.chat.completions.create(model="qwen2.5-coder-1.5b", messages=[...], extra_body={"mode": "verify"})
 
 POST /v1/chat/completions and /v1/completions (with `stream`: server-sent events), GET /v1/models and
-/health. Beyond OpenAI's fields, the body may set `mode`, `threshold`, `max_wrong`, `argmax`, `clp_features`,
-`candidates`, `tree_size`, `tree_depth`, `adaptive`, `exact` and `top_k`; `usage` adds `tau` (tokens per
-forward pass) and `steps`. Requests take turns on the one engine (an asyncio lock, first come first
+/health. Beyond OpenAI's fields, the body may set any of collocate's decoding options (options.DecodeConfig:
+`mode`, `tree_size`, `threshold`, ...); `usage` adds `tau` (tokens per forward pass) and `steps`. Requests take turns on the one engine (an asyncio lock, first come first
 served); a streamed answer runs one step per thread hop, so a client that goes away frees the engine at
 the next step. Bad input gets an OpenAI-style JSON error with a 4xx status, and the server keeps serving.
 """
@@ -25,12 +24,13 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import Generator
 from .bundle import BundleError
 from .decode import DecodeConfig, DecodeError, DecodeResult
+from .options import api_fields, from_request
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -41,35 +41,24 @@ class ApiError(Exception):
         self.status, self.param = status, param
 
 
-class Options(BaseModel):
-    """The sampling and collocate fields shared by both endpoints; OpenAI fields we do not act on and
-    that cannot change the answer (user, metadata, ...) are ignored."""
+class OpenAIFields(BaseModel):
+    """The OpenAI fields that are not decoding options; OpenAI fields we do not act on and that cannot
+    change the answer (user, metadata, ...) are ignored."""
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = 1.0  # OpenAI's default; 0 is greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = 1
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # collocate's own
-    mode: str | None = None
-    threshold: float | None = None
-    max_wrong: float | None = None
-    argmax: bool = False
-    clp_features: str | None = None
-    candidates: int = 1
-    tree_size: int | None = None
-    tree_depth: int | None = None
-    adaptive: bool = False
-    exact: bool = False
-    top_k: int = 0
+
+
+# and every DecodeConfig field the server takes (options.py: OpenAI's own names for temperature, top_p,
+# seed and stop, with OpenAI's defaults; collocate's mode, tree_size, ... beside them)
+Options = create_model("Options", __base__=OpenAIFields, **api_fields())
 
 
 class ChatRequest(Options):
@@ -99,15 +88,8 @@ def decode_config(req: Options, served: Served) -> DecodeConfig:
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is not None and max_tokens <= 0:
         raise ApiError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-    if req.temperature < 0:
-        raise ApiError(f"temperature must be >= 0, got {req.temperature}", param="temperature")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return DecodeConfig(mode=req.mode or served.default_mode, max_new_tokens=max_tokens or served.default_max_tokens,
-                        threshold=req.threshold, max_wrong=req.max_wrong, argmax=req.argmax,
-                        clp_features=req.clp_features, adaptive=req.adaptive,
-                        candidates=req.candidates,
-                        tree_size=req.tree_size, tree_depth=req.tree_depth, exact=req.exact,
-                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
+    return from_request(req.model_dump(), mode=req.mode or served.default_mode,
+                        max_new_tokens=max_tokens or served.default_max_tokens)
 
 
 def usage(n_prompt: int, r: DecodeResult) -> dict:
@@ -175,7 +157,7 @@ class Service:
         try:
             cfg = decode_config(req, self.served)
             self.generator.decoder.validate(ids, cfg)
-            self.generator.decoder.plan(cfg)
+            self.generator.decoder.rule_for(cfg)
         except (DecodeError, BundleError, ValueError) as e:
             raise ApiError(str(e)) from None
         if req.model and req.model != self.served.name:

@@ -148,7 +148,7 @@ def test_max_wrong_picks_the_calibrated_threshold(tmp_path, llama):
         loaded.threshold_for(0.01)
     dec = build_decoder(llama, bundle=loaded, engine="eager", eos_token_ids=[2])
     r = dec.generate([5, 6, 7], DecodeConfig(mode="clp", max_wrong=0.2, max_new_tokens=8))
-    assert float(dec.threshold) == pytest.approx(0.9) and len(r.tokens) == 8
+    assert float(dec.runner.threshold) == pytest.approx(0.9) and len(r.tokens) == 8
     with pytest.raises(BundleError, match="calibration"):
         build_decoder(llama, bundle=b, engine="eager").generate([5], DecodeConfig(mode="clp", max_wrong=0.1))
     for bad in (0.0, 1.0, -0.2, 1.5):

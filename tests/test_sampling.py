@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import collocate.decode
+import collocate.step
 from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig, DecodeError
 from collocate.rules import draw
@@ -67,7 +67,7 @@ def test_a_wrong_acceptance_rule_fails_the_test(setting, monkeypatch):
     def from_full_distribution(probs, fed, tree, row, u):
         return draw(probs.index_select(0, row)[0], u)
 
-    monkeypatch.setattr(collocate.decode, "residual_draw", from_full_distribution)
+    monkeypatch.setattr(collocate.step, "residual_draw", from_full_distribution)
     v = samples(dec, dict(mode="verify", temperature=1.0), prompt, range(RUNS, 2 * RUNS))
     assert not distributions_match(ar, v)
 

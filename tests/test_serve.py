@@ -13,7 +13,7 @@ import uvicorn
 
 from collocate.api import Generator
 from collocate.bundle import MTPBundle
-from collocate.decode import Decoder
+from collocate.step import StepRunner
 from collocate.engine import build_decoder
 from collocate.serve import build_app
 from conftest import tiny_llama, tiny_tokenizer, with_rank_probs
@@ -151,8 +151,8 @@ def test_load_8_clients_x_20_requests(tiny_server):
 
 def test_a_client_that_disconnects_frees_the_engine(tiny_server, monkeypatch):
     steps = []
-    run_step = Decoder.run_step
-    monkeypatch.setattr(Decoder, "run_step", lambda self, *a, **k: (steps.append(1), run_step(self, *a, **k))[1])
+    run_step = StepRunner.run_step
+    monkeypatch.setattr(StepRunner, "run_step", lambda self, *a, **k: (steps.append(1), run_step(self, *a, **k))[1])
     body = {"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 200, "stream": True,
             "temperature": 0.9, "seed": 1, "mode": "ar"}
     with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body, timeout=60) as r:

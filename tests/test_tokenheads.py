@@ -6,7 +6,7 @@ import torch
 
 from collocate.bundle import BundleError, MTPBundle
 from collocate.decode import EXACT_WIDTH, DecodeConfig, DecodeError
-from collocate.draft import DraftTree, TokenDrafter, top_indices
+from collocate.draft import DraftTree, HeadDrafter, TokenDrafter, top_indices
 from collocate.heads import TokenHeads
 from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
 from test_decode import eager, prompts
@@ -42,7 +42,7 @@ def test_token_drafter_equals_a_walk_along_each_path(design, vocab):
     model = tiny_llama()
     bundle = tc_bundle(model, design, vocab=vocab)
     drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
-    tree = bundle.tree(30)  # no stored tree: the best 30 nodes from the rank statistics
+    tree = drafter.tree(nodes=30)  # no stored tree: the best 30 nodes from the rank statistics
     h, root = torch.randn(32), torch.tensor(7)
     draft = drafter.propose(tree.tensors(h.device), h=h, root=root)
     rows = rank_paths(tree)
@@ -72,7 +72,7 @@ def test_compiled_drafting_equals_eager():
     drafter = TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
     compiled = torch.compile(drafter.propose, fullgraph=True, dynamic=False)
     h, root = torch.randn(32), torch.tensor(7)
-    for tree, has_chain_logits in ((bundle.tree(24, depth=2), False), (DraftTree.chain(bundle.k - 1), True)):
+    for tree, has_chain_logits in ((drafter.tree(nodes=24, depth=2), False), (DraftTree.chain(bundle.k - 1), True)):
         t = tree.tensors(h.device)
         with torch.inference_mode():
             eager_draft = drafter.propose(t, h=h, root=root)
@@ -127,22 +127,20 @@ def test_tree_is_stored_best_first_and_cut_by_tree_size(tmp_path, llama):
     bundle = with_rank_probs(MTPBundle.for_backbone(llama, k=4, base_model="tiny"))
     bundle.config.tree = [[0], [0, 0], [1], [0, 0, 0], [0, 1]]
     bundle.save_pretrained(tmp_path)
-    loaded = MTPBundle.from_pretrained(tmp_path, backbone=llama)
-    assert loaded.tree(3) == DraftTree.from_paths([(0,), (0, 0), (1,)]) == DraftTree((0, 1, 0), (0, 0, 1))
-    assert loaded.tree(3).chain_rows == 2  # the argmax chain comes first
-    with pytest.raises(BundleError, match=r"1\.\.64"):
-        loaded.tree(65)
-    for bad in (0, -3, 65):
+    loaded = HeadDrafter(MTPBundle.from_pretrained(tmp_path, backbone=llama))  # the drafter answers for its tree
+    assert loaded.tree(nodes=3) == DraftTree.from_paths([(0,), (0, 0), (1,)]) == DraftTree((0, 1, 0), (0, 0, 1))
+    assert loaded.tree(nodes=3).chain_rows == 2  # the argmax chain comes first
+    for bad in (0, -3, 65):  # (the size's range is checked once, where the option is declared)
         with pytest.raises(DecodeError, match=r"tree size .* 1\.\.64"):
             DecodeConfig(mode="verify", tree_size=bad)
     # --tree-depth: the stored paths no deeper than that, best first; too few stored: chosen afresh from
     # the held-out rank statistics, and without them the tree is smaller
-    assert loaded.tree(3, depth=2) == DraftTree.from_paths([(0,), (0, 0), (1,)])
-    shallow = bundle.tree(4, depth=1)  # (the report's statistics are in memory here, not saved)
+    assert loaded.tree(nodes=3, depth=2) == DraftTree.from_paths([(0,), (0, 0), (1,)])
+    shallow = HeadDrafter(bundle).tree(nodes=4, depth=1)  # (the report's statistics are in memory here, not saved)
     assert shallow.n == 4 and shallow.max_depth == 1 and shallow.ranks == (0, 1, 2, 3)
-    assert loaded.tree(4, depth=1) == DraftTree.from_paths([(0,), (1,)])
+    assert loaded.tree(nodes=4, depth=1) == DraftTree.from_paths([(0,), (1,)])
     with pytest.raises(BundleError, match=r"tree depth must lie in 1\.\.3"):
-        loaded.tree(8, depth=4)
+        loaded.tree(nodes=8, depth=4)
     for bad in (dict(tree_size=8, tree_depth=0), dict(tree_depth=2)):
         with pytest.raises(DecodeError, match="--tree-depth"):
             DecodeConfig(mode="verify", **bad)
