@@ -39,7 +39,8 @@ class Backend(Protocol):
     def describe(self) -> str: ...
     def check_fits(self, n_prompt: int) -> None: ...
     def reset(self) -> None: ...
-    def prompt_width(self, n_prompt: int) -> int: ...
+    def prompt_pieces(self, n_prompt: int) -> list[tuple[int, int]]:
+        """(first row, width) of each piece a prompt is fed as; the last may be padded past the prompt."""
     def attn_len(self, end: int | None) -> int | None: ...
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
@@ -93,8 +94,8 @@ class HFBackend:
 
         self.cache = DynamicCache(config=self.model.config)
 
-    def prompt_width(self, n_prompt: int) -> int:
-        return n_prompt  # the cache keeps every row fed: no padding
+    def prompt_pieces(self, n_prompt: int) -> list[tuple[int, int]]:
+        return [(0, n_prompt)]  # the cache keeps every row fed: no padding
 
     def attn_len(self, end: int | None) -> None:
         return None  # attention reads what the cache holds

@@ -49,6 +49,7 @@ class BenchConfig:
     prompts_file: str | None = None
     near_tie_eps: float = 0.5
     engine: str = "auto"  # auto | eager | fast (see fast.py); auto: fast on CUDA
+    max_len: int | None = None  # the fast engine's cache (None: the model's window where memory allows)
     options: dict = field(default_factory=dict)  # DecodeConfig fields, for every mode that reads them
 
     def __post_init__(self):
@@ -153,7 +154,8 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    dec = load_decoder(cfg.model, heads=cfg.heads, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine)
+    dec = load_decoder(cfg.model, heads=cfg.heads, device=cfg.device, dtype=cfg.dtype, engine=cfg.engine,
+                       max_len=cfg.max_len)
     tokenizer = dec.tokenizer
     labels = ["ar"] + [m for m in cfg.modes if m != "ar"]  # ar first: the reference
     configs = {m: parse_mode("ar" if m in BASELINES else m, **cfg.options) for m in labels}

@@ -64,7 +64,7 @@ def load_for_decoding(args, *, need_heads: bool):
     from .engine import load_decoder
 
     dec = load_decoder(args.model, heads=args.heads, need_heads=need_heads, device=args.device, dtype=args.dtype,
-                       engine=args.engine)
+                       engine=args.engine, max_len=args.max_len)
     return dec, dec.tokenizer
 
 
@@ -115,7 +115,7 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(model=args.model, heads=args.heads, suites=tuple(args.suite.split(",")),
                       modes=tuple(args.modes.split(",")), n=args.n, out=args.out, device=args.device,
                       dtype=args.dtype, prompts_file=args.prompts, near_tie_eps=args.near_tie_eps,
-                      engine=args.engine, options=given(args))
+                      engine=args.engine, max_len=args.max_len, options=given(args))
     run_bench(cfg)
     return 0
 
@@ -234,6 +234,8 @@ def add_model_args(p, command: str):
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="fast: static KV cache, compiled layers, a CUDA graph per step width (Llama/Qwen2/"
                         "Mistral); auto: fast on CUDA where it supports the model, else eager")
+    p.add_argument("--max-len", type=int, help="tokens the fast engine's cache holds, prompt and answer together "
+                   "(default: the model's window, at most 32,768, as far as a quarter of the free GPU memory holds)")
     add_decoding_arguments(p, command)
 
 

@@ -165,6 +165,11 @@ class Decoder:
         if self.fits(rule, context, width):
             queued.append((self.runner.run_step(width, rule, context + rule.ahead(width)), width - 1))
 
+    def prepare(self, cfg: DecodeConfig) -> None:
+        """Capture every graph this config's mode can need, at every prompt and context length the cache
+        holds, so that no request of it captures one (a server does this before it serves)."""
+        self.runner.capture_all(self.rule_for(cfg))
+
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig | None = None, *,
                  on_tokens: Callable[[list[int]], None] | None = None) -> DecodeResult:
         return drain(self.stream(prompt_ids, cfg), on_tokens)

@@ -32,11 +32,12 @@ def pick_engine(model, engine: str = "auto") -> str:
 
 
 def build_decoder(model, tokenizer=None, bundle=None, *, engine: str = "auto", eos_token_ids: list[int] | None = None,
-                  max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None,
+                  max_len: int | None = None, graphs: bool | None = None, compile: bool | None = None,
                   overlap: bool | None = None) -> Decoder:
     """engine "fast" runs anywhere it can (on a CPU without graphs or compiling, as the tests drive it);
-    max_len, graphs and compile are the fast backend's (cache slots; None: on where there is CUDA); overlap
-    is the loop's (Decoder)."""
+    max_len, graphs and compile are the fast backend's (cache slots, None: the model's window where memory
+    allows, fast.default_max_len; graphs and compiling, None: on where there is CUDA); overlap is the
+    loop's (Decoder)."""
     if pick_engine(model, engine) == "fast":
         backend = StaticBackend(model, max_len=max_len, graphs=graphs, compile=compile)
     else:

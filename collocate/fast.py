@@ -1,7 +1,7 @@
 """The fast backend: a static KV cache indexed by position, compiled layers, a CUDA graph per step.
 
     dec = build_decoder(model, tokenizer, bundle, engine="fast")   # collocate.engine; Llama/Qwen2-style
-    backend = StaticBackend(model, max_len=2048)                   # what that builds under the Decoder
+    backend = StaticBackend(model, max_len=32768)                  # what that builds under the Decoder
 
 The decode loop's whole step (decode.Decoder.step: forward, LM head, rule, drafter, next feed) is
 captured once per plan, feed width and attention length and replayed; the host reads one small result
@@ -15,9 +15,10 @@ modules' weights (q/k/v and gate/up rebound as views of one fused matrix each) a
 no modeling file is copied. On CUDA that function is torch.compile'd once per step width and attention
 length (every layer shares it), which fuses its small ops into a few kernels: a graph replays kernels, so
 fewer kernels is what makes a batch-1 step fast. Attention reads the first slots of the cache, as many as
-the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. With
-graphs a prompt is padded to one of a few widths (prompt_widths), so its pass is a graph too and compiles
-once per width; without them it runs the plain layers, so no prompt length compiles anything.
+the step needs rounded up to one of a few lengths (attn_lens), so its cost follows the context. A prompt
+is fed in pieces of at most PROMPT_PIECE rows; with graphs a lone piece is padded to one of a few widths
+(prompt_widths) and every later piece is whole, so a prompt's pass is a few graphs and compiles once per
+width and attention length; without graphs it runs the plain layers, so no prompt length compiles anything.
 bench/step_cost.py and bench/profile_step.py measure a step.
 """
 from __future__ import annotations
@@ -38,6 +39,13 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 SLOT_MULTIPLE = 64  # cache slots per layer are a multiple of this, so attention's matmuls stay aligned
 MIN_ATTN_LEN = 256  # the shortest attention length a step reads (attn_lens gives the longer ones)
 MIN_PROMPT_WIDTH = 64  # the fewest rows a prompt's pass feeds (prompt_widths gives the wider ones)
+# a prompt is fed in pieces of at most this many rows: a piece's attention scores are (rows x heads) x
+# attention length floats (512 rows of Qwen2.5-1.5B over 32K slots: 0.8 GB), so a long prompt's pass
+# stays within memory, and its shapes are few (a piece width times an attention length)
+PROMPT_PIECE = 512
+# the cache's default size: the model's own window, at most this many tokens (and, on CUDA, at most a
+# quarter of the free memory): graphs and compiled shapes grow with the number of attention lengths
+MAX_DEFAULT_LEN = 32768
 
 
 def lengths(first: int, last: int) -> tuple[int, ...]:
@@ -55,6 +63,19 @@ def attn_lens(n_slots: int) -> tuple[int, ...]:
     one graph per length and width; reading at most half again the slots in use keeps attention's cost
     close to the context's."""
     return lengths(MIN_ATTN_LEN, n_slots)
+
+
+def default_max_len(model) -> int:
+    """The model's own window, at most MAX_DEFAULT_LEN tokens and, on CUDA, as many as a quarter of the
+    free memory holds as K/V (Qwen2.5-1.5B: 28 KB a token in bf16, so 32K is under 1 GB)."""
+    cfg, w = model.config, model.get_input_embeddings().weight
+    n = min(model_context(model), MAX_DEFAULT_LEN)
+    if w.device.type == "cuda":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * w.element_size()
+        free, _ = torch.cuda.mem_get_info(w.device)
+        n = min(n, max(2048, free // 4 // per_token))
+    return n
 
 
 def shortest_covering(lens: tuple[int, ...], end: int | None) -> int:
@@ -210,12 +231,13 @@ class StaticLM:
         shape = (len(self.layers), 1, n_kv, n_slots, head_dim)
         self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.key_pos = torch.arange(n_slots, device=w.device)  # slots past max_len: never written, never seen
-        # rotary tables for every position, from the model's own rotary module (any rope scaling it
-        # applies is in them); a step only gathers rows, so nothing crosses to the host in a graph
+        self.key_pos = torch.arange(n_slots, device=w.device)  # slots past max_len: only a prompt's padding
+        # rotary tables for every slot, from the model's own rotary module (any rope scaling it applies is in
+        # them); a step only gathers rows, so nothing crosses to the host in a graph. Rows past max_len are
+        # a padded prompt's, whose results nothing reads
         with torch.no_grad():
-            cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None, :max_len])
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
+            cos, sin = self.body.rotary_emb(w[None, :1], self.key_pos[None])
+        self.cos, self.sin = cos[0], sin[0]  # (n_slots, hd)
         norm = self.body.norm
         self.final_norm = (norm.weight, float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")))
         # a step's inputs in a few fused kernels, not a dozen (compiled on first use, per width and length)
@@ -266,20 +288,23 @@ class StaticBackend:
 
     fixed_rows = True  # attn_len(None) reads every slot at every step: a row's arithmetic has one shape (--exact)
 
-    def __init__(self, model, *, max_len: int = 2048, graphs: bool | None = None, compile: bool | None = None):
+    def __init__(self, model, *, max_len: int | None = None, graphs: bool | None = None, compile: bool | None = None,
+                 piece: int = PROMPT_PIECE):
         check_supported(model)
         if model.config.model_type not in SUPPORTED:
             raise NotImplementedError(f"the fast engine covers {', '.join(SUPPORTED)}; "
                                       f"use the eager engine for {model.config.model_type}")
-        if max_len < 2:
+        if max_len is not None and max_len < 2:
             raise ValueError(f"max_len counts cache slots and must be at least 2, got {max_len}")
         self.model = model
         self.model_context = model_context(model)
-        # max_len counts cache slots: 2,048 by default, the row length that attention was measured fast with
-        self.capacity = min(self.model_context, max_len)
-        self.lm = StaticLM(model, self.capacity)
+        self.capacity = min(self.model_context, max_len or default_max_len(model))
+        # a prompt longer than a piece is fed piece by piece, each padded to the piece's width: the slots
+        # are then a multiple of it, so the last piece's padding stays inside the cache
+        self.piece = piece if self.capacity > piece else self.capacity
+        self.lm = StaticLM(model, self.capacity, slot_multiple=piece if self.capacity > piece else SLOT_MULTIPLE)
         self.attn_lens = attn_lens(self.lm.k_cache.shape[3])
-        self.prompt_widths = lengths(MIN_PROMPT_WIDTH, self.capacity)
+        self.prompt_widths = lengths(MIN_PROMPT_WIDTH, self.piece)
         device = self.lm.k_cache.device
         self.graphs_on = device.type == "cuda" if graphs is None else graphs
         # with graphs a prompt is padded to one of a few widths, each a graph: its pass launched op by op
@@ -290,6 +315,9 @@ class StaticBackend:
         # kernels; a graph replays kernels, so fewer kernels is what makes a step fast
         self.compile_on = device.type == "cuda" if compile is None else compile
         self.graphs: dict = {}
+        # every graph draws its temporaries from one pool: they run one at a time, so a long prompt's
+        # pieces need the memory of one piece, not of each (their outputs stay alive, so none is reused)
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs_on else None
 
     @property
     def captures(self) -> bool:
@@ -311,16 +339,23 @@ class StaticBackend:
             return
         if self.capacity < self.model_context:
             raise DecodeError(f"prompt of {n_prompt} tokens does not fit the fast engine's cache of "
-                              f"{self.capacity} tokens (the model takes {self.model_context}): build the decoder "
-                              f"with a larger max_len (engine.build_decoder(..., max_len=N)), or use --engine eager")
+                              f"{self.capacity} tokens (the model takes {self.model_context}): give a larger "
+                              f"--max-len (max_len=N in Python), or use --engine eager")
         raise DecodeError(f"prompt of {n_prompt} tokens does not fit the model's context of {self.capacity} tokens")
 
     def reset(self) -> None:
         pass  # the position restarts at 0; later writes overwrite the old slots
 
-    def prompt_width(self, n_prompt: int) -> int:
-        """The rows a prompt of n_prompt tokens is fed as (the prompt, then any padding)."""
-        return shortest_covering(self.prompt_widths, n_prompt) if self.pad_prompts else n_prompt
+    def prompt_pieces(self, n_prompt: int) -> list[tuple[int, int]]:
+        """(first row, width) of each piece a prompt of n_prompt tokens is fed as: pieces of `piece` rows;
+        with graphs a lone piece is padded to one of prompt_widths, and the last of several to a whole
+        piece, so that every piece after the first has one width."""
+        starts = range(0, n_prompt, self.piece)
+        if not self.pad_prompts:
+            return [(s, min(self.piece, n_prompt - s)) for s in starts]
+        if n_prompt <= self.piece:
+            return [(0, shortest_covering(self.prompt_widths, n_prompt))]
+        return [(s, self.piece) for s in starts]
 
     def attn_len(self, end: int | None) -> int:
         """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the
@@ -382,7 +417,7 @@ class StaticBackend:
                 self.call(step)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = step()
         for t, s in zip(state, saved):
             t.copy_(s)

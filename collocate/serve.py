@@ -160,6 +160,11 @@ class Service:
             self.generator.decoder.rule_for(cfg)
         except (DecodeError, BundleError, ValueError) as e:
             raise ApiError(str(e)) from None
+        capacity, asked = self.generator.decoder.backend.capacity, req.max_completion_tokens or req.max_tokens
+        if asked is not None and len(ids) + asked > capacity:  # (without max_tokens: what fits, then "length")
+            raise ApiError(f"this server's context holds {capacity} tokens (collocate serve --max-len N); the "
+                           f"prompt has {len(ids)} and max_tokens asks for {asked} more: ask for at most "
+                           f"{capacity - len(ids)}", param="max_tokens")
         if req.model and req.model != self.served.name:
             raise ApiError(f"model '{req.model}' is not served here; this server serves '{self.served.name}'",
                            404, "model")
@@ -277,9 +282,12 @@ def serve(generator: Generator, *, name: str, host: str = "127.0.0.1", port: int
 
     app = build_app(generator, name=name, default_max_tokens=default_max_tokens)
     dec = generator.decoder
-    for temperature in (0.0, 1.0):  # compile and capture the default mode's steps before the first client waits
-        dec.generate(generator.encode("Hi", chat=False), DecodeConfig(mode=app.state.served.default_mode,
-                                                                     max_new_tokens=4, temperature=temperature))
+    start = time.perf_counter()
+    for temperature in (0.0, 1.0):  # every graph of the default mode, greedy and sampled, before the first client
+        dec.prepare(DecodeConfig(mode=app.state.served.default_mode, temperature=temperature))
+    if dec.backend.captures:
+        print(f"collocate: captured {len(dec.backend.graphs)} graphs for {dec.backend.capacity} tokens of context "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
     heads = f"heads k={dec.bundle.k}, {dec.bundle.config.drafter}" if dec.bundle is not None else "no heads"
     print(f"collocate: serving '{name}' ({heads}; engine {dec.backend.describe()}; default mode "
           f"{app.state.served.default_mode}) at http://{host}:{port}/v1", flush=True)

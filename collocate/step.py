@@ -114,12 +114,14 @@ class StepRunner:
         self.feed = torch.zeros(width, **long)  # the next step's tokens
         self.pos0 = torch.zeros((), **long)  # position of feed[0]
         self.n_fed = torch.zeros((), **long)  # draft rows of the feed (--exact)
-        self.prompt = torch.zeros(backend.capacity, **long)  # the prompt (then padding: the prompt width)
+        self.prompt = torch.zeros(backend.capacity, **long)  # the prompt
+        self.piece = torch.zeros(max(w for _, w in backend.prompt_pieces(backend.capacity)), **long)  # one piece of it
         self.n_prompt = torch.zeros((), **long)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
         self.warmed: set = set()  # (rule, width, attention length) steps run once already (warm_up)
+        self.warmed_prompts: dict = {}  # rule -> the (piece width, attention length) shapes its prompts ran at
         self.settle_step = backend.compiled(self.settle)  # a step's tail: one graph where the backend compiles
 
     @property
@@ -143,12 +145,13 @@ class StepRunner:
 
     # -- the step: tensor work only (the fast backend captures it) ------------------------------------
     def step(self, ids: torch.Tensor, rule: Rule, tree: DraftTree | None, attn_len: int | None = None) -> StepOut:
-        """Feed ids = [root, draft nodes of `tree`] (tree None: a prompt of n_prompt tokens, all committed,
-        maybe then padding); attention reads the first attn_len cache slots (the backend's choice, None: all)."""
+        """Feed ids = [root, draft nodes of `tree`] (tree None: the prompt's last piece, from slot pos0 to
+        n_prompt, maybe then padding); attention reads the first attn_len cache slots (the backend's choice,
+        None: all)."""
         h = self.backend.forward(ids, self.pos0, tree, attn_len)  # (m, d); K/V written at slots pos0..pos0+m-1
         prefill = tree is None
         if prefill:  # only the prompt's last row matters, and it keeps all it wrote
-            last = (self.n_prompt - 1).view(1)
+            last = (self.n_prompt - 1 - self.pos0).view(1)
             h, ids, tree = h.index_select(0, last), ids.index_select(0, last), DraftTree(())
         # a prompt's tail, once per answer, runs plain; a step's runs as one graph where the backend compiles
         settle = self.settle if prefill else self.settle_step
@@ -159,7 +162,10 @@ class StepRunner:
             self.backend.keep(self.pos0, s.kept, tree)
         self.feed[: s.feed.shape[0]].copy_(s.feed)
         self.n_fed.copy_(s.out.next_width - 1)
-        self.pos0.add_(self.n_prompt if prefill else 1 + s.kept.count)
+        if prefill:
+            self.pos0.copy_(self.n_prompt)
+        else:
+            self.pos0.add_(1 + s.kept.count)
         return s.out
 
     def settle(self, h: torch.Tensor, ids: torch.Tensor, rule: Rule, t: TreeTensors, drafts: TreeTensors) -> Settled:
@@ -216,27 +222,37 @@ class StepRunner:
         return self.backend.run((rule, fed.n + 1, attn_len), step, state=self.state).to_host()
 
     def run_prompt(self, prompt_ids: list[int], rule: Rule) -> Packed:
-        """The prompt's pass, fed as the backend's prompt width (the fast backend replays a graph per width)."""
+        """The prompt's pass, piece by piece (the backend's prompt_pieces): each but the last only writes its
+        K/V; the last is a step that gives the first token. The fast backend replays a graph per piece width
+        and attention length; every piece is read from one buffer, so a graph serves any piece of its shape."""
         n = len(prompt_ids)
-        width = self.backend.prompt_width(n)
         self.prompt[:n].copy_(torch.tensor(prompt_ids))
         self.n_prompt.fill_(n)
-        attn_len = self.attn_len(rule, width)
+        pieces = self.backend.prompt_pieces(n)
+        for start, width in pieces:
+            self.piece[:width].copy_(self.prompt[start:start + width])  # (past the prompt: padding, never read)
+            self.pos0.fill_(start)
+            attn_len = self.attn_len(rule, start + width)
+            if start + width < n:
+                self.backend.run(("piece", width, attn_len), lambda: self.fill(width, attn_len), state=self.state)
+        return self.backend.run((rule, "prompt", width, attn_len), lambda: Packed.of(
+            self.step(self.piece[:width], rule, None, attn_len)), state=self.state).to_host()
 
-        def step() -> Packed:
-            return Packed.of(self.step(self.prompt[:width], rule, None, attn_len))
-
-        return self.backend.run((rule, "prompt", width, attn_len), step, state=self.state).to_host()
+    def fill(self, width: int, attn_len: int | None) -> None:
+        """A piece of the prompt before its last: its K/V written, nothing read."""
+        self.backend.forward(self.piece[:width], self.pos0, None, attn_len)
 
     def warm_up(self, rule: Rule, prompt_ids: list[int], last: int) -> None:
-        """Capture, before anything is timed, this prompt's pass and every width this rule uses at every
+        """Capture, before anything is timed, this prompt's pieces and every width this rule uses at every
         attention length that steps writing up to slot len(prompt_ids) + 1..`last` (exclusive ends) read."""
         if not self.backend.captures:
             return
-        width = self.backend.prompt_width(len(prompt_ids))
-        if (rule, "prompt", width) not in self.warmed:
+        self.pos0.zero_()
+        shapes = {(w, self.attn_len(rule, s + w)) for s, w in self.backend.prompt_pieces(len(prompt_ids))}
+        if not shapes <= self.warmed_prompts.get(rule, set()):
             self.run_prompt(prompt_ids, rule)
-            self.warmed.add((rule, "prompt", width))
+            self.warmed_prompts.setdefault(rule, set()).update(shapes)
+        self.pos0.fill_(max(0, min(len(prompt_ids), self.backend.capacity - max(rule.widths))))  # (inside the cache)
         lo, hi = self.attn_len(rule, len(prompt_ids) + 1), self.attn_len(rule, last)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
             for width in rule.widths:
@@ -244,3 +260,13 @@ class StepRunner:
                     self.run_step(width, rule, attn_len)
                     self.warmed.add((rule, width, attn_len))
         self.pos0.zero_()
+
+    def capture_all(self, rule: Rule) -> None:
+        """Capture every graph this rule can need, at every prompt length and attention length up to the
+        cache's end, so that no request captures one (a server does this before it serves)."""
+        capacity = self.backend.capacity
+        lone = {self.backend.prompt_pieces(n)[0][1] for n in range(1, min(capacity, self.piece.shape[0] + 1))}
+        for width in sorted(w for w in lone if w < capacity):
+            self.warm_up(rule, [0] * width, width + 1)  # a lone piece of each width
+        self.warm_up(rule, [0], capacity)  # a step at every attention length
+        self.warm_up(rule, [0] * (capacity - 1), capacity)  # a whole piece at every attention length

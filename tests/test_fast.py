@@ -284,3 +284,36 @@ def test_a_prompt_is_fed_padded_to_one_of_a_few_widths(llama):
                     DecodeConfig(mode="verify", max_new_tokens=8, tree_size=20)):
             a, b = ref.generate(base[:n], cfg), dec.generate(base[:n], cfg)
             assert b.tokens == a.tokens and same_stats(a, b) and fed[-1] == width
+
+
+def test_a_long_prompt_is_fed_in_pieces_up_to_the_cache_end(llama):
+    """A prompt longer than a piece is fed piece by piece (with graphs: every piece whole, the last padded
+    past the prompt), at every length up to the cache's last slot: the eager decoder's tokens, in ar and in
+    a tree's verify, and the answer ends by length where the context is full."""
+    from collocate.decode import Decoder
+    from collocate.fast import StaticBackend
+
+    bundle = with_rank_probs(bundle_for(llama, seed=3))
+    ref = eager(llama, bundle)
+    for pad in (False, True):
+        backend = StaticBackend(llama, max_len=256, graphs=False, piece=64)
+        backend.pad_prompts = pad  # (graphs turn it on)
+        dec = Decoder(backend, None, bundle, eos_token_ids=[2])
+        fed, forward = [], backend.forward
+
+        def spy(ids, pos0, tree, attn_len=None, forward=forward, fed=fed):
+            if tree is None:
+                fed.append((int(pos0), ids.shape[0]))
+            return forward(ids, pos0, tree, attn_len)
+
+        backend.forward = spy
+        base = prompts(1, seed=4)[0] * 256
+        for n in (1, 63, 64, 65, 128, 129, 200, 250, 255):
+            for cfg in (DecodeConfig(mode="ar", max_new_tokens=8), DecodeConfig(mode="verify", max_new_tokens=8, tree_size=20)):
+                fed.clear()
+                a, b = ref.generate(base[:n], cfg), dec.generate(base[:n], cfg)
+                assert b.tokens == a.tokens and same_stats(a, b), (pad, n, cfg.mode)
+                assert [p for p, _ in fed] == list(range(0, n, 64))  # a piece at each multiple of 64
+                widths = {w for _, w in fed}
+                assert widths <= ({64, 96, 128, 192, 256} if n <= 64 else {64}) if pad else max(widths) <= 64
+                assert b.finish_reason == ("length" if n + 8 > 256 else a.finish_reason)

