@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,9 +129,15 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"collocate serve needs FastAPI and uvicorn ({e}): pip install 'collocate[serve]'") from None
 
+    from .serve import ServeConfig
+
+    key = args.api_key or os.environ.get("COLLOCATE_API_KEY") or None
+    config = ServeConfig(name=args.name or args.model, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue,
+                         request_timeout=args.request_timeout, max_body=args.max_body, api_key=key)
+    if min(config.max_queue, config.request_timeout, config.max_body) < 0 or config.request_timeout == 0:
+        raise ValueError("--max-queue and --max-body must be >= 0 and --request-timeout > 0")
     gen = Generator(load_for_decoding(args, need_heads=True)[0])
-    serve(gen, name=args.name or args.model, host=args.host, port=args.port,
-          default_max_tokens=args.max_new_tokens)
+    serve(gen, config, host=args.host, port=args.port)
     return 0
 
 
@@ -273,6 +280,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model name clients ask for (default: --model)")
+    p.add_argument("--api-key", help="every /v1 route needs Authorization: Bearer KEY (default: $COLLOCATE_API_KEY; "
+                   "none: open to whoever reaches the port)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the one being answered; "
+                   "more get 429 with Retry-After (default 16)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait for the engine; "
+                   "then 503 with Retry-After (default 600)")
+    p.add_argument("--max-body", type=int, default=4 << 20, help="bytes of a request body; more get 413 (default 4 MiB)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bench", help="modes side by side on real prompts; writes JSON, Markdown, PNG")
     add_model_args(p, "bench")

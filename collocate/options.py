@@ -78,6 +78,8 @@ class DecodeConfig:
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise DecodeError(f"stop strings must be non-empty text, got {list(self.stop)}")
         for f in fields(self):
             check_range(f, getattr(self, f.name))
         rule = rule_class(self)

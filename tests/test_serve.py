@@ -89,8 +89,8 @@ def test_openai_client_chat_stream_and_completion(smol_server):
 
 def post(server, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
-                      timeout=60, **kw)
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_server):
@@ -208,3 +208,193 @@ def test_collocate_serve_prints_where_it_listens_and_stops_cleanly_on_sigterm(tm
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def tiny_app(**config):
+    """The tiny model behind a server with these ServeConfig settings; it never stops early (no EOS), so a
+    request's length is its max_tokens."""
+    from collocate.serve import ServeConfig
+
+    model = tiny_llama()
+    gen = Generator(build_decoder(model, tiny_tokenizer(), None, engine="eager", eos_token_ids=[]))
+    return build_app(gen, config=ServeConfig(name="tiny", **config))
+
+
+@pytest.fixture
+def strict_server():
+    server = Server(tiny_app(max_queue=2, request_timeout=30, max_body=64 << 10, api_key="sekret"))
+    yield server
+    server.stop()
+
+
+def auth(key="sekret") -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_a_key_guards_every_v1_route_and_health_stays_open(strict_server):
+    chat = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 3}
+    for headers in ({}, auth("wrong")):
+        r = post(strict_server, "/v1/chat/completions", chat, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        assert httpx.get(strict_server.url + "/v1/models", headers=headers).status_code == 401
+    assert httpx.get(strict_server.url + "/health").status_code == 200
+    c = openai.OpenAI(base_url=strict_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
+    c = openai.OpenAI(base_url=strict_server.url + "/v1", api_key="sekret", max_retries=0)
+    models = c.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].object == "model" and models[0].created > 0
+    assert c.models.retrieve("tiny").id == "tiny"
+    assert c.chat.completions.create(model="tiny", messages=chat["messages"], max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_burst_over_the_queue_gets_429s_and_every_accepted_request_completes(strict_server, monkeypatch):
+    """Twelve requests at once against one running and two waiting: the others hear 429 at once, with
+    OpenAI's error body and Retry-After; every accepted one gets its whole answer."""
+    slow_steps(monkeypatch, 0.002)
+    body = {"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 120, "temperature": 0}
+
+    def one(i):
+        r = post(strict_server, "/v1/chat/completions", {**body, "stream": i % 2 == 1}, headers=auth())
+        return r
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    ok = [r for r in answers if r.status_code == 200]
+    busy = [r for r in answers if r.status_code == 429]
+    assert len(ok) + len(busy) == 12 and len(ok) >= 3 and busy, [r.status_code for r in answers]
+    for r in busy:
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
+    for r in ok:
+        if r.headers["content-type"].startswith("application/json"):
+            assert r.json()["usage"]["completion_tokens"] == 120
+        else:
+            assert r.text.rstrip().endswith("data: [DONE]")
+    assert post(strict_server, "/v1/chat/completions", {**body, "max_tokens": 2}, headers=auth()).status_code == 200
+
+
+def slow_steps(monkeypatch, seconds: float) -> None:
+    """Every decode step takes at least this long (the tiny model's steps take a millisecond)."""
+    run_step = StepRunner.run_step
+    monkeypatch.setattr(StepRunner, "run_step", lambda self, *a, **k: (time.sleep(seconds), run_step(self, *a, **k))[1])
+
+
+def test_a_request_that_waits_past_its_timeout_gets_503_and_frees_its_place(monkeypatch):
+    slow_steps(monkeypatch, 0.005)  # ~1.2 s for the first answer
+    server = Server(tiny_app(request_timeout=0.3))
+    try:
+        long = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 240, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, server, "/v1/chat/completions", long)
+            time.sleep(0.2)
+            late = post(server, "/v1/chat/completions", {**long, "max_tokens": 2})
+            assert late.status_code == 503 and "request-timeout" in late.json()["error"]["message"]
+            assert int(late.headers["retry-after"]) >= 1
+            assert first.result().status_code == 200
+        assert post(server, "/v1/chat/completions", {**long, "max_tokens": 2}).status_code == 200
+        assert server.server.config.app.state.service.admitted == 0  # nothing left counted
+    finally:
+        server.stop()
+
+
+def test_metrics_are_prometheus_text_and_move_with_requests(tiny_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(tiny_server.url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    r = post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 5,
+                                                    "temperature": 0})
+    assert r.status_code == 200
+    post(tiny_server, "/v1/chat/completions", {"messages": []})  # a 400
+    after = scrape()
+    key = ("collocate_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[key] == before.get(key, 0) + 1
+    bad = ("collocate_requests_total", (("route", "/v1/chat/completions"), ("status", "400")))
+    assert after[bad] == before.get(bad, 0) + 1
+    grew = lambda name: after[(name, ())] - before.get((name, ()), 0)  # noqa: E731
+    assert grew("collocate_completion_tokens_total") == r.json()["usage"]["completion_tokens"]
+    assert grew("collocate_prompt_tokens_total") == r.json()["usage"]["prompt_tokens"]
+    assert grew("collocate_time_to_first_token_seconds_count") == 1 and grew("collocate_tokens_per_step_count") == 1
+    assert after[("collocate_queue_depth", ())] == 0
+
+
+def test_hostile_requests_get_4xx_and_the_connection_goes_on(strict_server):
+    """A body over the limit (413, and /health answers meanwhile), fields that would change the answer,
+    images, unknown roles, a lone surrogate, an empty stop string, a blank prompt, a max_tokens past the
+    context: each a 4xx naming the problem; the same keep-alive connection then serves a good request."""
+    chat = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 3}
+    with httpx.Client(base_url=strict_server.url, headers=auth(), timeout=30) as h:
+        big = h.post("/v1/chat/completions", content=b'{"messages": [' + b" " * (1 << 20) + b"]}",
+                     headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "max-body" in big.json()["error"]["message"]
+        cases = [({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                 ({**chat, "tool_choice": "auto"}, "tool_choice"),
+                 ({**chat, "response_format": {"type": "json_object"}}, "response_format"),
+                 ({**chat, "logit_bias": {"5": 100}}, "logit_bias"), ({**chat, "top_logprobs": 3}, "top_logprobs"),
+                 ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                  "image_url"),
+                 ({**chat, "messages": [{"role": "wizard", "content": "w5"}]}, "role 'wizard'"),
+                 ({**chat, "stop": ""}, "stop"), ({**chat, "max_tokens": 10 ** 30}, "max_tokens")]
+        for body, word in cases:
+            r = h.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and word in r.json()["error"]["message"], (body, r.text)
+        for body, word in (({"prompt": "   ", "max_tokens": 4}, "empty"), ({"prompt": "w5", "echo": True}, "echo"),
+                           ({"prompt": "w5", "suffix": "x"}, "suffix"), ({"prompt": "w5", "best_of": 3}, "best_of")):
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == 400 and word in r.json()["error"]["message"], (body, r.text)
+        surrogate = b'{"messages": [{"role": "user", "content": "w5 \\ud800"}], "max_tokens": 3}'
+        r = h.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+        assert h.post("/v1/chat/completions", json=chat).status_code == 200  # the same connection goes on
+
+
+def test_a_large_body_is_refused_without_stalling_the_server(tiny_server):
+    """10 MB: 413 from the size alone (the default limit is 4 MiB), and /health answers at once meanwhile."""
+    body = b'{"messages": [{"role": "user", "content": "' + b"w5 " * ((10 << 20) // 3) + b'"}]}'
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(post, tiny_server, "/v1/chat/completions", body)
+        start = time.perf_counter()
+        assert httpx.get(tiny_server.url + "/health", timeout=10).status_code == 200
+        assert time.perf_counter() - start < 2
+        assert big.result().status_code == 413
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_the_engine(monkeypatch):
+    server = Server(tiny_app())
+    try:
+        steps = []
+        run_step = StepRunner.run_step
+        monkeypatch.setattr(StepRunner, "run_step", lambda self, *a, **k: (steps.append(1), time.sleep(0.01),
+                                                                           run_step(self, *a, **k))[2])
+        body = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 240, "temperature": 0, "mode": "ar"}
+        with pytest.raises(httpx.TimeoutException):
+            post(server, "/v1/chat/completions", body, timeout=0.5)
+        time.sleep(0.5)
+        after_hangup = len(steps)
+        start = time.perf_counter()
+        assert post(server, "/v1/chat/completions", {**body, "max_tokens": 3}).status_code == 200
+        assert time.perf_counter() - start < 1.5 and after_hangup < 120  # freed long before its 240 tokens
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_a_4000_token_prompt_is_answered_and_one_over_the_window_is_refused(smol_server):
+    """SmolLM2's window is 8,192 tokens: a prompt of 4,000+ (real source code) is answered; one past the
+    window gets a 400 that names the limit; a max_tokens past what is left names --max-len."""
+    import inspect
+
+    from collocate import decode, fast, step
+
+    code = "\n".join(inspect.getsource(m) for m in (decode, fast, step))
+    c = client(smol_server)
+    r = c.completions.create(model="smollm2-135m", prompt=code[:16000], max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens > 4000 and r.usage.completion_tokens == 8, r.usage
+    with pytest.raises(openai.BadRequestError, match="8192"):
+        c.completions.create(model="smollm2-135m", prompt=code * 3, max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="max-len"):
+        c.completions.create(model="smollm2-135m", prompt=code[:16000], max_tokens=8000)
