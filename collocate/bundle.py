@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -70,6 +70,11 @@ class BundleConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        for name in ("k", "hidden_size", "vocab_size", "layers"):
+            if getattr(self, name) < (2 if name == "k" else 1):
+                raise BundleError(f"'{name}' must be at least {2 if name == 'k' else 1}, got {getattr(self, name)}")
+        if self.draft_vocab < 0 or self.draft_vocab > self.vocab_size:
+            raise BundleError(f"'draft_vocab' must lie in 0..{self.vocab_size}, got {self.draft_vocab}")
         if self.drafter not in DRAFTERS:
             raise BundleError(f"unknown drafter type '{self.drafter}' (this collocate knows {', '.join(DRAFTERS)}): "
                               "the bundle needs a newer collocate")
@@ -214,13 +219,20 @@ class MTPBundle(nn.Module):
         for name, t in bundle.state_dict().items():
             if tensors[name].shape != t.shape:
                 raise BundleError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config says {tuple(t.shape)}")
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise BundleError(f"{path / 'model.safetensors'}: tensor {bad[0]} holds NaN or infinite values "
+                              f"({len(bad)} such tensors); retrain or restore the bundle")
         bundle.load_state_dict(tensors)
         report = path / "train_report.json"
         if report.exists():
-            rep = json.loads(report.read_text())
-            bundle.heldout = rep.get("heldout_head_accuracy", {})
-            bundle.calibrations = {features: clp.get("thresholds", {})
-                                   for features, clp in rep.get("clp", {}).items()}
+            rep = read_json(report)
+            try:
+                bundle.heldout = dict(rep.get("heldout_head_accuracy", {}))
+                bundle.calibrations = {features: dict(clp.get("thresholds", {}))
+                                       for features, clp in rep.get("clp", {}).items()}
+            except (AttributeError, TypeError, ValueError) as e:
+                raise BundleError(f"{report} is not a collocate training report: {e}") from None
         if backbone is not None:
             bundle.check_backbone(backbone, backbone_name)
         return bundle.eval().requires_grad_(False)
@@ -238,11 +250,34 @@ def resolve_bundle(path: str | Path) -> Path:
     return p
 
 
-def read_config(path: Path) -> BundleConfig:
+def read_json(file: Path) -> dict:
+    """A JSON object from a bundle file, or a one-line BundleError."""
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{file} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def check_types(raw: dict, file: Path) -> None:
+    """Each field of a bundle config has its declared type (a JSON number where a number belongs, ...)."""
+    kinds = {"int": int, "str": str, "bool": bool, "list": list, "dict": dict}
+    for f in fields(BundleConfig):
+        if f.name not in raw:
+            continue
+        declared = str(f.type).split(" | ")
+        value = raw[f.name]
+        ok = any(isinstance(value, kinds[k]) and not (k == "int" and isinstance(value, bool))
+                 for k in declared if k in kinds) or (value is None and "None" in declared)
+        if not ok:
+            raise BundleError(f"{file}: '{f.name}' must be {' or '.join(declared)}, got {json.dumps(value)[:40]}")
+
+
+def read_config(path: Path) -> BundleConfig:
+    raw = read_json(path / "config.json")
+    check_types(raw, path / "config.json")
     if raw.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{path} uses bundle format {raw['format_version']}; this collocate reads up to "
                           f"{FORMAT_VERSION}. Upgrade collocate.")

@@ -142,16 +142,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .bundle import MTPBundle
-    from .export import export_medusa, export_vllm_medusa
+    from .bundle import BundleError, MTPBundle, resolve_bundle
+    from .export import check_target, export_medusa, export_vllm_medusa
     from .zoo import load_backbone
 
+    if Path(args.out).resolve() == resolve_bundle(args.bundle).resolve():
+        raise BundleError(f"{args.out} is the bundle itself: export into another folder")
+    check_target(args.out, overwrite=args.overwrite)  # before the backbone loads
     bundle = MTPBundle.from_pretrained(args.bundle)
     model_name = args.model or bundle.config.base_model
     backbone, _ = load_backbone(model_name, device="cpu")
     bundle.check_backbone(backbone, model_name)
     write = export_vllm_medusa if args.format == "vllm-medusa" else export_medusa
-    out = write(bundle, backbone.get_output_embeddings().weight, args.out)
+    out = write(bundle, backbone.get_output_embeddings().weight, args.out, overwrite=args.overwrite)
     print(f"collocate: wrote {out} ({args.format}: {bundle.k - 1} heads, LM head of {model_name}); "
           "docs/export.md shows how to serve it")
     return 0
@@ -274,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="vllm-medusa", choices=["vllm-medusa", "medusa"],
                    help="vllm-medusa: vLLM's Medusa drafter; medusa: FasterDecoding/Medusa's medusa_lm_head.pt")
     p.add_argument("--model", help="the backbone whose LM head goes with the heads (default: the bundle's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a folder that is not empty")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming)")
     add_model_args(p, "serve")
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (BundleError, DecodeError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (BundleError, DecodeError, ValueError, OSError, NotImplementedError) as e:
         print(f"collocate: error: {e}", file=sys.stderr)
         return 2
 

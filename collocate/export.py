@@ -21,6 +21,9 @@ their meaning there.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +32,44 @@ from safetensors.torch import load_file, save_file
 from .bundle import BundleError, MTPBundle
 
 FORMATS = ("vllm-medusa", "medusa")
+
+
+def check_target(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Where an export may go: a new or empty folder, or (overwrite) a folder it replaces whole."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} is a file: give a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{out} exists and is not empty: choose another folder, or --overwrite to replace it")
+    try:  # where it cannot write, say so before anything is loaded
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).rmdir()
+    except OSError as e:
+        raise BundleError(f"cannot write to {out}: {e.strerror or e}") from None
+    return out
+
+
+@contextmanager
+def staged(out: str | Path, *, overwrite: bool = False):
+    """A fresh folder beside `out` to write into, moved into place only once everything is written: an
+    export that fails half-way leaves nothing behind, and an existing folder is replaced only when asked."""
+    out = check_target(out, overwrite=overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise BundleError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (after the move, nothing is there)
 
 
 def medusa_config(bundle: MTPBundle) -> dict:
@@ -61,16 +102,17 @@ def check_exportable(bundle: MTPBundle, lm_head_weight: torch.Tensor, fmt: str) 
                           f"({bundle.config.vocab_size} x {bundle.config.hidden_size})")
 
 
-def export_vllm_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+def export_vllm_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path, *,
+                       overwrite: bool = False) -> Path:
     check_exportable(bundle, lm_head_weight, "vllm-medusa")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(medusa_tensors(bundle, lm_head_weight), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(medusa_config(bundle), indent=2) + "\n")
-    return out
+    with staged(out, overwrite=overwrite) as tmp:
+        save_file(medusa_tensors(bundle, lm_head_weight), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(medusa_config(bundle), indent=2) + "\n")
+    return Path(out)
 
 
-def export_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path) -> Path:
+def export_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Path, *,
+                  overwrite: bool = False) -> Path:
     """FasterDecoding/Medusa's layout: the same blocks, and a copy of the LM head per head."""
     check_exportable(bundle, lm_head_weight, "medusa")
     if bundle.config.layers != 1:
@@ -83,12 +125,11 @@ def export_medusa(bundle: MTPBundle, lm_head_weight: torch.Tensor, out: str | Pa
         state[f"{h}.0.linear.weight"] = named[f"blocks.{h}.layers.0.weight"]
         state[f"{h}.0.linear.bias"] = named[f"blocks.{h}.layers.0.bias"]
         state[f"{h}.1.weight"] = lm.clone()  # its heads own their LM head (ours share the backbone's)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / "medusa_lm_head.pt")
-    (out / "config.json").write_text(json.dumps({"medusa_num_heads": bundle.k - 1, "medusa_num_layers": 1,
-                                                 "base_model_name_or_path": bundle.config.base_model}, indent=2) + "\n")
-    return out
+    with staged(out, overwrite=overwrite) as tmp:
+        torch.save(state, tmp / "medusa_lm_head.pt")
+        (tmp / "config.json").write_text(json.dumps({"medusa_num_heads": bundle.k - 1, "medusa_num_layers": 1,
+                                                     "base_model_name_or_path": bundle.config.base_model}, indent=2) + "\n")
+    return Path(out)
 
 
 def import_vllm_medusa(path: str | Path, *, backbone, base_model: str = "imported") -> MTPBundle:

@@ -1,6 +1,7 @@
 """Export to vLLM's Medusa format: names, shapes and config fields as vLLM's loader reads them, and a
 round trip that gives the same drafts."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,34 @@ def test_fasterdecoding_medusa_layout_gives_the_same_drafts(tmp_path):
     assert torch.equal(theirs, bundle.heads.logits(h, model.lm_head.float()).argmax(-1))
     with pytest.raises(BundleError, match="repeats one block"):
         export_medusa(MTPBundle.for_backbone(model, k=3, base_model="t", layers=2), model.lm_head.weight, tmp_path)
+
+
+def test_export_never_overwrites_unasked_and_writes_nothing_half_way(tmp_path, capsys):
+    """`collocate export`: onto the bundle itself, into a folder that is not empty, to a file or where it
+    cannot write: a one-line error, and every file as it was; --overwrite replaces a folder whole."""
+    from collocate.cli import main
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "tiny")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    bundle_dir = tmp_path / "bundle"
+    MTPBundle.for_backbone(model, k=3, base_model=model_dir).save_pretrained(bundle_dir)
+    before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
+    capsys.readouterr()  # (the setup's progress bars)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out, word in ((bundle_dir, "the bundle itself"), (busy, "--overwrite"), (a_file, "is a file"),
+                      (Path("/proc/collocate-export"), "cannot write")):
+        assert main(["export", str(bundle_dir), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
+    assert (busy / "keep.txt").read_text() == "mine" and a_file.read_text() == "x"
+    assert main(["export", str(bundle_dir), str(busy), "--overwrite"]) == 0
+    assert sorted(p.name for p in busy.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -226,3 +226,34 @@ def test_clp_default_is_the_calibrated_safe_threshold(tmp_path, llama):
                          (dict(mode="clp", clp_features="tokens"), "unknown CLP features")):
         with pytest.raises(DecodeError, match=message):
             DecodeConfig(**bad)
+
+
+def test_bundle_files_that_parse_but_are_the_wrong_shape_give_one_line_errors(tmp_path, llama):
+    """JSON of the wrong kind, fields of the wrong type or range, a report that is not a report, and NaN
+    weights: each a BundleError naming the file and what is wrong, never a traceback or a silent load."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    MTPBundle.for_backbone(llama, k=4, base_model="tiny").save_pretrained(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for raw, word in (([], "JSON object"), ({**good, "format_version": "3"}, "'format_version' must be int"),
+                      ({**good, "k": "4"}, "'k' must be int"), ({**good, "k": 1}, "'k' must be at least 2"),
+                      ({**good, "compete": 1}, "'compete' must be bool"), ({**good, "tree": {}}, "'tree' must be list"),
+                      ({**good, "draft_vocab": -5}, "draft_vocab")):
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match=word):
+            MTPBundle.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(good))
+    for report, word in (([], "JSON object"), ({"clp": []}, "training report"),
+                         ({"heldout_head_accuracy": 7}, "training report")):
+        (tmp_path / "train_report.json").write_text(json.dumps(report))
+        with pytest.raises(BundleError, match=word):
+            MTPBundle.from_pretrained(tmp_path)
+    (tmp_path / "train_report.json").unlink()
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(BundleError, match="NaN"):
+        MTPBundle.from_pretrained(tmp_path)
