@@ -144,8 +144,8 @@ def test_load_8_clients_x_20_requests(tiny_server):
         one(i)
     before = rss_mb()
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(160)))
-    assert all(results) and len(results) == 160
+        results = list(pool.map(one, range(320)))
+    assert all(results) and len(results) == 320
     assert rss_mb() - before < 64
 
 
@@ -246,6 +246,27 @@ def test_a_key_guards_every_v1_route_and_health_stays_open(strict_server):
     assert [m.id for m in models] == ["tiny"] and models[0].object == "model" and models[0].created > 0
     assert c.models.retrieve("tiny").id == "tiny"
     assert c.chat.completions.create(model="tiny", messages=chat["messages"], max_tokens=3).usage.completion_tokens == 3
+    chunks = list(c.chat.completions.create(model="tiny", messages=chat["messages"], max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices  # usage on the last chunk, alone
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+
+def test_a_second_server_on_a_busy_port_says_so_before_anything_else(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "collocate.cli", "serve", "--model", model, "--port", str(port),
+                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "serving" not in r.stdout, r.stdout
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr, r.stderr
 
 
 def test_a_burst_over_the_queue_gets_429s_and_every_accepted_request_completes(strict_server, monkeypatch):
