@@ -214,6 +214,12 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   longprompts)  # longprompts MODEL RUN [MODES LENGTHS]: bench/long_prompts.py (graphs captured first, then code prompts)
     python3 bench/long_prompts.py --model "$W/models/${2:?model}" --heads "$W/runs/${3:?run}" \
       --modes "${4:-ar,verify-t48d3}" --lengths "${5:-256,2048,4096,8192,16384,30000}" --out "$R/long_prompts_$2.json" ;;
+  abloop)  # abloop OLD [SHAPE]: bench/loop_cost.py (random weights: ar, chain verify, a 48-node depth-3 tree) with OLD's
+    # tree, then this one -> results/loop_{old,new}_SHAPE.json and the comparison (speed ratio, same tokens)
+    shape=${3:-1.5b}
+    (cd bench && PYTHONPATH=${2:?old tree}:/tmp/site python3 loop_cost.py --shape "$shape" --repeats 2 --out "$R/loop_old_$shape.json")
+    (cd bench && python3 loop_cost.py --shape "$shape" --repeats 2 --out "$R/loop_new_$shape.json")
+    (cd bench && python3 loop_cost.py --compare "$R/loop_old_$shape.json" "$R/loop_new_$shape.json") | tee "$R/loop_ab_$shape.txt" ;;
   graphtests)  # the test suite's CUDA-graph tests and the fast backend's tests, on this GPU
     python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_fast.py 2>&1 | tail -5 | tee "$R/graph_tests.txt" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
