@@ -1,0 +1,218 @@
+"""The block drafter: a few transformer layers that draft a whole block of tokens in one pass, reading
+several of the backbone's layers (DFlash's design, arXiv 2602.06036; our own code, read from its
+description and public configurations).
+
+    drafter = BlockDrafter(BlockConfig.for_backbone(model))           # 1 layer, block 16, 5 feature layers
+    feats = backbone_features(model, ids)                             # (T, n_layers * d) from the taps
+    loss = drafter.loss(embed, lm_head, tokens, feats, anchors)       # training: many blocks of a sequence at once
+    drafter.extend(feats[:n], torch.arange(n))                        # decoding: context K/V into its cache
+    logits = drafter.draft(embed, lm_head, root, pos)                 # (block - 1, V): tokens at pos+1 .. pos+block-1
+
+A block starts at the anchor, the token the backbone itself chose (Backbone-as-Architect): slot 0 is that
+token and slots 1..B-1 a mask token, all embedded with the backbone's table; slot k predicts the token k
+places after the anchor. Every layer's queries come from the block alone; its keys and values are the
+block's and the context's: the backbone's hidden states at `taps` (layers spread over its depth) of every
+position before the anchor, joined, projected to the hidden size by `fc` and normalised, then passed
+through that layer's own k/v projections, k-norm and rotary embedding. Inside the block attention goes
+both ways. Embedding and LM head are the backbone's, frozen; only the layers, `fc` and the norms train.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class BlockConfig:
+    hidden_size: int
+    intermediate_size: int
+    taps: list = field(default_factory=list)  # backbone layers whose outputs make the context (0-based)
+    layers: int = 1
+    block_size: int = 16
+    heads: int = 16
+    kv_heads: int = 8
+    head_dim: int = 128
+    mask_token_id: int = 0  # an embedding row no text uses (past the tokenizer's own tokens, where there is one)
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+
+    @staticmethod
+    def for_backbone(model, *, layers: int = 1, block_size: int = 16, intermediate_size: int | None = None,
+                     n_taps: int = 5, mask_token_id: int | None = None) -> "BlockConfig":
+        """Sizes from the backbone: its hidden size, head layout and rotary base; `n_taps` layers spread
+        from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21)."""
+        cfg = model.config
+        n = cfg.num_hidden_layers
+        taps = sorted({round(1 + i * (n - 4) / max(n_taps - 1, 1)) for i in range(n_taps)}) if n > 4 else [n - 1]
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return BlockConfig(hidden_size=cfg.hidden_size, intermediate_size=intermediate_size or cfg.intermediate_size,
+                           taps=taps, layers=layers, block_size=block_size, heads=cfg.num_attention_heads,
+                           kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                           mask_token_id=cfg.vocab_size - 1 if mask_token_id is None else mask_token_id,
+                           rope_theta=float(getattr(cfg, "rope_theta", 1e6)), eps=float(getattr(cfg, "rms_norm_eps", 1e-6)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """x (..., n, hd) rotated by positions pos (n,), half-split as Llama/Qwen do."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    angle = pos.float()[:, None] * freqs[None, :]  # (n, hd/2)
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(x.dtype), torch.cat([angle.sin()] * 2, -1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class BlockLayer(nn.Module):
+    """One pre-norm layer: attention whose keys and values also come from the context, then a SwiGLU MLP."""
+
+    def __init__(self, c: BlockConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps)
+
+    def kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) rows at positions pos -> their keys and values, (kv_heads, n, hd) each."""
+        n, c = x.shape[0], self.c
+        k = self.k_norm(self.k_proj(x).view(n, c.kv_heads, c.head_dim)).transpose(0, 1)
+        v = self.v_proj(x).view(n, c.kv_heads, c.head_dim).transpose(0, 1)
+        return rotary(k, pos, c.rope_theta), v
+
+    def forward(self, x, pos, ctx_k, ctx_v, sees) -> torch.Tensor:
+        """x (m, d) block rows at positions pos (m,); ctx_k/ctx_v (kv_heads, n, hd) the context's keys and
+        values; sees (m, n + m) bool: which context and block rows each block row attends to."""
+        m, c = x.shape[0], self.c
+        h = self.input_layernorm(x)
+        q = rotary(self.q_norm(self.q_proj(h).view(m, c.heads, c.head_dim)).transpose(0, 1), pos, c.rope_theta)
+        k, v = self.kv(h, pos)
+        k, v = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)  # (kv_heads, n + m, hd)
+        g = c.heads // c.kv_heads
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        scores = (q @ k.transpose(1, 2)).float() / math.sqrt(c.head_dim)  # (heads, m, n + m)
+        probs = scores.masked_fill(~sees[None], float("-inf")).softmax(-1).to(v.dtype)
+        x = x + self.o_proj((probs @ v).transpose(0, 1).reshape(m, c.heads * c.head_dim))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class BlockDrafter(nn.Module):
+    """The block drafter's weights, its training loss, and its decoding (a context cache of K/V by position)."""
+
+    def __init__(self, c: BlockConfig):
+        super().__init__()
+        if not c.taps:
+            raise ValueError("a block drafter reads at least one backbone layer (taps)")
+        if c.block_size < 2 or c.heads % c.kv_heads:
+            raise ValueError(f"block_size must be >= 2 and heads a multiple of kv_heads, got {c.block_size}, "
+                             f"{c.heads}/{c.kv_heads}")
+        self.c = c
+        self.layers = nn.ModuleList(BlockLayer(c) for _ in range(c.layers))
+        self.fc = nn.Linear(len(c.taps) * c.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.eps)
+        self.norm = RMSNorm(c.hidden_size, c.eps)
+        self.cache_k: list[torch.Tensor] = []  # per layer (kv_heads, slots, hd): the context's keys by position
+        self.cache_v: list[torch.Tensor] = []
+
+    # -- both ---------------------------------------------------------------------------------------
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, len(taps) * d) backbone states -> (n, d) the context rows every layer reads."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def block(self, embed: nn.Module, anchors: torch.Tensor) -> torch.Tensor:
+        """(b,) anchor tokens -> (b * B, d): each anchor, then B - 1 mask tokens, embedded."""
+        B = self.c.block_size
+        ids = anchors.new_full((anchors.shape[0], B), self.c.mask_token_id)
+        ids[:, 0] = anchors
+        return embed(ids.view(-1)).to(self.fc.weight.dtype)
+
+    # -- training: many blocks of one sequence in one pass ----------------------------------------------
+    def logits(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """tokens (T,), features (T, len(taps) * d) of one sequence's positions, anchors (b,) positions ->
+        (b, B-1, V) logits of the tokens 1..B-1 places after each anchor. Block a sees the context before a
+        and itself, as decoding does."""
+        B, T, b = self.c.block_size, tokens.shape[0], anchors.shape[0]
+        ctx = self.context(features)  # (T, d)
+        pos = (anchors[:, None] + torch.arange(B, device=tokens.device)).view(-1)  # (b*B,)
+        owner = torch.arange(b, device=tokens.device).repeat_interleave(B)
+        sees = torch.cat([torch.arange(T, device=tokens.device)[None, :] < anchors[owner][:, None],
+                          owner[:, None] == owner[None, :]], 1)  # (b*B, T + b*B)
+        x = self.block(embed, tokens[anchors])
+        for layer in self.layers:
+            ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=tokens.device))
+            x = layer(x, pos, ctx_k, ctx_v, sees)
+        return lm_head(self.norm(x).view(b, B, -1)[:, 1:])
+
+    def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
+             *, decay: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
+        0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay)."""
+        B, T = self.c.block_size, tokens.shape[0]
+        logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
+        offsets = torch.arange(1, B, device=tokens.device)
+        target_pos = anchors[:, None] + offsets
+        target = torch.where(target_pos < T, tokens[target_pos.clamp(max=T - 1)], -100)  # (b, B-1)
+        weight = torch.exp(-(offsets - 1) / decay).expand_as(target) * (target >= 0)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+        loss = (ce * weight.flatten()).sum() / weight.sum().clamp(min=1e-6)
+        hits = ((logits.argmax(-1) == target) & (target >= 0)).sum(0)
+        return loss, hits
+
+    # -- decoding: the context's K/V in a cache indexed by position -----------------------------------
+    def allocate(self, slots: int, device, dtype) -> None:
+        c = self.c
+        shape = (c.kv_heads, slots, c.head_dim)
+        self.cache_k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.cache_v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+
+    def extend(self, features: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write the context rows of these positions (their backbone states) into every layer's cache;
+        rows of a rejected draft are simply overwritten later (the anchor's position masks them)."""
+        ctx = self.context(features)
+        for layer, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
+            k, v = layer.kv(ctx, pos)
+            ck.index_copy_(1, pos, k)
+            cv.index_copy_(1, pos, v)
+
+    def draft(self, embed, lm_head, anchor: torch.Tensor, pos: torch.Tensor, attn_len: int | None = None) -> torch.Tensor:
+        """anchor () the backbone's token at position pos () -> (B-1, V) logits of the tokens at pos+1..pos+B-1,
+        from the context cached before pos (the first attn_len slots are read: they must cover pos)."""
+        B = self.c.block_size
+        n = attn_len or self.cache_k[0].shape[1]
+        block_pos = pos + torch.arange(B, device=anchor.device)
+        sees = torch.cat([(torch.arange(n, device=anchor.device) < pos)[None, :].expand(B, n),
+                          torch.ones(B, B, dtype=torch.bool, device=anchor.device)], 1)
+        x = self.block(embed, anchor.view(1))
+        for layer, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
+            x = layer(x, block_pos, ck[:, :n], cv[:, :n], sees)
+        return lm_head(self.norm(x)[1:])
+
+
+def backbone_features(model, ids: torch.Tensor, taps: list[int]) -> torch.Tensor:
+    """(T,) ids -> (T, len(taps) * d): the outputs of the backbone's layers `taps` (0-based), joined."""
+    out = model.base_model(input_ids=ids[None], output_hidden_states=True)
+    return torch.cat([out.hidden_states[t + 1][0] for t in taps], -1)
