@@ -79,33 +79,19 @@ class ApiError(Exception):
 
 
 class OpenAIFields(BaseModel):
-    """OpenAI's fields that are not decoding options. Those that cannot change the answer (user, metadata,
-    ...) are ignored; those in REFUSED are refused unless they ask for nothing."""
+    """OpenAI's fields that are not decoding options, beside those in REFUSED (refused unless they ask for
+    nothing); those that cannot change the answer (user, metadata, ...) are ignored."""
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stream: bool = False
     stream_options: dict | None = None
-    n: int | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    logit_bias: Any = None
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
 
 
-# and every DecodeConfig field the server takes (options.py: OpenAI's own names for temperature, top_p,
-# seed and stop, with OpenAI's defaults; collocate's mode, tree_size, ... beside them)
-Options = create_model("Options", __base__=OpenAIFields, **api_fields())
+# with the fields it refuses (REFUSED) and every DecodeConfig field the server takes (options.py: OpenAI's
+# own names for temperature, top_p, seed and stop, with OpenAI's defaults; collocate's mode, tree_size, ...)
+Options = create_model("Options", __base__=OpenAIFields, **{name: (Any, None) for name in REFUSED}, **api_fields())
 
 
 class ChatRequest(Options):
