@@ -79,45 +79,59 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class BlockLayer(nn.Module):
-    """One pre-norm layer: attention whose keys and values also come from the context, then a SwiGLU MLP."""
-
+class Attention(nn.Module):
     def __init__(self, c: BlockConfig):
         super().__init__()
-        self.c = c
         self.q_proj = nn.Linear(c.hidden_size, c.heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: BlockConfig):
+        super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BlockLayer(nn.Module):
+    """One pre-norm layer: attention whose keys and values also come from the context, then a SwiGLU MLP.
+    Its weights are named as DFlash checkpoints name them (self_attn.q_proj, mlp.gate_proj, ...)."""
+
+    def __init__(self, c: BlockConfig):
+        super().__init__()
+        self.c = c
+        self.self_attn, self.mlp = Attention(c), MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps)
 
     def kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, d) rows at positions pos -> their keys and values, (kv_heads, n, hd) each."""
-        n, c = x.shape[0], self.c
-        k = self.k_norm(self.k_proj(x).view(n, c.kv_heads, c.head_dim)).transpose(0, 1)
-        v = self.v_proj(x).view(n, c.kv_heads, c.head_dim).transpose(0, 1)
+        n, c, a = x.shape[0], self.c, self.self_attn
+        k = a.k_norm(a.k_proj(x).view(n, c.kv_heads, c.head_dim)).transpose(0, 1)
+        v = a.v_proj(x).view(n, c.kv_heads, c.head_dim).transpose(0, 1)
         return rotary(k, pos, c.rope_theta), v
 
     def forward(self, x, pos, ctx_k, ctx_v, sees) -> torch.Tensor:
         """x (m, d) block rows at positions pos (m,); ctx_k/ctx_v (kv_heads, n, hd) the context's keys and
         values; sees (m, n + m) bool: which context and block rows each block row attends to."""
-        m, c = x.shape[0], self.c
+        m, c, a = x.shape[0], self.c, self.self_attn
         h = self.input_layernorm(x)
-        q = rotary(self.q_norm(self.q_proj(h).view(m, c.heads, c.head_dim)).transpose(0, 1), pos, c.rope_theta)
+        q = rotary(a.q_norm(a.q_proj(h).view(m, c.heads, c.head_dim)).transpose(0, 1), pos, c.rope_theta)
         k, v = self.kv(h, pos)
         k, v = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)  # (kv_heads, n + m, hd)
         g = c.heads // c.kv_heads
         k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
         scores = (q @ k.transpose(1, 2)).float() / math.sqrt(c.head_dim)  # (heads, m, n + m)
         probs = scores.masked_fill(~sees[None], float("-inf")).softmax(-1).to(v.dtype)
-        x = x + self.o_proj((probs @ v).transpose(0, 1).reshape(m, c.heads * c.head_dim))
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        x = x + a.o_proj((probs @ v).transpose(0, 1).reshape(m, c.heads * c.head_dim))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class BlockDrafter(nn.Module):

@@ -61,3 +61,10 @@ def test_training_on_the_models_own_answers_lowers_the_loss():
         opt.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8, (losses[:8], losses[-8:])
+
+
+def test_weights_are_named_as_dflash_checkpoints_name_them():
+    names = set(drafter_for(tiny_llama(), layers=2).state_dict())
+    per_layer = {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"self_attn.q_norm.weight", "self_attn.k_norm.weight"} \
+        | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    assert names == {f"layers.{i}.{n}" for i in range(2) for n in per_layer} | {"fc.weight", "hidden_norm.weight", "norm.weight"}
