@@ -454,6 +454,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def api_error(_, e: ApiError):
         return JSONResponse(error_body(str(e), e.status, e.param, e.code), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(_, e: ClientGone):  # (nobody reads it; 499 is how servers log a client that left)
+        return Response(status_code=499)
+
     @app.exception_handler(DecodeError)
     async def decode_error(_, e: DecodeError):
         return JSONResponse(error_body(str(e), 400), status_code=400)
