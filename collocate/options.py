@@ -62,8 +62,9 @@ class DecodeConfig:
                                    lo=1, hi=MAX_TREE, noun="tree size counts draft nodes and")
     tree_depth: int | None = option(None, "with --tree-size: the best tree whose paths draft at most this many "
                                     "tokens (each depth of token-conditioned heads costs a sequential LM-head read)")
-    exact: bool = option(False, "ar, verify: feed every step at one width, so verify is bitwise ar's in bf16 too "
-                         "(fast engine; a tree keeps only its leading chain)", commands=("generate", "bench"))
+    exact: bool = option(False, "ar, verify: feed every step at one width over every cache slot, so verify is bitwise "
+                         "ar's in bf16 too (fast engine; a tree keeps only its leading chain; its cost grows with "
+                         "--max-len)", commands=("generate", "bench"))
     temperature: float = option(0.0, "0: greedy; > 0: sample (ar, verify: the same distribution; unverified modes "
                                 "sample t+1 and keep the heads' argmax)", lo=0.0, hi=100.0,
                                 message="temperature must be >= 0 (0: greedy) and at most 100, got {value}",
