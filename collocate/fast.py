@@ -413,8 +413,12 @@ class StaticBackend:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (compile, allocator, kernel selection)
+            for _ in range(2):  # warm-up outside the graph (compile, allocator, kernel selection), each from
+                for t, s in zip(state, saved):  # the state the step was asked to start from
+                    t.copy_(s)
                 self.call(step)
+            for t, s in zip(state, saved):
+                t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
