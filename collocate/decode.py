@@ -131,8 +131,9 @@ class Decoder:
                 yield emitted
             if finish != "continue":
                 break  # (a step queued ahead has run for nothing)
-            if not queued:
-                self.queue(queued, rule, n_prompt + len(out), res.next_width)
+            if not queued:  # (near the end of the context there is no room for a draft: the root alone)
+                context = n_prompt + len(out)
+                self.queue(queued, rule, context, res.next_width if self.fits(rule, context, res.next_width) else 1)
             if self.overlap and len(queued) == 1:
                 self.queue_ahead(queued, rule, n_prompt, len(out), budget)
             packed, fed = queued.popleft()
@@ -144,9 +145,7 @@ class Decoder:
         return DecodeResult(out, cut_at_stop(text, cfg.stop) if finish == "stop" else text, stats, finish, proposals)
 
     def queue(self, queued: deque, rule: Rule, context: int, width: int) -> None:
-        """Run a step of this width after `context` tokens (the root alone where its draft would not fit)."""
-        if not self.fits(rule, context, width):
-            width = 1  # near the end of the context there is no room for a draft
+        """Run a step of this width after `context` tokens; queued with its draft rows, not read yet."""
         queued.append((self.runner.run_step(width, rule, context + rule.ahead(width)), width - 1))
 
     def fits(self, rule: Rule, context: int, width: int) -> bool:
@@ -163,7 +162,7 @@ class Decoder:
             return
         context = n_prompt + min(n_out + len(queued) * rule.most_emitted, budget - 1)
         if self.fits(rule, context, width):
-            queued.append((self.runner.run_step(width, rule, context + rule.ahead(width)), width - 1))
+            self.queue(queued, rule, context, width)
 
     def prepare(self, cfg: DecodeConfig) -> None:
         """Capture every graph this config's mode can need, at every prompt and context length the cache

@@ -24,7 +24,6 @@ from .draft import DraftTree, TreeTensors
 from .errors import DecodeError
 from .rules import Kept, compete, longest_accepted, pick, sampled_accepted
 
-MODES = ("ar", "clp", "gate", "compete", "verify")
 MAX_CANDIDATES = 8
 # `clp` with neither --threshold nor --max-wrong nor --argmax: the calibrated threshold whose held-out wrong
 # share is at most this (or the bundle's most cautious one, where none is that low); bench/README.md (the
@@ -252,11 +251,12 @@ class ClpRule(Rule):
         return cls(drafter.tree(), exact=cfg.exact, clp_argmax=threshold is None, clp_features=cfg.clp_features,
                    **sampling(cfg))
 
-    def length(self, at: At, kit: Kit):
-        """The draft and how many of its tokens the CLP takes."""
+    def next(self, at: At, kit: Kit) -> Next:
+        """The draft, and as many of its tokens as the CLP takes."""
         draft = self.draft(at, kit)
         clp = kit.bundle.clp_for(self.clp_features)
-        return draft.tokens, clp.accept(at.h, draft.chain_logits, threshold=None if self.clp_argmax else kit.threshold)
+        n = clp.accept(at.h, draft.chain_logits, threshold=None if self.clp_argmax else kit.threshold)
+        return Next(at.root, draft.tokens, n, torch.zeros_like(n))
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,6 @@ class AdaptiveVerify(ClpRule, Lossless):
     name = "verify"
     options = COMMON | {"exact", "adaptive", "threshold", "argmax", "clp_features"}
     fixed = False
-
-    def next(self, at: At, kit: Kit) -> Next:
-        tokens, n = self.length(at, kit)
-        return Next(at.root, tokens, n, torch.zeros_like(n))
 
 
 @dataclass(frozen=True)
@@ -326,10 +322,6 @@ class Clp(ClpRule, Unverified):
         if cfg.max_wrong is not None and cfg.threshold is not None:
             raise DecodeError("--max-wrong picks clp's threshold: mode 'clp', without --threshold")
 
-    def next(self, at: At, kit: Kit) -> Next:
-        tokens, n = self.length(at, kit)
-        return Next(at.root, tokens, n, torch.zeros_like(n))
-
 
 @dataclass(frozen=True)
 class Gate(Unverified):
@@ -370,7 +362,8 @@ class Compete(Gate):
         return nxt.draft[:n]
 
 
-RULES = {"ar": Ar, "verify": Verify, "clp": Clp, "gate": Gate, "compete": Compete}
+RULES = {"ar": Ar, "clp": Clp, "gate": Gate, "compete": Compete, "verify": Verify}
+MODES = tuple(RULES)
 
 
 def rule_class(cfg) -> type[Rule]:

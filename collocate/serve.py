@@ -225,15 +225,15 @@ class Service:
         self.mean_seconds = 1.0  # a recent request's time on the engine, for Retry-After
         self.tokenizing = threading.Lock()  # (a tokenizer is used by one thread at a time)
 
-    async def encode(self, fn, *args) -> list[int]:
-        """Tokenize in a worker thread, so that a large prompt does not stall the event loop."""
+    async def encode(self, fn, arg, *, param: str) -> list[int]:
+        """fn(arg), tokenizing in a worker thread, so that a large prompt does not stall the event loop."""
         def run():
             with self.tokenizing:
-                return fn(*args)
+                return fn(arg)
         try:
             return await anyio.to_thread.run_sync(run)
         except DecodeError as e:
-            raise ApiError(str(e), param="messages" if fn == self.generator.encode_messages else "prompt") from None
+            raise ApiError(str(e), param=param) from None
 
     def check(self, req: Options, ids: list[int]) -> DecodeConfig:
         """Everything that can be refused is refused here, before the request waits for the engine."""
@@ -399,7 +399,10 @@ class BodyTooLarge(Exception):
 
 def guard(app, cfg: ServeConfig, metrics: Metrics):
     """The ASGI app around FastAPI: 413 for a body over max_body (read no further), the arrival time, one
-    access-log line a request, and the requests counter by route and status."""
+    access-log line a request, and the requests counter by route and status (the app's own fixed paths;
+    any other path counts as "other")."""
+    routes = {r.path for r in app.routes if "{" not in r.path}
+
     async def send_json(send, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
@@ -411,8 +414,7 @@ def guard(app, cfg: ServeConfig, metrics: Metrics):
             return await app(scope, receive, send)
         arrived, status, seen = time.perf_counter(), [500], [0]
         scope.setdefault("state", {})["arrived"] = arrived
-        route = scope["path"] if scope["path"] in ("/v1/chat/completions", "/v1/completions", "/v1/models",
-                                                   "/health", "/metrics") else "other"
+        route = scope["path"] if scope["path"] in routes else "other"
 
         async def limited():
             message = await receive()
@@ -522,7 +524,7 @@ def build_app(generator: Generator, *, name: str | None = None, default_max_toke
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(req: ChatRequest, request: Request):
-        ids = await service.encode(generator.encode_messages, chat_messages(req.messages))
+        ids = await service.encode(generator.encode_messages, chat_messages(req.messages), param="messages")
         return await service.answer(req, ids, request, "chat")
 
     @app.post("/v1/completions", dependencies=v1)
@@ -535,7 +537,7 @@ def build_app(generator: Generator, *, name: str | None = None, default_max_toke
         if not prompt.strip():
             raise ApiError("prompt is empty", param="prompt")
         check_text(prompt, "prompt")
-        ids = await service.encode(lambda text: generator.encode(text, chat=False), prompt)
+        ids = await service.encode(lambda text: generator.encode(text, chat=False), prompt, param="prompt")
         return await service.answer(req, ids, request, "completion")
 
     outer = guard(app, cfg, metrics)

@@ -120,8 +120,9 @@ class StepRunner:
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
-        self.warmed: set = set()  # (rule, width, attention length) steps run once already (warm_up)
-        self.warmed_prompts: dict = {}  # rule -> the (piece width, attention length) shapes its prompts ran at
+        # what warm_up ran once already: (rule, width, attention length) steps and (rule, "prompt", piece
+        # width, attention length) prompt pieces
+        self.warmed: set = set()
         self.settle_step = backend.compiled(self.settle)  # a step's tail: one graph where the backend compiles
 
     @property
@@ -248,10 +249,10 @@ class StepRunner:
         if not self.backend.captures:
             return
         self.pos0.zero_()
-        shapes = {(w, self.attn_len(rule, s + w)) for s, w in self.backend.prompt_pieces(len(prompt_ids))}
-        if not shapes <= self.warmed_prompts.get(rule, set()):
+        pieces = {(rule, "prompt", w, self.attn_len(rule, s + w)) for s, w in self.backend.prompt_pieces(len(prompt_ids))}
+        if not pieces <= self.warmed:
             self.run_prompt(prompt_ids, rule)
-            self.warmed_prompts.setdefault(rule, set()).update(shapes)
+            self.warmed |= pieces
         self.pos0.fill_(max(0, min(len(prompt_ids), self.backend.capacity - max(rule.widths))))  # (inside the cache)
         lo, hi = self.attn_len(rule, len(prompt_ids) + 1), self.attn_len(rule, last)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
