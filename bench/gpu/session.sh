@@ -194,9 +194,12 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     for m in "${@:3}"; do
       echo "== $m" && python3 bench/profile_step.py --shape "${2:?shape}" --mode "$m"
     done | tee -a "$R/profile_${2}.txt" ;;
-  serveload)  # serveload MODEL RUN MODES: the server on this GPU under 4 clients x 8 requests (bench/serve_load.py)
+  serveload)  # serveload MODEL RUN MODES: bench/serve_load.py on this GPU (1, 4, 16 clients x 8 requests, streamed and
+    # not, every fourth prompt ~4K tokens), then 16 clients against a queue of 4: the 429s past it
     python3 bench/serve_load.py --model "$W/models/${2:?model}" --heads "$W/runs/${3:?run}" --device "$DEVICE" \
-      --clients 4 --requests 8 --max-tokens 128 --modes "${4:?modes}" --out "$R/serve_load_$2.json" ;;
+      --concurrency 1,4,16 --requests 8 --max-tokens 128 --long 4000 --modes "${4:?modes}" --out "$R/serve_load_$2.json"
+    python3 bench/serve_load.py --model "$W/models/$2" --heads "$W/runs/$3" --device "$DEVICE" --concurrency 16 \
+      --requests 4 --max-tokens 128 --long 4000 --max-queue 4 --modes "${4%%,*}" --out "$R/serve_load_$2_queue4.json" ;;
   exactness)  # float32: verify (plain, adaptive) equals ar on the compiled, graphed engine
     (cd bench && python3 engine_check.py --shape 1.5b --only-float32 --new 128 --out "$R/engine_check_1.5b_float32.json") ;;
   bundles)  # bundles NAME RUN...: the RUNs' bundles (WITH_DATA=1: and their answers) home as NAME.runs.tar.partN,
