@@ -26,6 +26,7 @@ class Backend(Protocol):
     """The forward of one decode step, the cache behind it, and how steps are run."""
     model: torch.nn.Module  # the HF causal LM (its embeddings and LM head are read by the step)
     capacity: int  # the most tokens the cache holds: prompt and answer
+    slots: int  # positions a forward may write: the capacity, and where a prompt is padded the padding past it
     attn_lens: tuple[int, ...]  # the attention lengths a step may read (graphs are captured per length)
 
     @property
@@ -78,7 +79,7 @@ class HFBackend:
         check_supported(model)
         self.model = model
         self.body = model.base_model  # the transformer without its LM head: gives hidden states
-        self.capacity = model_context(model)
+        self.capacity = self.slots = model_context(model)
         self.cache_kw = cache_keyword(self.body)
         self.cache = None
 

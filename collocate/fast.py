@@ -303,7 +303,8 @@ class StaticBackend:
         # are then a multiple of it, so the last piece's padding stays inside the cache
         self.piece = piece if self.capacity > piece else self.capacity
         self.lm = StaticLM(model, self.capacity, slot_multiple=piece if self.capacity > piece else SLOT_MULTIPLE)
-        self.attn_lens = attn_lens(self.lm.k_cache.shape[3])
+        self.slots = self.lm.k_cache.shape[3]
+        self.attn_lens = attn_lens(self.slots)
         self.prompt_widths = lengths(MIN_PROMPT_WIDTH, self.piece)
         device = self.lm.k_cache.device
         self.graphs_on = device.type == "cuda" if graphs is None else graphs

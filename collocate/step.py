@@ -114,14 +114,13 @@ class StepRunner:
         self.feed = torch.zeros(width, **long)  # the next step's tokens
         self.pos0 = torch.zeros((), **long)  # position of feed[0]
         self.n_fed = torch.zeros((), **long)  # draft rows of the feed (--exact)
-        self.prompt = torch.zeros(backend.capacity, **long)  # the prompt
+        self.prompt = torch.zeros(backend.slots, **long)  # the prompt (and a last piece's padding past it)
         self.piece = torch.zeros(max(w for _, w in backend.prompt_pieces(backend.capacity)), **long)  # one piece of it
         self.n_prompt = torch.zeros((), **long)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
-        # what warm_up ran once already: (rule, width, attention length) steps and (rule, "prompt", piece
-        # width, attention length) prompt pieces
+        # what warm_up ran once already: (rule, width, attention length) steps and prompt pieces (prompt_keys)
         self.warmed: set = set()
         self.settle_step = backend.compiled(self.settle)  # a step's tail: one graph where the backend compiles
 
@@ -222,6 +221,13 @@ class StepRunner:
 
         return self.backend.run((rule, fed.n + 1, attn_len), step, state=self.state).to_host()
 
+    def prompt_keys(self, rule: Rule, n: int) -> list[tuple]:
+        """The graph key of each piece a prompt of n tokens is fed as: ("piece", width, attention length)
+        for those that only write their K/V, (rule, "prompt", width, attention length) for the last."""
+        pieces = self.backend.prompt_pieces(n)
+        return [(rule, "prompt", w, self.attn_len(rule, s + w)) if i == len(pieces) - 1 else
+                ("piece", w, self.attn_len(rule, s + w)) for i, (s, w) in enumerate(pieces)]
+
     def run_prompt(self, prompt_ids: list[int], rule: Rule) -> Packed:
         """The prompt's pass, piece by piece (the backend's prompt_pieces): each but the last only writes its
         K/V; the last is a step that gives the first token. The fast backend replays a graph per piece width
@@ -229,15 +235,14 @@ class StepRunner:
         n = len(prompt_ids)
         self.prompt[:n].copy_(torch.tensor(prompt_ids))
         self.n_prompt.fill_(n)
-        pieces = self.backend.prompt_pieces(n)
-        for start, width in pieces:
+        for (start, width), key in zip(self.backend.prompt_pieces(n), self.prompt_keys(rule, n)):
             self.piece[:width].copy_(self.prompt[start:start + width])  # (past the prompt: padding, never read)
             self.pos0.fill_(start)
-            attn_len = self.attn_len(rule, start + width)
-            if start + width < n:
-                self.backend.run(("piece", width, attn_len), lambda: self.fill(width, attn_len), state=self.state)
-        return self.backend.run((rule, "prompt", width, attn_len), lambda: Packed.of(
-            self.step(self.piece[:width], rule, None, attn_len)), state=self.state).to_host()
+            attn_len = key[-1]
+            if key[0] == "piece":
+                self.backend.run(key, lambda: self.fill(width, attn_len), state=self.state)
+        return self.backend.run(key, lambda: Packed.of(self.step(self.piece[:width], rule, None, attn_len)),
+                                state=self.state).to_host()
 
     def fill(self, width: int, attn_len: int | None) -> None:
         """A piece of the prompt before its last: its K/V written, nothing read."""
@@ -249,14 +254,17 @@ class StepRunner:
         if not self.backend.captures:
             return
         self.pos0.zero_()
-        pieces = {(rule, "prompt", w, self.attn_len(rule, s + w)) for s, w in self.backend.prompt_pieces(len(prompt_ids))}
+        pieces = set(self.prompt_keys(rule, len(prompt_ids)))
         if not pieces <= self.warmed:
             self.run_prompt(prompt_ids, rule)
             self.warmed |= pieces
         self.pos0.fill_(max(0, min(len(prompt_ids), self.backend.capacity - max(rule.widths))))  # (inside the cache)
         lo, hi = self.attn_len(rule, len(prompt_ids) + 1), self.attn_len(rule, last)
+        # near the cache's end a draft may not fit: the step feeds the root alone (Decoder.fits)
+        edge = self.attn_len(rule, self.backend.capacity - max(rule.widths) + 2)
         for attn_len in (n for n in self.backend.attn_lens if lo <= n <= hi):
-            for width in rule.widths:
+            widths = rule.widths if rule.exact or attn_len < edge else sorted({1, *rule.widths})
+            for width in widths:
                 if (rule, width, attn_len) not in self.warmed:
                     self.run_step(width, rule, attn_len)
                     self.warmed.add((rule, width, attn_len))
@@ -270,4 +278,6 @@ class StepRunner:
         for width in sorted(w for w in lone if w < capacity):
             self.warm_up(rule, [0] * width, width + 1)  # a lone piece of each width
         self.warm_up(rule, [0], capacity)  # a step at every attention length
-        self.warm_up(rule, [0] * (capacity - 1), capacity)  # a whole piece at every attention length
+        piece = self.piece.shape[0]
+        for start in range(piece, capacity - 1, piece):  # a prompt's last piece (and the pieces before) at every
+            self.warm_up(rule, [0] * (start + 1), start + 2)  # attention length (warm_up skips those it has)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from collocate.decode import DecodeConfig, DecodeError
+from collocate.decode import DecodeConfig, DecodeError, Decoder
 from collocate.engine import build_decoder
 from collocate.fast import StaticBackend, StaticLM
 from conftest import randomize, tiny_llama, tiny_qwen, with_rank_probs
@@ -317,3 +317,28 @@ def test_a_long_prompt_is_fed_in_pieces_up_to_the_cache_end(llama):
                 widths = {w for _, w in fed}
                 assert widths <= ({64, 96, 128, 192, 256} if n <= 64 else {64}) if pad else max(widths) <= 64
                 assert b.finish_reason == ("length" if n + 8 > 256 else a.finish_reason)
+
+
+def test_prepare_captures_every_graph_a_request_uses():
+    """After Decoder.prepare, no request of its mode meets a graph key that was not captured, at any prompt
+    length (one piece, several, the last piece near the cache's end) or context length. Graphs are recorded
+    by key here (the CPU has none): what a GPU server would capture inside a request."""
+    model = tiny_llama()
+    bundle = with_rank_probs(bundle_for(model, seed=3))
+    backend, seen = StaticBackend(model, max_len=250, graphs=False, piece=64), []
+    dec = Decoder(backend, None, bundle, eos_token_ids=[2])
+    backend.graphs_on = backend.pad_prompts = True  # keys and padding as with graphs
+
+    def run(key, step, *, state):
+        seen.append(key)
+        return step()
+
+    backend.run = run
+    base = prompts(1, seed=4)[0] * 250
+    for cfg in (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12, tree_size=20)):
+        dec.prepare(cfg)
+        prepared = set(seen)
+        for n in (1, 5, 63, 64, 65, 128, 129, 191, 192, 200, 240, 249):
+            seen.clear()
+            dec.generate(base[:n], cfg)
+            assert set(seen) <= prepared, (cfg.mode, n, set(seen) - prepared)
