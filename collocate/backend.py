@@ -13,13 +13,24 @@ token for token.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
 from .draft import DraftTree
 from .errors import DecodeError
 from .rules import Kept
+
+
+class Hidden(NamedTuple):
+    """A forward's hidden states."""
+    last: torch.Tensor  # (m, d) after the final norm: what the LM head reads
+    taps: torch.Tensor  # (m, len(taps) * d) the outputs of the asked layers (0-based), joined; (m, 0) for none
+
+
+def joined_taps(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Layer outputs (m, d) each -> (m, n * d); none -> (m, 0)."""
+    return torch.cat(states, -1) if states else like.new_zeros(like.shape[0], 0)
 
 
 class Backend(Protocol):
@@ -45,8 +56,9 @@ class Backend(Protocol):
     def attn_len(self, end: int | None) -> int | None: ...
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None) -> torch.Tensor:
-        """(m,) ids written after the cache's pos0 slots, as `tree` (None: a prompt) -> (m, d) hidden states."""
+                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
+        """(m,) ids written after the cache's pos0 slots, as `tree` (None: a prompt) -> their hidden states,
+        and the outputs of the layers `taps` (what a block drafter reads)."""
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Keep the root and the kept path of what the last forward wrote; drop the rest."""
@@ -102,8 +114,8 @@ class HFBackend:
         return None  # attention reads what the cache holds
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None) -> torch.Tensor:
-        """(m,) ids after what the cache holds -> (m, d) last-layer hidden states."""
+                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
+        """(m,) ids after what the cache holds -> their hidden states (Backend.forward)."""
         past = self.cache.get_seq_length()
         extra = {}
         if tree is None or tree.is_chain:  # HF's own causal mask
@@ -116,8 +128,9 @@ class HFBackend:
             mask = torch.zeros(sees.shape, dtype=dtype, device=ids.device).masked_fill(~sees, torch.finfo(dtype).min)
             extra["attention_mask"] = mask[None, None]  # additive, which eager and SDPA attention both take
         out = self.body(input_ids=ids[None], position_ids=positions[None], use_cache=True,
-                        **{self.cache_kw: self.cache}, **extra)
-        return out.last_hidden_state[0]
+                        output_hidden_states=bool(taps), **{self.cache_kw: self.cache}, **extra)
+        h = out.last_hidden_state[0]
+        return Hidden(h, joined_taps([out.hidden_states[i + 1][0] for i in taps], h))  # [0]: the embeddings
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Keep the root and the kept path; drop every other row this step wrote."""

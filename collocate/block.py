@@ -2,11 +2,12 @@
 several of the backbone's layers (DFlash's design, arXiv 2602.06036; our own code, read from its
 description and public configurations).
 
-    drafter = BlockDrafter(BlockConfig.for_backbone(model))           # 1 layer, block 16, 5 feature layers
-    feats = backbone_features(model, ids)                             # (T, n_layers * d) from the taps
-    loss = drafter.loss(embed, lm_head, tokens, feats, anchors)       # training: many blocks of a sequence at once
-    drafter.extend(feats[:n], torch.arange(n))                        # decoding: context K/V into its cache
-    logits = drafter.draft(embed, lm_head, root, pos)                 # (block - 1, V): tokens at pos+1 .. pos+block-1
+    block = BlockModel(BlockConfig.for_backbone(model))           # 1 layer, block 16, 5 feature layers
+    feats = backbone_features(model, ids, block.c.taps)           # (T, n_taps * d) from the taps
+    loss, hits = block.loss(embed, lm_head, tokens, feats, anchors)  # training: many blocks of a sequence at once
+    cache = block.allocate(slots, device, dtype)                  # decoding: a context cache by position,
+    block.extend(cache, feats[:n], torch.arange(n))               # the context's K/V written into it
+    logits = block.draft(cache, embed, lm_head, root, pos)        # (block - 1, V): tokens at pos+1 .. pos+block-1
 
 A block starts at the anchor, the token the backbone itself chose (Backbone-as-Architect): slot 0 is that
 token and slots 1..B-1 a mask token, all embedded with the backbone's table; slot k predicts the token k
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -134,7 +136,7 @@ class BlockLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class BlockDrafter(nn.Module):
+class BlockModel(nn.Module):
     """The block drafter's weights, its training loss, and its decoding (a context cache of K/V by position)."""
 
     def __init__(self, c: BlockConfig):
@@ -149,8 +151,18 @@ class BlockDrafter(nn.Module):
         self.fc = nn.Linear(len(c.taps) * c.hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(c.hidden_size, c.eps)
         self.norm = RMSNorm(c.hidden_size, c.eps)
-        self.cache_k: list[torch.Tensor] = []  # per layer (kv_heads, slots, hd): the context's keys by position
-        self.cache_v: list[torch.Tensor] = []
+
+    # what a bundle's readers ask of any drafter's weights
+    compete = False
+
+    @property
+    def offsets(self) -> list[int]:
+        """The offsets it drafts: slot j of the block anchored on the root (at +1) is +1+j."""
+        return list(range(2, self.c.block_size + 1))
+
+    @property
+    def n_heads(self) -> int:
+        return self.c.block_size - 1
 
     # -- both ---------------------------------------------------------------------------------------
     def context(self, features: torch.Tensor) -> torch.Tensor:
@@ -197,33 +209,41 @@ class BlockDrafter(nn.Module):
         return loss, hits
 
     # -- decoding: the context's K/V in a cache indexed by position -----------------------------------
-    def allocate(self, slots: int, device, dtype) -> None:
+    def allocate(self, slots: int, device, dtype) -> "ContextCache":
+        """An empty context cache of `slots` positions (each decoder has its own; the weights are shared)."""
         c = self.c
         shape = (c.kv_heads, slots, c.head_dim)
-        self.cache_k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.cache_v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        return ContextCache([torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+                            [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers])
 
-    def extend(self, features: torch.Tensor, pos: torch.Tensor) -> None:
+    def extend(self, cache: "ContextCache", features: torch.Tensor, pos: torch.Tensor) -> None:
         """Write the context rows of these positions (their backbone states) into every layer's cache;
         rows of a rejected draft are simply overwritten later (the anchor's position masks them)."""
         ctx = self.context(features)
-        for layer, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
+        for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             k, v = layer.kv(ctx, pos)
             ck.index_copy_(1, pos, k)
             cv.index_copy_(1, pos, v)
 
-    def draft(self, embed, lm_head, anchor: torch.Tensor, pos: torch.Tensor, attn_len: int | None = None) -> torch.Tensor:
+    def draft(self, cache: "ContextCache", embed, lm_head, anchor: torch.Tensor, pos: torch.Tensor,
+              attn_len: int | None = None) -> torch.Tensor:
         """anchor () the backbone's token at position pos () -> (B-1, V) logits of the tokens at pos+1..pos+B-1,
         from the context cached before pos (the first attn_len slots are read: they must cover pos)."""
         B = self.c.block_size
-        n = attn_len or self.cache_k[0].shape[1]
+        n = attn_len or cache.k[0].shape[1]
         block_pos = pos + torch.arange(B, device=anchor.device)
         sees = torch.cat([(torch.arange(n, device=anchor.device) < pos)[None, :].expand(B, n),
                           torch.ones(B, B, dtype=torch.bool, device=anchor.device)], 1)
         x = self.block(embed, anchor.view(1))
-        for layer, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
+        for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             x = layer(x, block_pos, ck[:, :n], cv[:, :n], sees)
         return lm_head(self.norm(x)[1:])
+
+
+class ContextCache(NamedTuple):
+    """A decoder's block-drafter context: per layer, (kv_heads, slots, hd) keys and values by position."""
+    k: list
+    v: list
 
 
 def backbone_features(model, ids: torch.Tensor, taps: list[int]) -> torch.Tensor:

@@ -9,6 +9,8 @@ garbage. Format 2 adds the drafter type ("heads": independent heads; "tc-depth",
 token-conditioned, heads.TokenHeads), an optional draft vocabulary, and the draft tree: rank paths
 best first, so its first N are the best N-node tree (`--tree-size N`). Format 3 adds `clp_variants`: CLPs
 that read other features than the default one (`clp_features`), each with its own held-out calibration.
+Format 4 adds the block drafter (drafter "block", its sizes in `block`: block.BlockConfig), whose `k` is
+its block size (it drafts +2..+k in one pass).
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .block import BlockConfig, BlockModel
 from .clp import CLP, CLP_FEATURES, Gates
 from .errors import BundleError
 from .heads import MTPHeads, TokenHeads
 
-FORMAT_VERSION = 3
-DRAFTERS = ("heads",) + TokenHeads.DESIGNS
+FORMAT_VERSION = 4  # the newest format this collocate reads; a bundle is written in the oldest that holds it
+BLOCK_FORMAT = 4  # (so a collocate from before the block drafter still reads a heads bundle written now)
+DRAFTERS = ("heads",) + TokenHeads.DESIGNS + ("block",)
 BUNDLED = Path(__file__).parent / "bundles"
 
 
@@ -66,6 +70,7 @@ class BundleConfig:
     drafter: str = "heads"  # one of DRAFTERS
     draft_vocab: int = 0  # token-conditioned heads: draft over this many most-used tokens (0: all)
     tree: list = field(default_factory=list)  # rank paths, best first (DraftTree.from_paths of a prefix)
+    block: dict = field(default_factory=dict)  # the block drafter's sizes (block.BlockConfig's fields)
     fingerprint: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -81,6 +86,18 @@ class BundleConfig:
         if self.compete and self.drafter != "heads":
             raise BundleError("a +1 head (compete) exists for independent heads only, not for token-conditioned ones")
         self.tree = [list(p) for p in self.tree]
+        if self.drafter == "block" and self.format_version < BLOCK_FORMAT:
+            raise BundleError(f"a block drafter's bundle is format {BLOCK_FORMAT} or later, not {self.format_version}")
+        if (self.drafter == "block") != bool(self.block):
+            raise BundleError("a block drafter's bundle has its sizes in 'block', and only it has them")
+        if self.block:
+            try:
+                c = BlockConfig(**self.block)
+            except TypeError as e:
+                raise BundleError(f"'block' is not a block drafter's sizes: {e}") from None
+            if c.block_size != self.k or c.hidden_size != self.hidden_size or self.has_gates:
+                raise BundleError(f"a block drafter drafts +2..+block_size with the backbone's width and no gates: "
+                                  f"block_size {c.block_size}, k {self.k}, hidden {c.hidden_size} vs {self.hidden_size}")
         for f in [self.clp_features, *self.clp_variants]:
             if f not in CLP_FEATURES:
                 raise BundleError(f"unknown CLP features '{f}' (this collocate knows {', '.join(CLP_FEATURES)})")
@@ -92,6 +109,8 @@ class MTPBundle(nn.Module):
         self.config = config
         if config.drafter == "heads":
             self.heads = MTPHeads(config.hidden_size, config.k, layers=config.layers, compete=config.compete)
+        elif config.drafter == "block":
+            self.heads = BlockModel(BlockConfig(**config.block))
         else:
             self.heads = TokenHeads(config.hidden_size, config.k, design=config.drafter)
         self.clp = CLP(config.hidden_size, config.k, features=config.clp_features)
@@ -167,6 +186,7 @@ class MTPBundle(nn.Module):
     @classmethod
     def for_backbone(cls, model: nn.Module, *, k: int, base_model: str, **kwargs) -> "MTPBundle":
         fp = fingerprint(model)
+        kwargs.setdefault("format_version", BLOCK_FORMAT if kwargs.get("drafter") == "block" else BLOCK_FORMAT - 1)
         cfg = BundleConfig(k=k, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size, base_model=base_model,
                            fingerprint=asdict(fp), **kwargs)
         return cls(cfg)

@@ -218,6 +218,7 @@ class HeadDrafter:
     `fused`: the heads' states join the backbone's LM-head matmul (step.StepRunner.logits)."""
 
     fused = True
+    taps: tuple[int, ...] = ()  # backbone layers it reads as context (none: it reads the root's row only)
 
     def __init__(self, bundle):
         self.bundle = bundle
@@ -239,7 +240,7 @@ class HeadDrafter:
                 paths = best_paths(self.bundle.rank_probs()[:depth], nodes)
         return DraftTree.from_paths(paths[:nodes])
 
-    def propose(self, t: TreeTensors, *, head_logits: torch.Tensor, h=None, root=None) -> Draft:
+    def propose(self, t: TreeTensors, *, head_logits: torch.Tensor, h=None, root=None, pos=None, attn_len=None) -> Draft:
         """(k-1, V) logits of heads +2..+k from the root's row -> a token per node of the tree t."""
         guesses = top_indices(head_logits, t.top)  # (k-1, R)
         return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
@@ -259,7 +260,8 @@ class TokenDrafter(HeadDrafter):
         self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
         self.lm_head = self.vocab if self.vocab is not None else lm_head  # (r, d) -> (r, V') logits
 
-    def propose(self, t: TreeTensors, *, h: torch.Tensor, root: torch.Tensor, head_logits=None) -> Draft:
+    def propose(self, t: TreeTensors, *, h: torch.Tensor, root: torch.Tensor, head_logits=None, pos=None,
+                attn_len=None) -> Draft:
         """h (d,) the root's hidden row and root () its token -> a token per node of the tree t."""
         # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
         # as training computed them)
@@ -291,3 +293,39 @@ class TokenDrafter(HeadDrafter):
         s = self.heads.update(before, self.embed(tokens), depth).to(before.dtype)
         logits = self.lm_head(s)
         return s, logits, top_indices(logits, top)
+
+
+class BlockDrafter(HeadDrafter):
+    """The block drafter (block.BlockModel) as a drafter: one pass drafts a block anchored on the root, its
+    slot j the guess for offset j + 1, read as independent heads' logits are (the argmax chain, or a tree of
+    each slot's runners-up chosen from held-out rank statistics). Its context is the backbone's states at
+    the layers `taps` of every position before the root, cached by position (`remember`, each step's kept
+    rows; a rejected row's slot is overwritten before a draft reads it)."""
+
+    fused = False
+
+    def __init__(self, bundle, lm_head, embed):
+        super().__init__(bundle)
+        self.block, self.embed = bundle.heads, embed
+        self.taps = tuple(self.block.c.taps)
+        self.cache = None  # block.ContextCache, from allocate
+        self.vocab = VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else None
+        self.lm_head = self.vocab if self.vocab is not None else lm_head
+
+    def allocate(self, slots: int, device, dtype) -> None:
+        self.cache = self.block.allocate(slots, device, dtype)
+
+    def remember(self, taps: torch.Tensor, pos: torch.Tensor) -> None:
+        """(n, n_taps * d) the backbone's tapped states at positions pos (n,) -> the context cache."""
+        self.block.extend(self.cache, taps, pos)
+
+    def propose(self, t: TreeTensors, *, root: torch.Tensor, pos: torch.Tensor, attn_len: int | None = None,
+                h=None, head_logits=None) -> Draft:
+        """root () the backbone's token at position pos () -> a token per node of the tree t, from the block's
+        (B-1, V') logits (attention over the first attn_len cached slots: they cover pos)."""
+        logits = self.block.draft(self.cache, self.embed, self.lm_head, root, pos, attn_len)
+        guesses = top_indices(logits, t.top)  # (B-1, R)
+        tokens = guesses[t.depths[1:] - 1, t.ranks]
+        if self.vocab is not None:
+            tokens = self.vocab.ids.index_select(0, tokens)
+        return Draft(tokens, logits)

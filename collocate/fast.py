@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backend import check_supported, model_context
+from .backend import Hidden, check_supported, joined_taps, model_context
 from .draft import DraftTree
 from .errors import DecodeError
 from .rules import Kept
@@ -243,10 +243,15 @@ class StaticLM:
         # a step's inputs in a few fused kernels, not a dozen (compiled on first use, per width and length)
         self.inputs_compiled = torch.compile(self.inputs, fullgraph=True, dynamic=False)
 
-    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
-                visible: torch.Tensor | None = None, attn_len: int | None = None,
-                compiled: bool = False) -> torch.Tensor:
-        """ids (m,) written to slots pos0..pos0+m-1 -> (m, d) final-norm hidden states.
+    def forward(self, ids: torch.Tensor, pos0: torch.Tensor, **kw) -> torch.Tensor:
+        """ids (m,) written to slots pos0..pos0+m-1 -> (m, d) final-norm hidden states (hidden's arguments)."""
+        return self.hidden(ids, pos0, **kw).last
+
+    def hidden(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
+               visible: torch.Tensor | None = None, attn_len: int | None = None, compiled: bool = False,
+               taps: tuple[int, ...] = ()) -> Hidden:
+        """ids (m,) written to slots pos0..pos0+m-1 -> their final-norm hidden states and the outputs of
+        the layers `taps`.
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
         fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
@@ -255,9 +260,13 @@ class StaticLM:
         layer_fn = compile_layer() if compiled else decoder_layer
         inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
         x, slots, mask, cos, sin = inputs(ids, pos0, depths, visible, attn_len)
+        tapped = []
         for i, w in enumerate(self.layers):
             x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
-        return norm(x, *self.final_norm)[0]
+            if i in taps:
+                tapped.append(x[0])
+        h = norm(x, *self.final_norm)[0]
+        return Hidden(h, joined_taps(tapped, h))
 
     def inputs(self, ids, pos0, depths, visible, attn_len) -> "LayerInputs":
         """What every layer of a step reads, from the fed ids (arguments as forward's)."""
@@ -365,15 +374,16 @@ class StaticBackend:
         return shortest_covering(self.attn_lens, end)
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None) -> torch.Tensor:
+                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
         """A step's feed (tree given) or a padded prompt (tree None) through the layers compiled for its
         width and attention length; a prompt fed as it is, through the plain ones, so that no prompt length
         compiles anything."""
         compiled = self.compile_on and (tree is not None or self.pad_prompts)
         if tree is None or tree.is_chain:
-            return self.lm.forward(ids, pos0, attn_len=attn_len, compiled=compiled)
+            return self.lm.hidden(ids, pos0, attn_len=attn_len, compiled=compiled, taps=taps)
         t = tree.tensors(ids.device)
-        return self.lm.forward(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len, compiled=compiled)
+        return self.lm.hidden(ids, pos0, depths=t.depths, visible=t.visible, attn_len=attn_len, compiled=compiled,
+                              taps=taps)
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Move the kept path's K/V to the slots after the root (a chain's path is in place already)."""

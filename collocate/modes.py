@@ -42,6 +42,8 @@ class At(NamedTuple):
     root: torch.Tensor  # () the backbone's token there (sampling: drawn)
     heads: torch.Tensor | None  # (n_heads, V) independent heads' logits at that row (None: token-conditioned)
     drafts: TreeTensors  # the rule's draft tree
+    pos: torch.Tensor  # () the root's position
+    attn_len: int | None  # cache slots the step's attention read (a drafter with a context cache reads as many)
 
 
 class Kit(NamedTuple):
@@ -145,7 +147,8 @@ class Rule:
         return torch.cat([nxt.draft[:rows], nxt.draft.new_full((n - rows,), -1)])
 
     def draft(self, at: At, kit: Kit):
-        return kit.drafter.propose(at.drafts, h=at.h, root=at.root, head_logits=at.heads)
+        return kit.drafter.propose(at.drafts, h=at.h, root=at.root, head_logits=at.heads, pos=at.pos,
+                                   attn_len=at.attn_len)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .clp import GATE_THRESHOLD
-from .draft import MAX_TREE, DraftTree, HeadDrafter, TokenDrafter, TreeTensors
+from .draft import MAX_TREE, BlockDrafter, DraftTree, HeadDrafter, TokenDrafter, TreeTensors
 from .modes import EXACT_WIDTH, MAX_CANDIDATES, At, Kit, Rule
 from .rules import Kept, Sampling, filtered_probs, pick, residual_draw, uniforms
 
@@ -93,6 +93,8 @@ class Packed(NamedTuple):
 
 def drafter_for(bundle, model):
     """The drafter a bundle's heads make."""
+    if bundle.config.drafter == "block":
+        return BlockDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
     if bundle.token_conditioned:
         return TokenDrafter(bundle, model.get_output_embeddings(), model.get_input_embeddings())
     return HeadDrafter(bundle)
@@ -109,6 +111,8 @@ class StepRunner:
         if bundle is not None:  # in the backbone's dtype: float32 heads would run as slow float32 GEMVs
             bundle.to(self.device, self.lm_head.weight.dtype)
         self.drafter = drafter_for(bundle, model) if bundle is not None else None
+        # backbone layers whose outputs the drafter reads as its context (a block drafter's), kept per position
+        self.taps = self.drafter.taps if self.drafter is not None else ()
         width = max(EXACT_WIDTH, 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0))
         long = dict(dtype=torch.long, device=self.device)
         self.feed = torch.zeros(width, **long)  # the next step's tokens
@@ -117,6 +121,8 @@ class StepRunner:
         self.prompt = torch.zeros(backend.slots, **long)  # the prompt (and a last piece's padding past it)
         self.piece = torch.zeros(max(w for _, w in backend.prompt_pieces(backend.capacity)), **long)  # one piece of it
         self.n_prompt = torch.zeros((), **long)
+        if self.taps:  # the drafter's context cache: a row per slot the backbone's cache has
+            self.drafter.allocate(backend.slots, self.device, self.lm_head.weight.dtype)
         self.threshold = torch.full((), GATE_THRESHOLD, device=self.device)  # per request, read by graphs
         self.sampling = Sampling(torch.ones((), device=self.device), torch.zeros((), **long),
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
@@ -148,14 +154,18 @@ class StepRunner:
         """Feed ids = [root, draft nodes of `tree`] (tree None: the prompt's last piece, from slot pos0 to
         n_prompt, maybe then padding); attention reads the first attn_len cache slots (the backend's choice,
         None: all)."""
-        h = self.backend.forward(ids, self.pos0, tree, attn_len)  # (m, d); K/V written at slots pos0..pos0+m-1
+        out = self.backend.forward(ids, self.pos0, tree, attn_len, taps=self.taps)  # K/V at slots pos0..pos0+m-1
+        h, taps, first = out.last, out.taps, self.pos0  # (m, d), (m, n_taps * d), position of row 0
         prefill = tree is None
         if prefill:  # only the prompt's last row matters, and it keeps all it wrote
+            self.remember(taps, self.pos0)
             last = (self.n_prompt - 1 - self.pos0).view(1)
-            h, ids, tree = h.index_select(0, last), ids.index_select(0, last), DraftTree(())
+            h, ids, taps, tree = h.index_select(0, last), ids.index_select(0, last), taps.index_select(0, last), DraftTree(())
+            first = self.n_prompt - 1
         # a prompt's tail, once per answer, runs plain; a step's runs as one graph where the backend compiles
         settle = self.settle if prefill else self.settle_step
-        s = settle(h, ids, rule, tree.tensors(self.device), rule.tree.tensors(self.device))
+        s = settle(h, taps, ids, first, rule, tree.tensors(self.device), rule.tree.tensors(self.device),
+                   attn_len if self.taps else None)  # (a compiled settle specialises on it: only where read)
         if rule.sample:
             self.sampling.counter.add_(1)
         if not prefill:
@@ -168,9 +178,12 @@ class StepRunner:
             self.pos0.add_(1 + s.kept.count)
         return s.out
 
-    def settle(self, h: torch.Tensor, ids: torch.Tensor, rule: Rule, t: TreeTensors, drafts: TreeTensors) -> Settled:
-        """What a step's forward output h decides, as a pure function of it: the backbone's tokens, which
-        fed rows (tree t) stay, the next root and draft (tree `drafts`, the rule's), what to emit."""
+    def settle(self, h: torch.Tensor, taps: torch.Tensor, ids: torch.Tensor, first: torch.Tensor, rule: Rule,
+               t: TreeTensors, drafts: TreeTensors, attn_len: int | None = None) -> Settled:
+        """What a step's forward output decides, as a pure function of it (h, and the tapped layers' rows
+        taps; fed row 0 at position `first`): the backbone's tokens, which fed rows (tree t) stay, the next
+        root and draft (tree `drafts`, the rule's), what to emit. A drafter that reads the backbone's states
+        as context has the kept rows' written first; attention over them reads attn_len slots."""
         own_logits, heads = self.logits(h, rule)
         own = pick(own_logits)  # (m,) the backbone's token after each fed row
         ids = rule.seen(ids, t, self.n_fed)
@@ -180,15 +193,24 @@ class StepRunner:
             u = uniforms(self.sampling, ids.shape[0])
         kept, wrong = rule.accept(own, ids, t, probs, u)
         row = kept.row.view(1)
+        self.remember(taps.index_select(0, torch.cat([row.new_zeros(1), kept.path])), first)  # root, kept path
         if heads is not None:  # (n_heads, V) at the new root's row
             heads = heads.index_select(0, row)[0] if rule.any_root else heads[0]
         root = own.index_select(0, row)[0] if probs is None else residual_draw(probs, ids, t, row, u[-1])
         h_root = h.index_select(0, row)[0]
-        nxt = rule.next(At(h_root, root, heads, drafts), Kit(self.drafter, self.bundle, self.threshold))
+        at = At(h_root, root, heads, drafts, first + 1 + kept.count, attn_len)
+        nxt = rule.next(at, Kit(self.drafter, self.bundle, self.threshold))
         feed = torch.cat([nxt.root.view(1), nxt.draft])  # the next step's feed
         emitted, n_emitted = rule.emit(ids, kept, nxt, feed)
         proposal = rule.proposal(nxt, self.bundle.k - 1 if self.bundle is not None else 0)
         return Settled(StepOut(emitted, n_emitted, nxt.n + 1, kept.count, wrong, nxt.overrides, proposal), kept, feed)
+
+    def remember(self, taps: torch.Tensor, first: torch.Tensor) -> None:
+        """The tapped states of rows at positions first, first + 1, ... into the drafter's context cache
+        (rows past what stays are overwritten before any draft reads them: a draft reads the slots before
+        its root)."""
+        if self.taps:
+            self.drafter.remember(taps, first + torch.arange(taps.shape[0], device=taps.device))
 
     def logits(self, h: torch.Tensor, rule: Rule) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Own-token logits of every row (m, V) and, for independent heads, the heads' logits
@@ -246,7 +268,7 @@ class StepRunner:
 
     def fill(self, width: int, attn_len: int | None) -> None:
         """A piece of the prompt before its last: its K/V written, nothing read."""
-        self.backend.forward(self.piece[:width], self.pos0, None, attn_len)
+        self.remember(self.backend.forward(self.piece[:width], self.pos0, None, attn_len, taps=self.taps).taps, self.pos0)
 
     def warm_up(self, rule: Rule, prompt_ids: list[int], last: int) -> None:
         """Capture, before anything is timed, this prompt's pieces and every width this rule uses at every

@@ -1,14 +1,20 @@
-"""The block drafter (collocate/block.py): its decoding path (a context cache by position, one block)
-gives its training path's logits, and a few steps of training on a model's own answers lower its loss."""
+"""The block drafter (collocate/block.py, draft.BlockDrafter): its decoding path (a context cache by position,
+one block) gives its training path's logits, training on a model's own answers lowers its loss, and in the
+decode loop it drafts from the context the kept tokens left, verify with it is ar, and both backends agree."""
+import pytest
 import torch
 
-from collocate.block import BlockConfig, BlockDrafter, backbone_features
-from conftest import copy_model, randomize, tiny_llama, tiny_qwen
+from collocate.block import BlockConfig, BlockModel, backbone_features
+from collocate.bundle import MTPBundle
+from collocate.decode import DecodeConfig
+from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
+from test_decode import eager, prompts
+from test_fast import fast
 
 
 def drafter_for(model, **kw):
     torch.manual_seed(0)
-    return randomize(BlockDrafter(BlockConfig.for_backbone(model, **kw)), seed=1, scale=1.0)
+    return randomize(BlockModel(BlockConfig.for_backbone(model, **kw)), seed=1, scale=1.0)
 
 
 def test_taps_spread_over_the_backbone_and_sizes_follow_it():
@@ -35,11 +41,11 @@ def test_decoding_from_the_cache_gives_the_training_logits():
         anchors = torch.tensor([1, 7, 20, 38])
         with torch.no_grad():
             trained = drafter.logits(embed, lm_head, tokens, feats, anchors)  # (4, 5, V)
-            drafter.allocate(64, tokens.device, torch.float32)
+            cache = drafter.allocate(64, tokens.device, torch.float32)
             for i, a in enumerate(anchors.tolist()):
-                drafter.extend(feats[:a], torch.arange(a))
-                drafter.extend(torch.randn(3, feats.shape[1]), torch.arange(a, a + 3))  # a rejected draft's rows
-                decoded = drafter.draft(embed, lm_head, tokens[a], torch.tensor(a), attn_len=48)
+                drafter.extend(cache, feats[:a], torch.arange(a))
+                drafter.extend(cache, torch.randn(3, feats.shape[1]), torch.arange(a, a + 3))  # a rejected draft's rows
+                decoded = drafter.draft(cache, embed, lm_head, tokens[a], torch.tensor(a), attn_len=48)
                 torch.testing.assert_close(decoded, trained[i], rtol=1e-4, atol=1e-4)
 
 
@@ -68,3 +74,96 @@ def test_weights_are_named_as_dflash_checkpoints_name_them():
     per_layer = {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"self_attn.q_norm.weight", "self_attn.k_norm.weight"} \
         | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {"input_layernorm.weight", "post_attention_layernorm.weight"}
     assert names == {f"layers.{i}.{n}" for i in range(2) for n in per_layer} | {"fc.weight", "hidden_norm.weight", "norm.weight"}
+
+
+def block_bundle(model, *, block_size=5, vocab=0, steps=150):
+    """A block-drafter bundle trained a little on the model's own greedy answers, so that some drafts are
+    kept (and a kept row's context matters to the next draft)."""
+    c = BlockConfig.for_backbone(model, block_size=block_size)
+    bundle = MTPBundle.for_backbone(model, k=block_size, base_model="tiny", has_gates=False, drafter="block",
+                                    block=c.as_dict(), draft_vocab=vocab)
+    randomize(bundle, seed=1, scale=1.0)
+    if vocab:
+        bundle.draft_ids.copy_(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(1))[:vocab])
+    block, embed, lm_head = bundle.heads.requires_grad_(True), model.get_input_embeddings(), model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    seqs = [model.generate(torch.randint(3, 96, (1, 6), generator=g), max_new_tokens=60, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)[0] for _ in range(8)]
+    feats = [backbone_features(model, s, c.taps) for s in seqs]
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-2)
+    for step in range(steps):
+        s, f = seqs[step % 8], feats[step % 8]
+        loss, _ = block.loss(embed, lm_head, s, f, torch.arange(1, s.shape[0] - 1, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return with_rank_probs(bundle.eval().requires_grad_(False))
+
+
+@pytest.fixture(scope="module", params=[tiny_llama, tiny_qwen])
+def trained(request):
+    model = request.param()
+    return model, block_bundle(model)
+
+
+def test_block_verify_is_ar_and_both_backends_agree(trained):
+    """Chain and tree verify with the block drafter give ar's tokens (float32), and the fast backend gives
+    the eager one's tokens, stats and proposals in every mode the block drafter runs."""
+    model, bundle = trained
+    ref, dec = eager(model, bundle), fast(model, bundle)
+    steps = 0
+    for p in prompts(4, seed=9):
+        ar = ref.generate(p, DecodeConfig(mode="ar", max_new_tokens=40))
+        for cfg in (DecodeConfig(mode="verify", max_new_tokens=40), DecodeConfig(mode="verify", max_new_tokens=40, tree_size=12),
+                    DecodeConfig(mode="verify", max_new_tokens=40, tree_size=12, tree_depth=2),
+                    DecodeConfig(mode="verify", max_new_tokens=40, candidates=3)):
+            a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+            assert a.tokens == ar.tokens and b.tokens == a.tokens
+            assert a.stats.counts() == b.stats.counts() and a.proposals == b.proposals
+            steps += a.stats.steps
+        for cfg in (DecodeConfig(mode="clp", max_new_tokens=40, threshold=0.0), DecodeConfig(mode="verify", adaptive=True,
+                                                                                              max_new_tokens=40, threshold=0.0)):
+            a, b = ref.generate(p, cfg), dec.generate(p, cfg)
+            assert b.tokens == a.tokens and a.stats.counts() == b.stats.counts() and a.proposals == b.proposals
+    assert steps < 0.8 * 4 * 4 * 40  # drafts were kept: the kept rows' context was read
+
+
+def test_each_draft_reads_the_context_the_kept_tokens_left(trained):
+    """Every chain the decoder drafted equals the block's training-path logits at that anchor over the final
+    sequence: the step wrote each kept row's states at its position, and no rejected row was read."""
+    model, bundle = trained
+    block, embed, lm_head = bundle.heads, model.get_input_embeddings(), model.get_output_embeddings()
+    for dec in (eager(model, bundle), fast(model, bundle)):
+        for p in prompts(3, seed=5):
+            out = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40))
+            seq = torch.tensor(p + out.tokens)
+            feats = backbone_features(model, seq, block.c.taps)
+            checked = [(i, chain) for i, chain in out.proposals if len(p) + i < len(seq)]
+            anchors = torch.tensor([len(p) + i for i, _ in checked])
+            want = block.logits(embed, lm_head, seq, feats, anchors).argmax(-1).tolist()
+            assert [w[:len(chain)] for w, (_, chain) in zip(want, checked)] == [chain for _, chain in checked]
+
+
+def test_block_bundle_saves_as_format_4_and_refuses_what_does_not_fit(tmp_path):
+    import json
+
+    from collocate.errors import BundleError
+
+    model = tiny_llama()
+    c = BlockConfig.for_backbone(model, block_size=5)
+    bundle = randomize(MTPBundle.for_backbone(model, k=5, base_model="tiny", has_gates=False, drafter="block",
+                                              block=c.as_dict()), seed=1)
+    bundle.save_pretrained(tmp_path / "b")
+    raw = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert raw["format_version"] == 4 and raw["drafter"] == "block" and raw["block"]["taps"] == c.taps
+    loaded = MTPBundle.from_pretrained(tmp_path / "b", backbone=model)
+    for name, t in bundle.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t)
+    with pytest.raises(BundleError, match="LM-head weights differ"):  # a block drafter for another backbone
+        MTPBundle.from_pretrained(tmp_path / "b", backbone=tiny_llama(seed=5))
+    for change, word in (({"k": 6}, "block_size 5, k 6"), ({"block": {}}, "sizes in 'block'"),
+                         ({"format_version": 3}, "format 4 or later"), ({"block": {**c.as_dict(), "wings": 2}}, "not a block"),
+                         ({"drafter": "blocky"}, "unknown drafter type"), ({"format_version": 5}, "Upgrade collocate")):
+        (tmp_path / "b" / "config.json").write_text(json.dumps({**raw, **change}))
+        with pytest.raises(BundleError, match=word):
+            MTPBundle.from_pretrained(tmp_path / "b")

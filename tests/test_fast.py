@@ -187,9 +187,9 @@ def test_attention_reads_the_shortest_length_that_covers_the_step(make):
     assert lens == (256, 384, 512, 768, 1024)
     seen, forward = [], dec.backend.forward
 
-    def spy(ids, pos0, tree, attn_len=None):
+    def spy(ids, pos0, tree, attn_len=None, **kw):
         seen.append((int(pos0) + ids.shape[0], attn_len))
-        return forward(ids, pos0, tree, attn_len)
+        return forward(ids, pos0, tree, attn_len, **kw)
 
     dec.backend.forward = spy
     p = (prompts(1, seed=2)[0] * 250)[:250]
@@ -272,10 +272,10 @@ def test_a_prompt_is_fed_padded_to_one_of_a_few_widths(llama):
     dec.backend.pad_prompts = True
     fed, forward = [], dec.backend.forward
 
-    def spy(ids, pos0, tree, attn_len=None):
+    def spy(ids, pos0, tree, attn_len=None, **kw):
         if tree is None:
             fed.append(ids.shape[0])
-        return forward(ids, pos0, tree, attn_len)
+        return forward(ids, pos0, tree, attn_len, **kw)
 
     dec.backend.forward = spy
     base = prompts(1, seed=4)[0] * 250
@@ -301,10 +301,10 @@ def test_a_long_prompt_is_fed_in_pieces_up_to_the_cache_end(llama):
         dec = Decoder(backend, None, bundle, eos_token_ids=[2])
         fed, forward = [], backend.forward
 
-        def spy(ids, pos0, tree, attn_len=None, forward=forward, fed=fed):
+        def spy(ids, pos0, tree, attn_len=None, forward=forward, fed=fed, **kw):
             if tree is None:
                 fed.append((int(pos0), ids.shape[0]))
-            return forward(ids, pos0, tree, attn_len)
+            return forward(ids, pos0, tree, attn_len, **kw)
 
         backend.forward = spy
         base = prompts(1, seed=4)[0] * 256
