@@ -191,17 +191,20 @@ class BlockModel(nn.Module):
         for layer in self.layers:
             ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=tokens.device))
             x = layer(x, pos, ctx_k, ctx_v, sees)
-        return lm_head(self.norm(x).view(b, B, -1)[:, 1:])
+        return lm_head(self.norm(x).view(b, B, -1)[:, 1:].to(lm_head.weight.dtype))
 
     def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
-             *, decay: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+             *, decay: float = 7.0, local=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
-        0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay)."""
+        0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay).
+        local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100 outside)."""
         B, T = self.c.block_size, tokens.shape[0]
         logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
         offsets = torch.arange(1, B, device=tokens.device)
         target_pos = anchors[:, None] + offsets
         target = torch.where(target_pos < T, tokens[target_pos.clamp(max=T - 1)], -100)  # (b, B-1)
+        if local is not None:
+            target = local(target)
         weight = torch.exp(-(offsets - 1) / decay).expand_as(target) * (target >= 0)
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
         loss = (ce * weight.flatten()).sum() / weight.sum().clamp(min=1e-6)
@@ -237,7 +240,7 @@ class BlockModel(nn.Module):
         x = self.block(embed, anchor.view(1))
         for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             x = layer(x, block_pos, ck[:, :n], cv[:, :n], sees)
-        return lm_head(self.norm(x)[1:])
+        return lm_head(self.norm(x)[1:].to(lm_head.weight.dtype))
 
 
 class ContextCache(NamedTuple):

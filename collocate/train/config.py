@@ -27,12 +27,18 @@ def setting(default=MISSING, help: str = "", *, data: bool = False, flag: str | 
 class TrainConfig:
     out: str = setting(help="run folder: the bundle, its report, and work/ (answers, features, checkpoints)")
     model: str = setting(DEFAULT_MODEL, "short name, hub id, local folder or .gguf file", data=True)
-    k: int = setting(4, "heads predict t+2..t+k")
-    drafter: str = setting("heads", "head type: independent heads, or token-conditioned ones (+j sees the token "
-                           "at +j-1; tc-depth: a block per offset, tc-shared: one block for all, tc-wide: that block 4x wider)",
-                           choices=("heads",) + TokenHeads.DESIGNS)
-    draft_vocab: int = setting(0, "token-conditioned heads: draft over the N tokens the answers use most "
-                                  "(a smaller LM-head read per depth; 0: the whole vocabulary)")
+    k: int = setting(4, "heads predict t+2..t+k (a block drafter: its block size, e.g. 16)")
+    drafter: str = setting("heads", "drafter type: independent heads, token-conditioned ones (+j sees the token "
+                           "at +j-1; tc-depth: a block per offset, tc-shared: one block for all, tc-wide: that block 4x "
+                           "wider), or a block drafter (a few layers reading several backbone layers draft t+2..t+k "
+                           "in one pass, DFlash's design)", choices=("heads",) + TokenHeads.DESIGNS + ("block",))
+    draft_vocab: int = setting(0, "token-conditioned heads and the block drafter: draft over the N tokens the answers "
+                                  "use most (a smaller LM-head read; 0: the whole vocabulary)")
+    block_layers: int = setting(1, "block drafter: its transformer layers")
+    block_mlp: int = setting(0, "block drafter: its MLP width (0: the backbone's)")
+    block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
+                                              "(default: 5 spread from layer 1 to L-3)")
+    anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
     samples: int = setting(2000, "self-distilled answers", data=True)
     mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated, in equal shares: "
                                    + "; ".join(f"{k}: {v}" for k, v in MIXES.items()), data=True)
@@ -49,8 +55,10 @@ class TrainConfig:
     train_samples: int | None = setting(None, "train on the first N answers only, held out as before (for a "
                                               "curve of accuracy against data on one held-out set)", type=int)
     epochs: int = setting(2, "head-training epochs")
-    lr: float = setting(1e-3, "head learning rate (AdamW, warm-up then cosine)")
-    batch: int = setting(512, "positions per head-training batch, over all processes (N GPUs take 1/N each)")
+    lr: float | None = setting(None, "learning rate (AdamW, warm-up then cosine; default 1e-3 for heads, 6e-4 for "
+                                     "a block drafter)", type=float)
+    batch: int = setting(512, "positions per head-training batch, over all processes (N GPUs take 1/N each); a "
+                              "block drafter's: anchors per step")
     grad_accum: int = setting(1, "batches per optimiser step")
     warmup: float = setting(0.05, "share of head-training steps spent warming up")
     kl_weight: float = setting(0.0, "weight of a KL term to the backbone's own distribution")
@@ -59,7 +67,7 @@ class TrainConfig:
                                 choices=CLP_FEATURES)
     clp_epochs: int = setting(4, "CLP and gate epochs")
     policy_positions: int = setting(100_000, "training positions sampled for CLP and gates")
-    gates: bool = setting(True, "train the gate baseline")
+    gates: bool = setting(True, "train the gate baseline (independent and token-conditioned heads)")
     compete: bool = setting(False, "also train a +1 head (head-competition baseline)")
     cache_hidden: bool = setting(True, "keep hidden states on disk between epochs")
     budget_minutes: float | None = setting(None, "stop head training after this many minutes", type=float)
@@ -73,6 +81,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.mix = tuple(self.mix)
+        self.block_taps = tuple(int(t) for t in self.block_taps)
+        if self.lr is None:
+            self.lr = 6e-4 if self.drafter == "block" else 1e-3
         if self.k < 2:
             raise ValueError(f"--k must be >= 2, got {self.k}")
         if self.samples < 2:
@@ -84,7 +95,14 @@ class TrainConfig:
         if self.drafter != "heads" and self.compete:
             raise ValueError("--compete adds a +1 head to independent heads (--drafter heads) only")
         if self.draft_vocab < 0 or (self.draft_vocab and self.drafter == "heads"):
-            raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) only")
+            raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) and block "
+                             "drafters only")
+        if self.drafter != "block" and (self.block_layers != 1 or self.block_mlp or self.block_taps):
+            raise ValueError("--block-layers, --block-mlp and --block-taps shape a block drafter (--drafter block)")
+        if self.block_layers < 1 or self.block_mlp < 0 or self.anchors < 1 or any(t < 0 for t in self.block_taps):
+            raise ValueError("--block-layers and --anchors must be >= 1, --block-mlp and --block-taps >= 0")
+        if self.drafter == "block":
+            self.gates = False  # (the gate baseline reads independent heads' outputs)
 
     @property
     def n_shards(self) -> int:

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 from ..bundle import MTPBundle
 from ..clp import CLP_FEATURES
 from ..draft import MAX_TREE, best_paths
-from .answers import generate_answers, heldout_overlap, shard_answers, write_manifest
+from ..block import BlockConfig
+from .answers import generate_answers, heldout_overlap, read_shard, shard_answers, write_manifest
+from .block import block_policy_data, train_block
 from .common import is_main, say, write_atomic
 from .config import TrainConfig
 from .features import shard_features
@@ -61,28 +63,33 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.train_samples:
         train_ids = train_ids[: max(1, math.ceil(cfg.train_samples / cfg.shard_size))]
     report["train_shards"] = len(train_ids)
-    t0 = time.perf_counter()
-    for i in tqdm(range(cfg.n_shards), desc="features", unit="shard", disable=not is_main()):
-        if i % accel.num_processes == accel.process_index:
-            shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
-    accel.wait_for_everyone()
-    report["stages"]["features"] = {"seconds": add_stage_time(run, "features", time.perf_counter() - t0)}
+    block = cfg.drafter == "block"  # (it reads several layers: computed on the fly, no features stage)
+    if not block:
+        t0 = time.perf_counter()
+        for i in tqdm(range(cfg.n_shards), desc="features", unit="shard", disable=not is_main()):
+            if i % accel.num_processes == accel.process_index:
+                shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden)
+        accel.wait_for_everyone()
+        report["stages"]["features"] = {"seconds": add_stage_time(run, "features", time.perf_counter() - t0)}
     if cfg.only == "features":
         return report
 
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
                                     compete=cfg.compete, clp_features=cfg.clp_features, drafter=cfg.drafter,
                                     clp_variants=[f for f in CLP_FEATURES if f != cfg.clp_features],
-                                    draft_vocab=cfg.draft_vocab).to(device)
+                                    draft_vocab=cfg.draft_vocab,
+                                    block=block_config(model, tokenizer, cfg).as_dict() if block else {}).to(device)
     if cfg.draft_vocab:
         bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))
     t0 = time.perf_counter()
-    report["stages"]["heads"] = {**train_heads(model, bundle, cfg, run, train_ids, accel)}
+    train = train_block if block else train_heads
+    report["stages"]["heads"] = {**train(model, bundle, cfg, run, train_ids, accel)}
     report["stages"]["heads"]["seconds"] = add_stage_time(run, "heads", time.perf_counter() - t0)
     if accel.is_main_process:
         bundle.heads.eval()
         t0 = time.perf_counter()
-        report.update(train_policies(model, bundle, cfg, run, train_ids, held))
+        report.update(train_policies(model, bundle, cfg, run, train_ids, held,
+                                     outputs=block_policy_data if block else None))
         bundle.heldout = report["heldout_head_accuracy"]  # the tree from the held-out ranks, as a bundle reads them
         bundle.config.tree = [list(p) for p in best_paths(bundle.rank_probs(), MAX_TREE)]
         if cfg.draft_vocab:
@@ -103,12 +110,27 @@ def run_training(cfg: TrainConfig) -> dict:
 
 
 def token_counts(model, run: Path, ids: list[int], cfg: TrainConfig) -> torch.Tensor:
-    """How often each token is an answer token (a t+1 target) in these shards."""
+    """How often each token is an answer token in these shards."""
     counts = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.long)
     for i in ids:
-        t = shard_features(model, run, i, cfg.k, cache=cfg.cache_hidden).targets[:, 0]
-        counts += torch.bincount(t[t >= 0], minlength=len(counts))
+        t = torch.tensor([tok for seq, plen in read_shard(run, i) for tok in seq[plen:]], dtype=torch.long)
+        counts += torch.bincount(t, minlength=len(counts))
     return counts
+
+
+def block_config(model, tokenizer, cfg: TrainConfig) -> BlockConfig:
+    """The block drafter's sizes from the backbone and the options; its mask token an embedding row past
+    the tokenizer's tokens where the table has one (Qwen2.5 pads its table: 151,665 tokens, 151,936 rows)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    mask = len(tokenizer) if tokenizer is not None and len(tokenizer) < vocab else vocab - 1
+    c = BlockConfig.for_backbone(model, layers=cfg.block_layers, block_size=cfg.k,
+                                 intermediate_size=cfg.block_mlp or None, mask_token_id=mask)
+    if cfg.block_taps:
+        if max(cfg.block_taps) >= model.config.num_hidden_layers:
+            raise ValueError(f"--block-taps names layer {max(cfg.block_taps)}; the backbone has layers "
+                             f"0..{model.config.num_hidden_layers - 1}")
+        c.taps = sorted(set(cfg.block_taps))
+    return c
 
 
 def most_used(model, run: Path, ids: list[int], cfg: TrainConfig) -> torch.Tensor:

@@ -166,9 +166,11 @@ def gate_report(gates: Gates, data: PolicyData, offsets: list[int]) -> dict:
             for j, o in enumerate(offsets)}
 
 
-def train_policies(model, bundle, cfg, run, train_ids, held) -> dict:
-    train_data = policy_data(model, bundle, cfg, run, train_ids, limit=cfg.policy_positions, seed=cfg.seed)
-    held_data = policy_data(model, bundle, cfg, run, held)
+def train_policies(model, bundle, cfg, run, train_ids, held, *, outputs=None) -> dict:
+    """outputs: the function that gives the drafter's outputs as PolicyData (policy_data: the heads')."""
+    outputs = outputs or policy_data
+    train_data = outputs(model, bundle, cfg, run, train_ids, limit=cfg.policy_positions, seed=cfg.seed)
+    held_data = outputs(model, bundle, cfg, run, held)
     first = 1 if bundle.heads.compete else 0
     device = model.get_output_embeddings().weight.device  # small models, many steps: the accelerator pays
     out = {"heldout_head_accuracy": head_accuracy(held_data, bundle.heads.offsets),

@@ -1,0 +1,161 @@
+"""Stage 3 for a block drafter (`--drafter block`): it learns from the backbone's own answers to draft the
+block after an anchor, reading the backbone's tapped layers, which are computed on the fly for each batch
+of answers (a cache of five layers' states would take ~60 GB for 16K answers of the 1.5B).
+
+    collocate train --model qwen2.5-coder-1.5b --drafter block --k 16 --samples 16384 --out runs/q15-block
+
+A step takes answers until it holds `--batch` anchors: for each answer, up to `--anchors` random answer
+positions a; the block at a is [token a, mask x (k-1)] and slot j learns token a + j (cross-entropy weighted
+exp(-(j-1)/7), DFlash's), with the context of the positions before a. AdamW with warm-up then cosine,
+gradients clipped at 1; a checkpoint per epoch to resume from. `block_policy_data` gives the held-out
+per-slot accuracy and the CLP's training data in the same form as the heads' (policies.PolicyData).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..clp import head_confidence
+from ..heads import VocabSlice
+from .answers import read_shard
+from .common import say
+from .config import TrainConfig
+from .features import batches_by_tokens
+from .heads import lr_at
+from .policies import RANKS, PolicyData
+
+DECAY = 7.0  # slot j of a block weighs exp(-(j-1) / DECAY) in the loss
+
+
+def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each sequence's (T, len(taps) * d) tapped layer outputs and (T, d) last hidden states, in one
+    batched forward (right padding: causal, so padding changes nothing before it)."""
+    width = max(map(len, seqs))
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    feats = torch.cat([out.hidden_states[t + 1] for t in taps], -1)  # ([0]: the embeddings)
+    return [(feats[j, :len(s)], out.last_hidden_state[j, :len(s)]) for j, s in enumerate(seqs)]
+
+
+def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | None) -> torch.Tensor:
+    """Anchors of one answer: positions whose token the backbone wrote and that have a token after them
+    (plen .. seq_len - 2); n of them at random (None: all, in order)."""
+    all_ = list(range(plen, seq_len - 1))
+    if n is not None and len(all_) > n:
+        all_ = sorted(rng.sample(all_, n))
+    return torch.tensor(all_, dtype=torch.long)
+
+
+def draft_head(model, bundle):
+    """The LM head the drafter's logits come from: over the draft vocabulary where the bundle has one."""
+    lm_head = model.get_output_embeddings()
+    return VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else lm_head
+
+
+def block_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig) -> list[list[int]]:
+    """Indices of the answers each step takes: whole answers until a step holds cfg.batch anchors."""
+    steps, step, held = [], [], 0
+    for i, (seq, plen) in enumerate(answers):
+        step.append(i)
+        held += min(cfg.anchors, max(len(seq) - 1 - plen, 0))
+        if held >= cfg.batch:
+            steps.append(step)
+            step, held = [], 0
+    return steps + ([step] if step else [])
+
+
+def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel) -> dict:
+    if accel.num_processes > 1:
+        raise ValueError("a block drafter trains in one process (one GPU); launch it without accelerate's "
+                         "data parallelism")
+    block, embed, lm_head = bundle.heads, model.get_input_embeddings(), draft_head(model, bundle)
+    local = lm_head.local if isinstance(lm_head, VocabSlice) else None
+    taps = block.c.taps
+    opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0)
+    block.train().requires_grad_(True)
+    ckpt = run / "block-ckpt.pt"
+    epoch0, history = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        block.load_state_dict(state["block"])
+        opt.load_state_dict(state["opt"])
+        epoch0, history = state["epoch"], state["history"]
+        say(f"resuming block-drafter training after epoch {epoch0}")
+    answers = [a for i in train_ids for a in read_shard(run, i) if len(a[0]) - a[1] >= 2]
+    total = max(1, len(block_steps(answers, cfg)) * cfg.epochs)
+    step, start = epoch0 * (total // cfg.epochs), time.perf_counter()
+    for epoch in range(epoch0, cfg.epochs):
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        order = answers[:]
+        rng.shuffle(order)
+        losses, hits, counted = [], torch.zeros(block.c.block_size - 1), 0
+        for batch in tqdm(block_steps(order, cfg), desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                          disable=not accel.is_main_process):
+            seqs = [order[i] for i in batch]
+            with torch.no_grad():
+                states = tapped_states(model, [s for s, _ in seqs], taps)
+            loss = 0.0
+            with accel.autocast():
+                for (seq, plen), (feats, _) in zip(seqs, states):
+                    anchors = answer_anchors(len(seq), plen, cfg.anchors, rng).to(feats.device)
+                    tokens = torch.tensor(seq, device=feats.device)
+                    part, hit = block.loss(embed, lm_head, tokens, feats, anchors, decay=DECAY, local=local)
+                    loss = loss + part / len(seqs)
+                    hits += hit.cpu()
+                    counted += len(anchors)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            opt.zero_grad(set_to_none=True)
+            accel.backward(loss)
+            torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+        history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "first_loss": losses[0],
+                        "last_loss": losses[-1], "train_top1_by_slot": (hits / max(counted, 1)).tolist()})
+        say(f"epoch {epoch + 1}: mean loss {history[-1]['loss']:.4f}")
+        if accel.is_main_process:
+            torch.save({"block": block.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                        "history": history}, ckpt)
+        if cfg.budget_minutes and (time.perf_counter() - start) / 60 > cfg.budget_minutes:
+            say(f"stopping block-drafter training: --budget-minutes {cfg.budget_minutes} reached")
+            break
+    block.eval().requires_grad_(False)
+    return {"history": history, "steps": step}
+
+
+@torch.inference_mode()
+def block_policy_data(model, bundle, cfg: TrainConfig, run: Path, ids: list[int], *, limit: int | None = None,
+                      seed: int = 0, chunk: int = 256) -> PolicyData:
+    """The block drafter's outputs at answer anchors of these shards (every one, or about `limit` at random),
+    as policies.PolicyData: per anchor a, the backbone's last hidden state at a - 1 (what the decoder's CLP
+    reads: the row whose next token is the root a), and per slot its top-1 probability, whether its argmax is
+    the backbone's token, and that token's rank among its guesses."""
+    block, embed, lm_head = bundle.heads, model.get_input_embeddings(), draft_head(model, bundle)
+    vocab = lm_head if isinstance(lm_head, VocabSlice) else None
+    answers = [a for i in ids for a in read_shard(run, i) if len(a[0]) - a[1] >= 2]
+    n_anchors = sum(len(s) - 1 - p for s, p in answers)
+    per_answer = math.ceil(limit / len(answers)) if limit and limit < n_anchors else None
+    rng, parts = random.Random(seed), []
+    B = block.c.block_size
+    for group in tqdm(list(batches_by_tokens(answers, 8192)), desc="block: outputs", unit="batch"):
+        for (seq, plen), (feats, last) in zip(group, tapped_states(model, [s for s, _ in group], block.c.taps)):
+            tokens = torch.tensor(seq, device=feats.device)
+            for anchors in answer_anchors(len(seq), plen, per_answer, rng).to(feats.device).split(chunk):
+                logits = block.logits(embed, lm_head, tokens, feats, anchors).float()  # (b, B-1, V')
+                pos = anchors[:, None] + torch.arange(1, B, device=anchors.device)
+                tgt = torch.where(pos < len(seq), tokens[pos.clamp(max=len(seq) - 1)], -100)
+                if vocab is not None:  # a token outside the draft vocabulary (-1) is never guessed
+                    tgt = torch.where(tgt >= 0, vocab.local(tgt).clamp(min=-1), tgt)
+                hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]
+                rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
+                parts.append((last[anchors - 1].to(torch.bfloat16).cpu(), head_confidence(logits).cpu(),
+                              (rank == 0).cpu(), (rank < 5).cpu(), (tgt != -100).cpu(), rank.to(torch.int8).cpu()))
+    return PolicyData(*(torch.cat(x) for x in zip(*parts)))
