@@ -143,7 +143,7 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from .bundle import BundleError, MTPBundle, resolve_bundle
-    from .export import check_target, export_medusa, export_vllm_medusa
+    from .export import check_target, export_dflash, export_medusa, export_vllm_medusa
     from .zoo import load_backbone
 
     if Path(args.out).resolve() == resolve_bundle(args.bundle).resolve():
@@ -153,10 +153,15 @@ def cmd_export(args) -> int:
     model_name = args.model or bundle.config.base_model
     backbone, _ = load_backbone(model_name, device="cpu")
     bundle.check_backbone(backbone, model_name)
-    write = export_vllm_medusa if args.format == "vllm-medusa" else export_medusa
-    out = write(bundle, backbone.get_output_embeddings().weight, args.out, overwrite=args.overwrite)
-    print(f"collocate: wrote {out} ({args.format}: {bundle.k - 1} heads, LM head of {model_name}); "
-          "docs/export.md shows how to serve it")
+    args.format = args.format or ("dflash" if bundle.config.drafter == "block" else "vllm-medusa")
+    if args.format == "dflash":
+        out = export_dflash(bundle, backbone, args.out, overwrite=args.overwrite)
+        what = f"a block drafter of {bundle.k} slots over layers {bundle.heads.c.taps} of {model_name}"
+    else:
+        write = export_vllm_medusa if args.format == "vllm-medusa" else export_medusa
+        out = write(bundle, backbone.get_output_embeddings().weight, args.out, overwrite=args.overwrite)
+        what = f"{bundle.k - 1} heads, LM head of {model_name}"
+    print(f"collocate: wrote {out} ({args.format}: {what}); docs/export.md shows how to serve it")
     return 0
 
 
@@ -271,11 +276,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="self-distil data and train heads, CLP and gates")
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("export", help="a bundle's heads in another engine's format (vLLM Medusa, Medusa)")
+    p = sub.add_parser("export", help="a bundle's drafter in another engine's format (vLLM Medusa, Medusa, DFlash)")
     p.add_argument("bundle")
     p.add_argument("out")
-    p.add_argument("--format", default="vllm-medusa", choices=["vllm-medusa", "medusa"],
-                   help="vllm-medusa: vLLM's Medusa drafter; medusa: FasterDecoding/Medusa's medusa_lm_head.pt")
+    p.add_argument("--format", choices=["vllm-medusa", "medusa", "dflash"],
+                   help="vllm-medusa: vLLM's Medusa drafter (the default for heads); medusa: FasterDecoding/Medusa's "
+                        "medusa_lm_head.pt; dflash: a block drafter as vLLM (method dflash) and SGLang (DFLASH) "
+                        "load it (the default for a block drafter)")
     p.add_argument("--model", help="the backbone whose LM head goes with the heads (default: the bundle's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a folder that is not empty")
     p.set_defaults(fn=cmd_export)

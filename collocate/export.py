@@ -17,6 +17,15 @@ FasterDecoding/Medusa (medusa/model/medusa_model.py) reads config.json (`medusa_
 `medusa_head`: per head `{h}.{l}.linear.weight/bias` and its own copy of the LM head, `{h}.{layers}.weight`.
 It builds a head's layers as `[ResBlock(d)] * n`, one block repeated, so only one-layer heads keep
 their meaning there.
+
+DFlash drafters (vLLM's `qwen3_dflash.py`, method "dflash"; SGLang's `models/dflash.py`, DFLASH) read a
+Qwen3-style config.json (`architectures: ["DFlashDraftModel"]`, sizes, rotary settings, `block_size`,
+`num_target_layers`, and `dflash_config` with `mask_token_id` and `target_layer_ids`: 0-based target
+layers whose outputs are the context, which both engines capture at the residual entering layer id + 1)
+and model.safetensors with our block drafter's names (`layers.{i}.self_attn.q_proj.weight`, ..., `fc`,
+`hidden_norm`, `norm`), which they fuse into qkv_proj / gate_up_proj themselves. Embeddings and the LM head
+are the target's; a draft vocabulary goes as vLLM's `lm_head.weight` over those rows with `d2t` (target id
+minus draft id), which SGLang ignores (it drafts over the whole vocabulary).
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .bundle import BundleError, MTPBundle
 
-FORMATS = ("vllm-medusa", "medusa")
+FORMATS = ("vllm-medusa", "medusa", "dflash")
 
 
 def check_target(out: str | Path, *, overwrite: bool = False) -> Path:
@@ -154,3 +163,45 @@ def import_vllm_medusa(path: str | Path, *, backbone, base_model: str = "importe
                 bias = tensors.get(f"blocks.{h}.layers.{layer}.bias")
                 block.linear.bias.copy_(bias if bias is not None else torch.zeros_like(block.linear.bias))
     return bundle.eval().requires_grad_(False)
+
+
+def dflash_config(bundle: MTPBundle, backbone) -> dict:
+    """What vLLM's and SGLang's DFlash loaders read, from the block drafter's sizes and the backbone's."""
+    c, b = bundle.heads.c, backbone.config
+    rope = dict(getattr(b, "rope_parameters", None) or {}) or {"rope_type": "default"}
+    rope["rope_theta"] = c.rope_theta
+    cfg = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": c.hidden_size,
+           "intermediate_size": c.intermediate_size, "num_hidden_layers": c.layers,
+           "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+           "hidden_act": "silu", "rms_norm_eps": c.eps, "attention_bias": False, "rope_theta": c.rope_theta,
+           "rope_parameters": rope, "max_position_embeddings": b.max_position_embeddings,
+           "vocab_size": bundle.config.vocab_size, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "block_size": c.block_size, "num_target_layers": b.num_hidden_layers,
+           "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.taps),
+                             "block_size": c.block_size, "num_target_layers": b.num_hidden_layers},
+           "base_model": bundle.config.base_model, "exported_by": "collocate"}
+    if bundle.draft_ids is not None:
+        cfg["draft_vocab_size"] = len(bundle.draft_ids)
+    return cfg
+
+
+def dflash_tensors(bundle: MTPBundle, lm_head_weight: torch.Tensor, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The block drafter's weights under its own (DFlash's) names; with a draft vocabulary, the LM head's rows
+    of it and d2t, the offset from each draft id to its target id (vLLM's EAGLE-3 convention)."""
+    out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in bundle.heads.state_dict().items()}
+    if bundle.draft_ids is not None:
+        ids = bundle.draft_ids.cpu()
+        out["lm_head.weight"] = lm_head_weight.detach().index_select(0, ids.to(lm_head_weight.device)).to("cpu", dtype).contiguous()
+        out["d2t"] = (ids - torch.arange(len(ids))).contiguous()
+    return out
+
+
+def export_dflash(bundle: MTPBundle, backbone, out: str | Path, *, overwrite: bool = False) -> Path:
+    if bundle.config.drafter != "block":
+        raise BundleError(f"dflash holds a block drafter; this bundle's drafter is '{bundle.config.drafter}' "
+                          "(train one with --drafter block, or export heads as vllm-medusa)")
+    lm_head = backbone.get_output_embeddings().weight
+    with staged(out, overwrite=overwrite) as tmp:
+        save_file(dflash_tensors(bundle, lm_head), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(dflash_config(bundle, backbone), indent=2) + "\n")
+    return Path(out)
