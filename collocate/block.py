@@ -164,6 +164,15 @@ class BlockModel(nn.Module):
     def n_heads(self) -> int:
         return self.c.block_size - 1
 
+    @torch.no_grad()
+    def init_from(self, model) -> "BlockModel":
+        """Start the final norm at the backbone's: the frozen LM head reads states at that scale (from a
+        norm of ones, the first logits were ~20x too large on SmolLM2: a first loss of 46)."""
+        norm = getattr(model.base_model, "norm", None)
+        if norm is not None and norm.weight.shape == self.norm.weight.shape:
+            self.norm.weight.copy_(norm.weight)
+        return self
+
     # -- both ---------------------------------------------------------------------------------------
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """(n, len(taps) * d) backbone states -> (n, d) the context rows every layer reads."""

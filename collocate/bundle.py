@@ -309,9 +309,10 @@ def read_config(path: Path) -> BundleConfig:
         raise BundleError(f"{path}: {e}") from None
 
 
-def default_bundle_for(model_name: str) -> str | None:
-    """Name of the bundle shipped for a zoo model, if any (largest k first)."""
+def default_bundle_for(model_name: str, *, block: bool = False) -> str | None:
+    """Name of the bundle shipped for a zoo model, if any (largest k first): its heads, or (block) its block
+    drafter (a name ending in "-block")."""
     # a name, not a glob: a folder or hub id ("/abs/path", "org/model") simply has no shipped bundle
     hits = sorted((d for d in BUNDLED.iterdir() if d.name.rpartition("-k")[0] == model_name
-                   and (d / "config.json").exists()), reverse=True)
+                   and d.name.endswith("-block") == block and (d / "config.json").exists()), reverse=True)
     return str(hits[0]) if hits else None

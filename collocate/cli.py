@@ -198,6 +198,7 @@ def cmd_demo(args) -> int:
     """The embedded model with its shipped bundle: ar, verify and clp (calibrated, and the paper's argmax)."""
     from dataclasses import replace
 
+    from .bundle import default_bundle_for
     from .data import encode
     from .metrics import first_divergence
     from .options import DecodeConfig, DecodeError, given, with_options
@@ -210,13 +211,21 @@ def cmd_demo(args) -> int:
             rows["clp argmax"] = paper
     except DecodeError:
         pass
+    decoders = dict.fromkeys(rows, dec)
+    block = default_bundle_for(args.model, block=True) if args.heads is None else None
+    if block is not None:  # the block drafter shipped beside the heads, verified the same way
+        decoders["verify block"] = load_for_decoding(argparse.Namespace(**{**vars(args), "heads": block}),
+                                                     need_heads=True)[0]
+        rows["verify block"] = rows["verify"]
     totals = {m: [0, 0, 0.0, 0, 0, 0] for m in rows}  # tokens, steps, seconds, exact, wrong, checked
-    dec.generate(encode(tokenizer, "Hi"), rows["verify"])  # warm-up
+    for mode in ("verify", "verify block"):
+        if mode in rows:
+            decoders[mode].generate(encode(tokenizer, "Hi"), rows[mode])  # warm-up
     for prompt in DEMO_PROMPTS:
         print(f"\n=== {prompt}")
         ids, ref = encode(tokenizer, prompt), None
         for mode, cfg in rows.items():
-            r = dec.generate(ids, cfg)
+            r = decoders[mode].generate(ids, cfg)
             ref = ref or r
             same = first_divergence(ref.tokens, r.tokens) is None
             t = totals[mode]
@@ -235,6 +244,8 @@ def cmd_demo(args) -> int:
           "unchecked: 'wrong head tok' is the share the backbone itself would not have written. "
           + clp_default_note(dec, rows["clp"])
           + (" 'clp argmax' is the paper's reading: faster, and wrong far more often." if "clp argmax" in rows else "")
+          + (f" 'verify block' drafts with the block drafter shipped beside the heads ({Path(block).name}, a small "
+             "one trained on a CPU: bench/README.md)." if block else "")
           + " On a CPU a multi-token step costs about as much as its tokens, so the speedups need a GPU "
           "(bench/README.md).")
     return 0

@@ -76,23 +76,31 @@ def test_weights_are_named_as_dflash_checkpoints_name_them():
     assert names == {f"layers.{i}.{n}" for i in range(2) for n in per_layer} | {"fc.weight", "hidden_norm.weight", "norm.weight"}
 
 
-def block_bundle(model, *, block_size=5, vocab=0, steps=150):
+def block_bundle(model, *, block_size=5, vocab=0, steps=200, answers=32, prompt=None):
     """A block-drafter bundle trained a little on the model's own greedy answers, so that some drafts are
-    kept (and a kept row's context matters to the next draft)."""
+    kept (and a kept row's context matters to the next draft); given a prompt, on answers sampled from it
+    (at temperature 1), so that its drafts there carry the model's mass."""
     c = BlockConfig.for_backbone(model, block_size=block_size)
+    torch.manual_seed(1)  # (the layers' own initialisation, as training starts from)
     bundle = MTPBundle.for_backbone(model, k=block_size, base_model="tiny", has_gates=False, drafter="block",
                                     block=c.as_dict(), draft_vocab=vocab)
-    randomize(bundle, seed=1, scale=1.0)
+    randomize(bundle.clp, seed=1, scale=1.0)
+    bundle.heads.init_from(model)
     if vocab:
         bundle.draft_ids.copy_(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(1))[:vocab])
     block, embed, lm_head = bundle.heads.requires_grad_(True), model.get_input_embeddings(), model.get_output_embeddings()
     g = torch.Generator().manual_seed(0)
-    seqs = [model.generate(torch.randint(3, 96, (1, 6), generator=g), max_new_tokens=60, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)[0] for _ in range(8)]
+    if prompt is None:
+        seqs = [model.generate(torch.randint(3, 96, (1, 6), generator=g), max_new_tokens=60, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)[0] for _ in range(answers)]
+    else:
+        torch.manual_seed(2)
+        seqs = list(model.generate(torch.tensor([prompt] * answers), max_new_tokens=12, do_sample=True, top_k=0,
+                                   temperature=1.0, pad_token_id=0, eos_token_id=None))
     feats = [backbone_features(model, s, c.taps) for s in seqs]
     opt = torch.optim.AdamW(block.parameters(), lr=1e-2)
     for step in range(steps):
-        s, f = seqs[step % 8], feats[step % 8]
+        s, f = seqs[step % answers], feats[step % answers]
         loss, _ = block.loss(embed, lm_head, s, f, torch.arange(1, s.shape[0] - 1, 2))
         opt.zero_grad()
         loss.backward()

@@ -59,14 +59,15 @@ def test_verify_samples_from_ars_distribution(setting, extra):
     assert distributions_match(ar, v)
 
 
+def from_full_distribution(probs, fed, tree, row, u):
+    """A wrong rule: the token after a rejection drawn from the full distribution, not the residual."""
+    return draw(probs.index_select(0, row)[0], u)
+
+
 def test_a_wrong_acceptance_rule_fails_the_test(setting, monkeypatch):
     """Drawing the token after a rejection from the full distribution (not the residual) over-weights the
     drafts: the same test rejects it."""
     dec, prompt, ar = setting
-
-    def from_full_distribution(probs, fed, tree, row, u):
-        return draw(probs.index_select(0, row)[0], u)
-
     monkeypatch.setattr(collocate.step, "residual_draw", from_full_distribution)
     v = samples(dec, dict(mode="verify", temperature=1.0), prompt, range(RUNS, 2 * RUNS))
     assert not distributions_match(ar, v)
@@ -99,3 +100,28 @@ def test_top_k_and_top_p_restrict_the_draw():
     for bad, match in ((dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")):
         with pytest.raises(DecodeError, match=match):
             DecodeConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def block_setting(setting):
+    """The same model and ar samples, with a block drafter trained a little on answers sampled from the prompt
+    (so its drafts are often kept, and the rejected ones test the residual draw)."""
+    from test_block import block_bundle
+
+    dec, prompt, ar = setting
+    model = dec.backend.model
+    return eager(model, block_bundle(model, prompt=prompt, answers=64, steps=300), eos=()), prompt, ar
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(tree_size=10)])
+def test_verify_with_a_block_drafter_samples_from_ars_distribution(block_setting, extra):
+    dec, prompt, ar = block_setting
+    v = samples(dec, dict(mode="verify", temperature=1.0, **extra), prompt, range(RUNS, 2 * RUNS))
+    assert distributions_match(ar, v)
+
+
+def test_a_wrong_acceptance_rule_fails_with_a_block_drafter(block_setting, monkeypatch):
+    dec, prompt, ar = block_setting
+    monkeypatch.setattr(collocate.step, "residual_draw", from_full_distribution)
+    v = samples(dec, dict(mode="verify", temperature=1.0), prompt, range(RUNS, 2 * RUNS))
+    assert not distributions_match(ar, v)

@@ -81,6 +81,8 @@ def run_training(cfg: TrainConfig) -> dict:
                                     block=block_config(model, tokenizer, cfg).as_dict() if block else {}).to(device)
     if cfg.draft_vocab:
         bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))
+    if block:
+        bundle.heads.init_from(model)
     t0 = time.perf_counter()
     train = train_block if block else train_heads
     report["stages"]["heads"] = {**train(model, bundle, cfg, run, train_ids, accel)}
