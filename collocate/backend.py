@@ -110,8 +110,8 @@ class HFBackend:
     def prompt_pieces(self, n_prompt: int) -> list[tuple[int, int]]:
         return [(0, n_prompt)]  # the cache keeps every row fed: no padding
 
-    def attn_len(self, end: int | None) -> None:
-        return None  # attention reads what the cache holds
+    def attn_len(self, end: int | None) -> int | None:
+        return end  # the model's attention reads what its cache holds; a drafter's context cache, this many slots
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
                 attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:

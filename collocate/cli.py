@@ -39,7 +39,10 @@ def cmd_info(args) -> int:
     counts = bundle.param_counts()
     print(f"bundle      {args.bundle}\nbase model  {c.base_model}\nk           {c.k} (heads for offsets "
           f"{', '.join('+' + str(o) for o in bundle.heads.offsets)})\nhidden      {c.hidden_size}\n"
-          f"vocabulary  {c.vocab_size}\nlayers/head {c.layers}\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
+          f"vocabulary  {c.vocab_size}\n" + (f"block       {c.block['layers']} layer(s), MLP {c.block['intermediate_size']}, "
+                                              f"reading backbone layers {c.block['taps']}" if c.block else
+                                              f"layers/head {c.layers}") +
+          f"\nfingerprint {c.fingerprint.get('lm_head_sha256', '-')[:16]}")
     clps = ", ".join([f"{c.clp_features} (default)", *bundle.clp_variants])
     print(f"parameters  heads {counts['heads']:,}  CLP {counts['clp']:,}: {clps}  "
           f"gates {counts['gates']:,}" + ("" if c.has_gates else " (none)"))

@@ -175,3 +175,21 @@ def test_block_bundle_saves_as_format_4_and_refuses_what_does_not_fit(tmp_path):
         (tmp_path / "b" / "config.json").write_text(json.dumps({**raw, **change}))
         with pytest.raises(BundleError, match=word):
             MTPBundle.from_pretrained(tmp_path / "b")
+
+
+def test_exact_verify_with_a_block_drafter_is_bitwise_ar(trained):
+    """--exact in bf16: verify with the block drafter's chain (and a tree of its slots) gives ar's tokens."""
+    import copy
+
+    from collocate.modes import EXACT_WIDTH
+
+    model, bundle = (copy.deepcopy(x) for x in trained)
+    dec = fast(model.to(torch.bfloat16), bundle)
+    kept = 0
+    for p in prompts(3, seed=9):
+        ar = dec.generate(p, DecodeConfig(max_new_tokens=40, exact=True))
+        for extra in (dict(), dict(tree_size=EXACT_WIDTH - 1)):
+            v = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40, exact=True, **extra))
+            assert v.tokens == ar.tokens, extra
+            kept += v.stats.draft_accepted
+    assert kept > 0

@@ -55,8 +55,7 @@ class TrainConfig:
     train_samples: int | None = setting(None, "train on the first N answers only, held out as before (for a "
                                               "curve of accuracy against data on one held-out set)", type=int)
     epochs: int = setting(2, "head-training epochs")
-    lr: float | None = setting(None, "learning rate (AdamW, warm-up then cosine; default 1e-3 for heads, 6e-4 for "
-                                     "a block drafter)", type=float)
+    lr: float = setting(1e-3, "learning rate of heads or a block drafter (AdamW, warm-up then cosine)")
     batch: int = setting(512, "positions per head-training batch, over all processes (N GPUs take 1/N each); a "
                               "block drafter's: anchors per step")
     grad_accum: int = setting(1, "batches per optimiser step")
@@ -82,8 +81,6 @@ class TrainConfig:
     def __post_init__(self):
         self.mix = tuple(self.mix)
         self.block_taps = tuple(int(t) for t in self.block_taps)
-        if self.lr is None:
-            self.lr = 6e-4 if self.drafter == "block" else 1e-3
         if self.k < 2:
             raise ValueError(f"--k must be >= 2, got {self.k}")
         if self.samples < 2:
