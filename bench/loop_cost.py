@@ -11,6 +11,7 @@ set, so every answer is --new tokens long. The cache is --max-len slots in both 
 """
 import argparse
 import json
+import re
 import statistics
 
 import torch
@@ -21,7 +22,9 @@ from collocate.engine import build_decoder
 from step_cost import build, random_bundle
 
 MODES = {"ar": ("heads", 0, 4, dict(mode="ar")), "verify": ("heads", 0, 4, dict(mode="verify")),
-         "verify-t48d3 (tc-shared, k=6)": ("tc-shared", 32768, 6, dict(mode="verify", tree_size=48, tree_depth=3))}
+         "verify-t48d3 (tc-shared, k=6)": ("tc-shared", 32768, 6, dict(mode="verify", tree_size=48, tree_depth=3)),
+         "verify (block, k=16)": ("block", 32768, 16, dict(mode="verify")),
+         "verify-t48d6 (block, k=16)": ("block", 32768, 16, dict(mode="verify", tree_size=48, tree_depth=6))}
 
 
 def main():
@@ -32,6 +35,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="two results: speed ratios, same tokens?")
+    ap.add_argument("--only", help="a regular expression of the modes to run (a tree before the block drafter: "
+                                   "'tc-shared|^ar|^verify$')")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.compare:
@@ -48,6 +53,8 @@ def main():
                for n in torch.randint(32, 400, (args.prompts,), generator=g)]
     result = {"shape": args.shape, "device": torch.cuda.get_device_name(), "new_tokens": args.new, "modes": {}}
     for name, (drafter, vocab, k, kw) in MODES.items():
+        if args.only and not re.search(args.only, name):
+            continue
         torch.manual_seed(1)
         bundle = random_bundle(model, drafter, vocab, k)
         dec = build_decoder(model, None, bundle, engine="fast", eos_token_ids=[], max_len=args.max_len)

@@ -220,8 +220,9 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   abloop)  # abloop OLD [SHAPE]: bench/loop_cost.py (random weights: ar, chain verify, a 48-node depth-3 tree) with OLD's
     # tree, then this one -> results/loop_{old,new}_SHAPE.json and the comparison (speed ratio, same tokens)
     shape=${3:-1.5b}
-    (cd bench && PYTHONPATH=${2:?old tree}:/tmp/site python3 loop_cost.py --shape "$shape" --repeats 2 --out "$R/loop_old_$shape.json")
-    (cd bench && python3 loop_cost.py --shape "$shape" --repeats 2 --out "$R/loop_new_$shape.json")
+    only='tc-shared|^ar$|^verify$'  # (what a tree from before the block drafter runs)
+    (cd bench && PYTHONPATH=${2:?old tree}:/tmp/site python3 loop_cost.py --shape "$shape" --repeats 2 --only "$only" --out "$R/loop_old_$shape.json")
+    (cd bench && python3 loop_cost.py --shape "$shape" --repeats 2 --only "$only" --out "$R/loop_new_$shape.json")
     (cd bench && python3 loop_cost.py --compare "$R/loop_old_$shape.json" "$R/loop_new_$shape.json") | tee "$R/loop_ab_$shape.txt" ;;
   graphtests)  # the test suite's CUDA-graph tests and the fast backend's tests, on this GPU
     python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_fast.py 2>&1 | tail -5 | tee "$R/graph_tests.txt" ;;
