@@ -7,6 +7,7 @@ import torch
 from collocate.block import BlockConfig, BlockModel, backbone_features
 from collocate.bundle import MTPBundle
 from collocate.decode import DecodeConfig
+from collocate.engine import build_decoder
 from conftest import copy_model, randomize, tiny_llama, tiny_qwen, with_rank_probs
 from test_decode import eager, prompts
 from test_fast import fast
@@ -193,3 +194,16 @@ def test_exact_verify_with_a_block_drafter_is_bitwise_ar(trained):
             assert v.tokens == ar.tokens, extra
             kept += v.stats.draft_accepted
     assert kept > 0
+
+
+def test_a_block_at_the_context_edge_shrinks_to_the_root(trained):
+    """Near the cache's end a block no longer fits: the step feeds the root alone, both backends give ar's
+    tokens up to the last slot and finish by "length" (no error, nothing written past the cache)."""
+    model, bundle = trained
+    p = (prompts(1, seed=2)[0] * 250)[:250]
+    cfg = DecodeConfig(mode="verify", max_new_tokens=40)
+    ar = eager(model, bundle, eos=()).generate(p, DecodeConfig(max_new_tokens=40))
+    for dec in (eager(model, bundle, eos=()), build_decoder(model, bundle=bundle, engine="fast", eos_token_ids=[],
+                                                             graphs=False, max_len=256)):
+        out = dec.generate(p, cfg)
+        assert out.tokens == ar.tokens and len(out.tokens) == 6 and out.finish_reason == "length"
