@@ -147,6 +147,23 @@ def test_lossless_modes_equal_ar_in_float32_on_both_engines(smol, bundle, eval_p
     assert accepted > 0  # the trained heads do get drafts accepted
 
 
+def test_shipped_block_drafter_verify_equals_ar_in_float32_on_both_engines(smol, eval_prompts):
+    """The block drafter shipped for SmolLM2: its chain and a 16-node tree of its slots give ar's tokens."""
+    model, tok = smol
+    block = MTPBundle.from_pretrained(default_bundle_for(MODEL, block=True), backbone=model, backbone_name=MODEL)
+    assert block.config.drafter == "block"
+    decoders = [build_decoder(model, tok, block, engine="eager"), build_decoder(model, tok, block, engine="fast", max_len=512)]
+    accepted = 0
+    for p in (eval_prompts[0], eval_prompts[30], eval_prompts[40]):
+        ar = decoders[0].generate(p.ids, DecodeConfig(max_new_tokens=24)).tokens
+        for dec in decoders:
+            for kw in ({}, {"tree_size": 16}):
+                v = dec.generate(p.ids, DecodeConfig(mode="verify", max_new_tokens=24, **kw))
+                assert v.tokens == ar, (p.id, dec.backend.describe(), kw)
+                accepted += v.stats.draft_accepted
+    assert accepted > 0
+
+
 def test_verify_divergences_in_bf16_start_at_near_ties(bundle, eval_prompts):
     from collocate.bench import top2_gap
 
@@ -198,7 +215,7 @@ def test_demo_shows_each_mode_with_speed_and_quality_in_words(capsys):
 
     assert main(["demo", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    for row in ("ar ", "verify ", "clp ", "clp argmax "):
+    for row in ("ar ", "verify ", "clp ", "clp argmax ", "verify block "):
         assert any(line.startswith(row) and line.rstrip().endswith(("-", "%")) for line in out.splitlines()), row
     assert "its CLP cannot reach the 1% asked" in out and "paper's reading" in out
     assert main(["demo", "--max-new-tokens", "6", "--argmax"]) == 0
