@@ -138,19 +138,29 @@ def test_block_verify_is_ar_and_both_backends_agree(trained):
 
 
 def test_each_draft_reads_the_context_the_kept_tokens_left(trained):
-    """Every chain the decoder drafted equals the block's training-path logits at that anchor over the final
-    sequence: the step wrote each kept row's states at its position, and no rejected row was read."""
+    """Every chain the decoder drafted is the argmax of the block's training-path logits at that anchor over
+    the final sequence (up to a float32 near-tie: the fast backend sums in another order): the step wrote
+    each kept row's states at its position, and no rejected row was read; a long prompt's pieces each wrote
+    theirs (the fast backend in pieces of 64 rows)."""
+    from collocate.decode import Decoder
+    from collocate.fast import StaticBackend
+
     model, bundle = trained
     block, embed, lm_head = bundle.heads, model.get_input_embeddings(), model.get_output_embeddings()
-    for dec in (eager(model, bundle), fast(model, bundle)):
-        for p in prompts(3, seed=5):
+    pieces = Decoder(StaticBackend(model, max_len=250, graphs=False, piece=64), None, bundle, eos_token_ids=[2])
+    long = (prompts(1, seed=4)[0] * 200)[:150]
+    for dec, ps in ((eager(model, bundle), prompts(3, seed=5)), (fast(model, bundle), prompts(3, seed=5)),
+                    (pieces, [long])):
+        for p in ps:
             out = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40))
             seq = torch.tensor(p + out.tokens)
             feats = backbone_features(model, seq, block.c.taps)
             checked = [(i, chain) for i, chain in out.proposals if len(p) + i < len(seq)]
             anchors = torch.tensor([len(p) + i for i, _ in checked])
-            want = block.logits(embed, lm_head, seq, feats, anchors).argmax(-1).tolist()
-            assert [w[:len(chain)] for w, (_, chain) in zip(want, checked)] == [chain for _, chain in checked]
+            logits = block.logits(embed, lm_head, seq, feats, anchors)  # (anchors, B-1, V)
+            for row, (_, chain) in zip(logits, checked):
+                for slot, token in enumerate(chain):  # the same token, or one within a near-tie of it
+                    assert row[slot, token] >= row[slot].max() - 1e-4, (len(p), slot, token, row[slot].argmax())
 
 
 def test_block_bundle_saves_as_format_4_and_refuses_what_does_not_fit(tmp_path):
