@@ -193,7 +193,8 @@ class StepRunner:
             u = uniforms(self.sampling, ids.shape[0])
         kept, wrong = rule.accept(own, ids, t, probs, u)
         row = kept.row.view(1)
-        self.remember(taps.index_select(0, torch.cat([row.new_zeros(1), kept.path])), first)  # root, kept path
+        if self.taps:  # the drafter's context: the states of the root and the kept path
+            self.remember(taps.index_select(0, torch.cat([row.new_zeros(1), kept.path])), first)
         if heads is not None:  # (n_heads, V) at the new root's row
             heads = heads.index_select(0, row)[0] if rule.any_root else heads[0]
         root = own.index_select(0, row)[0] if probs is None else residual_draw(probs, ids, t, row, u[-1])
