@@ -1,6 +1,6 @@
 """The fast backend on CUDA (compiled layers, CUDA graphs, steps queued ahead) against the eager one
 (each step read before the next), on tiny random models in float32: every mode, trees, token-conditioned
-heads and sampling (same seed), same tokens and stats; the same with a second threshold on the same graphs;
+heads, the block drafter and sampling (same seed), same tokens and stats; the same with a second threshold on the same graphs;
 and --exact (fast backend only) verify against --exact ar, in bf16.
 
     python bench/cuda_check.py            # prints one line per mode and model; exits 1 on a difference
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize, tiny_llama, tiny_qwen, with_rank_probs  # noqa: E402
 
+from collocate.block import BlockConfig  # noqa: E402
 from collocate.bundle import MTPBundle  # noqa: E402
 from collocate.decode import DecodeConfig  # noqa: E402
 from collocate.engine import build_decoder  # noqa: E402
@@ -31,6 +32,19 @@ CONFIGS = [dict(mode="ar"), dict(mode="verify"), dict(mode="verify", candidates=
 TOKEN_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", adaptive=True),
                  dict(mode="clp", threshold=0.5), dict(mode="verify", temperature=0.8, seed=4, tree_size=24)]
 EXACT_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=15), dict(mode="verify", candidates=5)]
+BLOCK_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", tree_size=24, tree_depth=3),
+                 dict(mode="verify", adaptive=True), dict(mode="clp", threshold=0.5),
+                 dict(mode="verify", temperature=0.8, seed=4, tree_size=24)]
+
+
+def bundle_of(model, drafter: str) -> MTPBundle:
+    """A random bundle of this drafter (a block drafter: block size 6, its default layers)."""
+    block = BlockConfig.for_backbone(model, block_size=6).as_dict() if drafter == "block" else {}
+    bundle = MTPBundle.for_backbone(model, k=6 if block else 4, base_model="tiny", has_gates=not block,
+                                    drafter=drafter, compete=drafter == "heads", block=block)
+    randomize(bundle, seed=3, scale=4.0)
+    bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
+    return with_rank_probs(bundle)
 
 
 def compare(name, eager, fast, prompts, configs) -> int:
@@ -69,11 +83,8 @@ def main() -> int:
         model = make().to(DEVICE)
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (4,), generator=g)]
-        for drafter, configs in (("heads", CONFIGS), ("tc-shared", TOKEN_CONFIGS)):
-            bundle = randomize(MTPBundle.for_backbone(model, k=4, base_model="tiny", has_gates=True, drafter=drafter,
-                                                      compete=drafter == "heads"), seed=3, scale=4.0)
-            bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
-            with_rank_probs(bundle)
+        for drafter, configs in (("heads", CONFIGS), ("tc-shared", TOKEN_CONFIGS), ("block", BLOCK_CONFIGS)):
+            bundle = bundle_of(model, drafter)
             # the reference reads every step before the next (overlap off); the fast backend queues ar's and
             # verify's next step ahead, as it runs by default on CUDA (on a CPU dry run, forced on)
             eager = build_decoder(model, bundle=bundle, engine="eager", eos_token_ids=[2], overlap=False)
@@ -82,7 +93,8 @@ def main() -> int:
             name = f"{make.__name__} {drafter}"
             bad += compare(name, eager, fast, prompts, configs)
             print(f"{name}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")
-        bad += exact(make.__name__, model, bundle, prompts, compile_on)
+        bad += exact(make.__name__, model, bundle_of(model, "tc-shared"), prompts, compile_on)
+        bad += exact(make.__name__ + " block", model, bundle_of(model, "block"), prompts, compile_on)
     return 1 if bad else 0
 
 if __name__ == "__main__":
