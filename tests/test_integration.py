@@ -285,3 +285,16 @@ def test_public_api_generates_and_streams_the_same_text():
     assert r.tokens == ar.tokens and "".join(pieces) == r.text
     with pytest.raises(DecodeError, match="empty prompt"):
         gen.generate("  ")
+
+
+def test_cli_exports_the_shipped_block_drafter_as_dflash(tmp_path, capsys):
+    """`collocate export` picks DFlash for a block drafter; the folder names the layers it was trained on."""
+    import json
+
+    from collocate.cli import main
+
+    assert main(["export", "smollm2-135m-k8-block", str(tmp_path / "d")]) == 0
+    assert "dflash: a block drafter of 8 slots over layers [1, 15, 27]" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["target_layer_ids"] == [1, 15, 27]
+    assert cfg["num_target_layers"] == 30 and cfg["draft_vocab_size"] == 16384
