@@ -128,11 +128,12 @@ class BlockLayer(nn.Module):
         q = rotary(a.q_norm(a.q_proj(h).view(m, c.heads, c.head_dim)).transpose(0, 1), pos, c.rope_theta)
         k, v = self.kv(h, pos)
         k, v = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)  # (kv_heads, n + m, hd)
-        g = c.heads // c.kv_heads
-        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
-        scores = (q @ k.transpose(1, 2)).float() / math.sqrt(c.head_dim)  # (heads, m, n + m)
-        probs = scores.masked_fill(~sees[None], float("-inf")).softmax(-1).to(v.dtype)
-        x = x + a.o_proj((probs @ v).transpose(0, 1).reshape(m, c.heads * c.head_dim))
+        g = c.heads // c.kv_heads  # query heads per K/V head: grouped, so the context's K/V are not copied
+        q = q.reshape(c.kv_heads, g * m, c.head_dim)
+        scores = (q @ k.transpose(1, 2)).float() / math.sqrt(c.head_dim)  # (kv_heads, g * m, n + m)
+        probs = scores.masked_fill(~sees.repeat(g, 1)[None], float("-inf")).softmax(-1).to(v.dtype)
+        out = (probs @ v).view(c.heads, m, c.head_dim)
+        x = x + a.o_proj(out.transpose(0, 1).reshape(m, c.heads * c.head_dim))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
