@@ -203,18 +203,22 @@ class BlockModel(nn.Module):
             x = layer(x, pos, ctx_k, ctx_v, sees)
         return lm_head(self.norm(x).view(b, B, -1)[:, 1:].to(lm_head.weight.dtype))
 
+    def targets(self, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """(b, B-1): the token each slot of the blocks at `anchors` learns, tokens[a + k]; -100 past the end."""
+        T = tokens.shape[0]
+        pos = anchors[:, None] + torch.arange(1, self.c.block_size, device=tokens.device)
+        return torch.where(pos < T, tokens[pos.clamp(max=T - 1)], -100)
+
     def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
              *, decay: float = 7.0, local=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
         0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay).
         local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100 outside)."""
-        B, T = self.c.block_size, tokens.shape[0]
         logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
-        offsets = torch.arange(1, B, device=tokens.device)
-        target_pos = anchors[:, None] + offsets
-        target = torch.where(target_pos < T, tokens[target_pos.clamp(max=T - 1)], -100)  # (b, B-1)
+        target = self.targets(tokens, anchors)
         if local is not None:
             target = local(target)
+        offsets = torch.arange(1, self.c.block_size, device=tokens.device)
         weight = torch.exp(-(offsets - 1) / decay).expand_as(target) * (target >= 0)
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
         loss = (ce * weight.flatten()).sum() / weight.sum().clamp(min=1e-6)

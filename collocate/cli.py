@@ -201,8 +201,9 @@ def cmd_demo(args) -> int:
     """The embedded model with its shipped bundle: ar, verify and clp (calibrated, and the paper's argmax)."""
     from dataclasses import replace
 
-    from .bundle import default_bundle_for
+    from .bundle import MTPBundle, default_bundle_for
     from .data import encode
+    from .engine import build_decoder
     from .metrics import first_divergence
     from .options import DecodeConfig, DecodeError, given, with_options
 
@@ -216,9 +217,10 @@ def cmd_demo(args) -> int:
         pass
     decoders = dict.fromkeys(rows, dec)
     block = default_bundle_for(args.model, block=True) if args.heads is None else None
-    if block is not None:  # the block drafter shipped beside the heads, verified the same way
-        decoders["verify block"] = load_for_decoding(argparse.Namespace(**{**vars(args), "heads": block}),
-                                                     need_heads=True)[0]
+    if block is not None:  # the block drafter shipped beside the heads, on the same backbone, verified the same way
+        model = dec.backend.model
+        decoders["verify block"] = build_decoder(model, tokenizer, MTPBundle.from_pretrained(
+            block, backbone=model, backbone_name=args.model), engine=args.engine, max_len=args.max_len)
         rows["verify block"] = rows["verify"]
     totals = {m: [0, 0, 0.0, 0, 0, 0] for m in rows}  # tokens, steps, seconds, exact, wrong, checked
     for mode in ("verify", "verify block"):

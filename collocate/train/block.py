@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..clp import head_confidence
 from ..heads import VocabSlice
 from .answers import read_shard
 from .common import say
 from .config import TrainConfig
 from .features import batches_by_tokens
 from .heads import lr_at
-from .policies import RANKS, PolicyData
+from .policies import PolicyData, outputs_row
 
 DECAY = 7.0  # slot j of a block weighs exp(-(j-1) / DECAY) in the loss
 
@@ -59,6 +58,11 @@ def draft_head(model, bundle):
     return VocabSlice(lm_head, bundle.draft_ids) if bundle.draft_ids is not None else lm_head
 
 
+def usable_answers(run: Path, ids: list[int]) -> list[tuple[list[int], int]]:
+    """The answers of these shards that have an anchor: two answer tokens or more."""
+    return [a for i in ids for a in read_shard(run, i) if len(a[0]) - a[1] >= 2]
+
+
 def block_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig) -> list[list[int]]:
     """Indices of the answers each step takes: whole answers until a step holds cfg.batch anchors."""
     steps, step, held = [], [], 0
@@ -88,7 +92,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
         opt.load_state_dict(state["opt"])
         epoch0, history = state["epoch"], state["history"]
         say(f"resuming block-drafter training after epoch {epoch0}")
-    answers = [a for i in train_ids for a in read_shard(run, i) if len(a[0]) - a[1] >= 2]
+    answers = usable_answers(run, train_ids)
     total = max(1, len(block_steps(answers, cfg)) * cfg.epochs)
     step, start = epoch0 * (total // cfg.epochs), time.perf_counter()
     for epoch in range(epoch0, cfg.epochs):
@@ -140,22 +144,15 @@ def block_policy_data(model, bundle, cfg: TrainConfig, run: Path, ids: list[int]
     the backbone's token, and that token's rank among its guesses."""
     block, embed, lm_head = bundle.heads, model.get_input_embeddings(), draft_head(model, bundle)
     vocab = lm_head if isinstance(lm_head, VocabSlice) else None
-    answers = [a for i in ids for a in read_shard(run, i) if len(a[0]) - a[1] >= 2]
+    answers = usable_answers(run, ids)
     n_anchors = sum(len(s) - 1 - p for s, p in answers)
     per_answer = math.ceil(limit / len(answers)) if limit and limit < n_anchors else None
     rng, parts = random.Random(seed), []
-    B = block.c.block_size
     for group in tqdm(list(batches_by_tokens(answers, 8192)), desc="block: outputs", unit="batch"):
         for (seq, plen), (feats, last) in zip(group, tapped_states(model, [s for s, _ in group], block.c.taps)):
             tokens = torch.tensor(seq, device=feats.device)
             for anchors in answer_anchors(len(seq), plen, per_answer, rng).to(feats.device).split(chunk):
                 logits = block.logits(embed, lm_head, tokens, feats, anchors).float()  # (b, B-1, V')
-                pos = anchors[:, None] + torch.arange(1, B, device=anchors.device)
-                tgt = torch.where(pos < len(seq), tokens[pos.clamp(max=len(seq) - 1)], -100)
-                if vocab is not None:  # a token outside the draft vocabulary (-1) is never guessed
-                    tgt = torch.where(tgt >= 0, vocab.local(tgt).clamp(min=-1), tgt)
-                hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]
-                rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
-                parts.append((last[anchors - 1].to(torch.bfloat16).cpu(), head_confidence(logits).cpu(),
-                              (rank == 0).cpu(), (rank < 5).cpu(), (tgt != -100).cpu(), rank.to(torch.int8).cpu()))
+                parts.append(outputs_row(last[anchors - 1].to(torch.bfloat16).cpu(), logits,
+                                         block.targets(tokens, anchors), vocab))
     return PolicyData(*(torch.cat(x) for x in zip(*parts)))

@@ -58,14 +58,19 @@ def policy_data(model, bundle: MTPBundle, cfg: TrainConfig, run: Path, ids: list
             h = feats.hidden[rows].to(device, torch.float32)
             chosen = feats.targets[rows, : bundle.k - 1].to(device)  # y_1..y_{k-1}: what token-conditioned heads see
             logits = bundle.heads.logits(h, lm_head, tokens=chosen, embed=embed).float()  # (B, n_heads, V')
-            tgt = tgt_all[rows].to(device)
-            if vocab is not None:  # positions in the draft vocabulary; a token outside it (-1) is a miss
-                tgt = torch.where(tgt >= 0, vocab.local(tgt).clamp(min=-1), tgt)
-            hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n_heads, RANKS)
-            rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
-            parts.append((feats.hidden[rows], head_confidence(logits).cpu(), (rank == 0).cpu(), (rank < 5).cpu(),
-                          (tgt != -100).cpu(), rank.to(torch.int8).cpu()))
+            parts.append(outputs_row(feats.hidden[rows], logits, tgt_all[rows].to(device), vocab))
     return PolicyData(*(torch.cat(x) for x in zip(*parts)))
+
+
+def outputs_row(hidden: torch.Tensor, logits: torch.Tensor, tgt: torch.Tensor, vocab: VocabSlice | None) -> tuple:
+    """PolicyData's fields for some positions: their hidden states, and from the drafter's logits (B, n, V') at
+    them and the backbone's tokens tgt (B, n; -100: none) each guess's confidence, hit and rank."""
+    if vocab is not None:  # positions in the draft vocabulary; a token outside it (-1) is a miss
+        tgt = torch.where(tgt >= 0, vocab.local(tgt).clamp(min=-1), tgt)
+    hit = logits.topk(RANKS, dim=-1).indices == tgt[..., None]  # (B, n, RANKS)
+    rank = torch.where(hit.any(-1), hit.long().argmax(-1), RANKS)
+    return (hidden, head_confidence(logits).cpu(), (rank == 0).cpu(), (rank < 5).cpu(), (tgt != -100).cpu(),
+            rank.to(torch.int8).cpu())
 
 
 def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
