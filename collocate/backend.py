@@ -46,7 +46,7 @@ class Backend(Protocol):
 
     @property
     def fixed_rows(self) -> bool:
-        """attn_len(None) reads every slot at every step, so a row's arithmetic has one shape (--exact)."""
+        """Every step may read one attention length (attn_len), so a row's arithmetic has one shape (--exact)."""
 
     def describe(self) -> str: ...
     def check_fits(self, n_prompt: int) -> None: ...

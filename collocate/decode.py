@@ -112,6 +112,8 @@ class Decoder:
         if budget < 1:
             raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {EXACT_WIDTH}-row steps "
                               f"in a context of {self.backend.capacity}")
+        if rule.exact:
+            run.exact_bound(n_prompt + budget + EXACT_WIDTH)
         run.warm_up(rule, prompt_ids, n_prompt + budget + max(rule.widths))
         stats, out, proposals = DecodeStats(), [], []
         start = time.perf_counter()

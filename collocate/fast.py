@@ -295,7 +295,7 @@ class StaticLM:
 class StaticBackend:
     """The static cache with compiled layers and CUDA graphs, for Llama, Qwen2 and Mistral."""
 
-    fixed_rows = True  # attn_len(None) reads every slot at every step: a row's arithmetic has one shape (--exact)
+    fixed_rows = True  # every step of a request may read one attention length: a row's arithmetic has one shape (--exact)
 
     def __init__(self, model, *, max_len: int | None = None, graphs: bool | None = None, compile: bool | None = None,
                  piece: int = PROMPT_PIECE):
@@ -369,8 +369,7 @@ class StaticBackend:
 
     def attn_len(self, end: int | None) -> int:
         """How many slots a step's attention reads when it writes slots up to `end` (exclusive): the
-        shortest of attn_lens that covers them; None: every slot (--exact, so no row's arithmetic
-        depends on the context's length)."""
+        shortest of attn_lens that covers them; None: every slot."""
         return shortest_covering(self.attn_lens, end)
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,

@@ -128,6 +128,9 @@ class StepRunner:
                                  torch.ones((), device=self.device), torch.zeros((), **long), torch.zeros((), **long))
         # what warm_up ran once already: (rule, width, attention length) steps and prompt pieces (prompt_keys)
         self.warmed: set = set()
+        # --exact: the one attention length every step of the request reads (exact_bound), so that no row's
+        # arithmetic depends on the step's width or the mode
+        self.exact_len: int | None = None
         self.settle_step = backend.compiled(self.settle)  # a step's tail: one graph where the backend compiles
 
     @property
@@ -143,6 +146,12 @@ class StepRunner:
         s.top_k.fill_(cfg.top_k)
         s.top_p.fill_(cfg.top_p)
         s.seed.fill_(cfg.seed if cfg.seed is not None else random.getrandbits(63))
+
+    def exact_bound(self, end: int) -> None:
+        """--exact: every step of this request reads the attention length that covers the slots before
+        `end` (the furthest a step of it may write): the same for every mode given the same prompt and
+        budget, and no longer than the request needs."""
+        self.exact_len = self.backend.attn_len(min(end, self.backend.capacity))
 
     def reset(self) -> None:
         self.backend.reset()
@@ -229,9 +238,11 @@ class StepRunner:
 
     # -- running it: graphs keyed by (rule, width, attention length) --------------------------------
     def attn_len(self, rule: Rule, end: int | None) -> int | None:
-        """The attention length the backend reads for a step writing slots before `end` (--exact: every
-        slot, so no row's arithmetic depends on the context's length)."""
-        return self.backend.attn_len(None if rule.exact else end)
+        """The attention length the backend reads for a step writing slots before `end` (--exact: the
+        request's one length, or more for a prompt piece padded past it; unbounded: every slot)."""
+        if rule.exact:
+            return self.backend.attn_len(None) if self.exact_len is None else max(self.exact_len, self.backend.attn_len(end))
+        return self.backend.attn_len(end)
 
     def run_step(self, width: int, rule: Rule, end: int | None = None) -> Packed:
         """A step of this width from the feed buffer, writing no slot at or past `end` (None: anywhere);
@@ -296,9 +307,16 @@ class StepRunner:
     def capture_all(self, rule: Rule) -> None:
         """Capture every graph this rule can need, at every prompt length and attention length up to the
         cache's end, so that no request captures one (a server does this before it serves)."""
-        capacity = self.backend.capacity
+        if not rule.exact:
+            return self.capture_upto(rule, self.backend.capacity)
+        for self.exact_len in self.backend.attn_lens:  # --exact: a request reads any one of them throughout
+            self.capture_upto(rule, min(self.exact_len, self.backend.capacity))
+        self.exact_len = None
+
+    def capture_upto(self, rule: Rule, capacity: int) -> None:
+        """capture_all's graphs for requests that write no slot at or past `capacity`."""
         lone = {self.backend.prompt_pieces(n)[0][1] for n in range(1, min(capacity, self.piece.shape[0] + 1))}
-        for width in sorted(w for w in lone if w < capacity):
+        for width in sorted(w for w in lone if w < self.backend.capacity):
             self.warm_up(rule, [0] * width, width + 1)  # a lone piece of each width
         self.warm_up(rule, [0], capacity)  # a step at every attention length
         piece = self.piece.shape[0]

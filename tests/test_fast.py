@@ -177,7 +177,8 @@ def test_verify_with_a_tree_is_lossless_on_both_backends(make):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
 def test_attention_reads_the_shortest_length_that_covers_the_step(make):
     """A cache of 1,024 slots: every step's attention reads the shortest of the backend's attention
-    lengths that covers the slots it writes (--exact: all of them), and the tokens stay the eager
+    lengths that covers the slots it writes (--exact: one length for the whole request, the shortest that
+    covers the furthest slot it may write), and the tokens stay the eager
     decoder's across the lengths' edges (a 250-token prompt, answers to 410 tokens)."""
     model = make()
     model.config.max_position_embeddings = 1024  # (rotary positions are computed, not tabled)
@@ -203,7 +204,10 @@ def test_attention_reads_the_shortest_length_that_covers_the_step(make):
         assert {n for _, n in seen} == {256, 384, 512}
     seen.clear()
     dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=20, exact=True))
-    assert {n for _, n in seen} == {1024}
+    assert {n for _, n in seen} == {384}  # 250 + 20 + EXACT_WIDTH slots at most, not the whole cache
+    seen.clear()
+    dec.generate(p, DecodeConfig(max_new_tokens=160, exact=True))
+    assert {n for _, n in seen} == {512}
 
 
 def test_trees_are_data():
@@ -319,13 +323,21 @@ def test_a_long_prompt_is_fed_in_pieces_up_to_the_cache_end(llama):
                 assert b.finish_reason == ("length" if n + 8 > 256 else a.finish_reason)
 
 
-def test_prepare_captures_every_graph_a_request_uses():
+EXACT_CONFIGS = (DecodeConfig(max_new_tokens=12, exact=True), DecodeConfig(mode="verify", max_new_tokens=12, exact=True, tree_size=8))
+
+
+@pytest.mark.parametrize("max_len, configs, lengths", [
+    (250, (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12, tree_size=20)),
+     (1, 5, 63, 64, 65, 128, 129, 191, 192, 200, 240, 249)),
+    (700, EXACT_CONFIGS, (1, 5, 64, 65, 200, 229, 230, 300, 357, 358, 500, 640, 673))])  # (--exact: a length a request)
+def test_prepare_captures_every_graph_a_request_uses(max_len, configs, lengths):
     """After Decoder.prepare, no request of its mode meets a graph key that was not captured, at any prompt
     length (one piece, several, the last piece near the cache's end) or context length. Graphs are recorded
     by key here (the CPU has none): what a GPU server would capture inside a request."""
     model = tiny_llama()
+    model.config.max_position_embeddings = max_len
     bundle = with_rank_probs(bundle_for(model, seed=3))
-    backend, seen = StaticBackend(model, max_len=250, graphs=False, piece=64), []
+    backend, seen = StaticBackend(model, max_len=max_len, graphs=False, piece=64), []
     dec = Decoder(backend, None, bundle, eos_token_ids=[2])
     backend.graphs_on = backend.pad_prompts = True  # keys and padding as with graphs
 
@@ -334,11 +346,13 @@ def test_prepare_captures_every_graph_a_request_uses():
         return step()
 
     backend.run = run
-    base = prompts(1, seed=4)[0] * 250
-    for cfg in (DecodeConfig(mode="ar", max_new_tokens=12), DecodeConfig(mode="verify", max_new_tokens=12, tree_size=20)):
+    base = prompts(1, seed=4)[0] * max_len
+    prepared = set()  # every graph captured so far (a prompt piece's are shared by the modes)
+    for cfg in configs:
+        seen.clear()
         dec.prepare(cfg)
-        prepared = set(seen)
-        for n in (1, 5, 63, 64, 65, 128, 129, 191, 192, 200, 240, 249):
+        prepared |= set(seen)
+        for n in lengths:
             seen.clear()
             dec.generate(base[:n], cfg)
             assert set(seen) <= prepared, (cfg.mode, n, set(seen) - prepared)
