@@ -34,7 +34,8 @@ class TrainConfig:
                            "in one pass, DFlash's design)", choices=("heads",) + TokenHeads.DESIGNS + ("block",))
     draft_vocab: int = setting(0, "token-conditioned heads and the block drafter: draft over the N tokens the answers "
                                   "use most (a smaller LM-head read; 0: the whole vocabulary)")
-    block_layers: int = setting(1, "block drafter: its transformer layers")
+    block_layers: int = setting(2, "block drafter: its transformer layers (one layer's mask slots all ask the context "
+                                        "the same question: bench/README.md, cpu-block-layers)")
     block_mlp: int = setting(0, "block drafter: its MLP width (0: the backbone's)")
     block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
                                               "(default: 5 spread from layer 1 to L-3)")
@@ -94,7 +95,7 @@ class TrainConfig:
         if self.draft_vocab < 0 or (self.draft_vocab and self.drafter == "heads"):
             raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) and block "
                              "drafters only")
-        if self.drafter != "block" and (self.block_layers != 1 or self.block_mlp or self.block_taps):
+        if self.drafter != "block" and (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps):
             raise ValueError("--block-layers, --block-mlp and --block-taps shape a block drafter (--drafter block)")
         if self.block_layers < 1 or self.block_mlp < 0 or self.anchors < 1 or any(t < 0 for t in self.block_taps):
             raise ValueError("--block-layers and --anchors must be >= 1, --block-mlp and --block-taps >= 0")
