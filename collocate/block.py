@@ -2,7 +2,7 @@
 several of the backbone's layers (DFlash's design, arXiv 2602.06036; our own code, read from its
 description and public configurations).
 
-    block = BlockModel(BlockConfig.for_backbone(model))           # 1 layer, block 16, 5 feature layers
+    block = BlockModel(BlockConfig.for_backbone(model, layers=2))  # block 16, 5 feature layers
     feats = backbone_features(model, ids, block.c.taps)           # (T, n_taps * d) from the taps
     loss, hits = block.loss(embed, lm_head, tokens, feats, anchors)  # training: many blocks of a sequence at once
     cache = block.allocate(slots, device, dtype)                  # decoding: a context cache by position,
@@ -49,7 +49,8 @@ class BlockConfig:
         from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21)."""
         cfg = model.config
         n = cfg.num_hidden_layers
-        taps = sorted({round(1 + i * (n - 4) / max(n_taps - 1, 1)) for i in range(n_taps)}) if n > 4 else [n - 1]
+        taps = sorted({round(1 + i * (n - 4) / max(n_taps - 1, 1)) for i in range(n_taps)}) if n > 4 else [n - 2]
+        check_taps(taps, n)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return BlockConfig(hidden_size=cfg.hidden_size, intermediate_size=intermediate_size or cfg.intermediate_size,
                            taps=taps, layers=layers, block_size=block_size, heads=cfg.num_attention_heads,
@@ -59,6 +60,15 @@ class BlockConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def check_taps(taps, n_layers: int) -> None:
+    """A block drafter reads layers 0..L-2 of an L-layer backbone: HF gives the last layer's output only
+    after the final norm (our fast engine before it), and vLLM and SGLang capture a layer's output as the
+    next layer's input, so the last layer is read by none of them alike."""
+    if not taps or min(taps) < 0 or max(taps) > n_layers - 2:
+        raise ValueError(f"a block drafter reads backbone layers 0..{n_layers - 2} (the last one, {n_layers - 1}, "
+                         f"is normalised where HF, vLLM and SGLang expose it); asked for {list(taps)}")
 
 
 class RMSNorm(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .block import BlockConfig, BlockModel
+from .block import BlockConfig, BlockModel, check_taps
 from .clp import CLP, CLP_FEATURES, Gates
 from .errors import BundleError
 from .heads import MTPHeads, TokenHeads
@@ -212,6 +212,11 @@ class MTPBundle(nn.Module):
         if want and want.get("lm_head_sha256") != fp.lm_head_sha256:
             raise BundleError(f"{mine} cannot run on {name}: the LM-head weights differ "
                               f"(fingerprint {want.get('lm_head_sha256', '?')[:12]} vs {fp.lm_head_sha256[:12]})")
+        if self.config.block:
+            try:
+                check_taps(self.config.block["taps"], model.config.num_hidden_layers)
+            except ValueError as e:
+                raise BundleError(f"{mine} cannot run on {name}: {e}") from None
 
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)

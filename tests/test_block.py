@@ -28,8 +28,36 @@ def test_taps_spread_over_the_backbone_and_sizes_follow_it():
 
     assert BlockConfig.for_backbone(Fake(24)).taps == [1, 6, 11, 16, 21]  # as the public 24-layer drafters
     assert BlockConfig.for_backbone(Fake(28)).taps == [1, 7, 13, 19, 25]
+    assert BlockConfig.for_backbone(Fake(4)).taps == [2] and BlockConfig.for_backbone(Fake(2)).taps == [0]
+    with pytest.raises(ValueError, match="reads backbone layers 0..-1"):
+        BlockConfig.for_backbone(Fake(1))
     c = BlockConfig.for_backbone(Fake(28), layers=2, block_size=8, intermediate_size=96)
     assert (c.layers, c.block_size, c.intermediate_size, c.heads, c.kv_heads, c.head_dim) == (2, 8, 96, 4, 2, 16)
+
+
+def test_every_path_reads_the_same_tapped_states_and_none_reads_the_last_layer(tmp_path):
+    """Training (HF's hidden states), the eager backend and the fast one read the same states at the layers
+    a block drafter may tap, also where the final norm is not ones; the last layer, which HF gives only
+    after the final norm (the fast engine before it), is refused in training and in a bundle."""
+    from collocate.backend import HFBackend
+    from collocate.errors import BundleError
+    from collocate.fast import StaticBackend
+    from collocate.train.config import TrainConfig
+    from collocate.train.pipeline import block_config
+
+    model = tiny_qwen()
+    model.model.norm.weight.copy_(torch.linspace(0.5, 2.0, model.config.hidden_size))
+    ids = torch.randint(3, 96, (12,))
+    want = backbone_features(model, ids, [0])
+    for backend in (HFBackend(model), StaticBackend(model, max_len=64, graphs=False, compile=False)):
+        backend.reset()
+        torch.testing.assert_close(backend.forward(ids, torch.tensor(0), None, None, taps=(0,)).taps, want)
+    with pytest.raises(ValueError, match="reads backbone layers 0..0"):
+        block_config(model, None, TrainConfig(out=str(tmp_path), drafter="block", k=4, block_taps=(1,)))
+    bundle = block_bundle(model, steps=1, answers=1)
+    bundle.config.block["taps"] = [1]
+    with pytest.raises(BundleError, match="reads backbone layers 0..0"):
+        bundle.check_backbone(model)
 
 
 def test_decoding_from_the_cache_gives_the_training_logits():

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..bundle import MTPBundle
 from ..clp import CLP_FEATURES
 from ..draft import MAX_TREE, best_paths
-from ..block import BlockConfig
+from ..block import BlockConfig, check_taps
 from .answers import generate_answers, heldout_overlap, read_shard, shard_answers, write_manifest
 from .block import block_policy_data, train_block
 from .common import is_main, say, write_atomic
@@ -128,9 +128,7 @@ def block_config(model, tokenizer, cfg: TrainConfig) -> BlockConfig:
     c = BlockConfig.for_backbone(model, layers=cfg.block_layers, block_size=cfg.k,
                                  intermediate_size=cfg.block_mlp or None, mask_token_id=mask)
     if cfg.block_taps:
-        if max(cfg.block_taps) >= model.config.num_hidden_layers:
-            raise ValueError(f"--block-taps names layer {max(cfg.block_taps)}; the backbone has layers "
-                             f"0..{model.config.num_hidden_layers - 1}")
+        check_taps(cfg.block_taps, model.config.num_hidden_layers)
         c.taps = sorted(set(cfg.block_taps))
     return c
 
