@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="two results: speed ratios, same tokens?")
     ap.add_argument("--only", help="a regular expression of the modes to run (a tree before the block drafter: "
-                                   "'tc-shared|^ar|^verify$')")
+                                   "'tc-shared|^ar$|^verify$')")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.compare:

@@ -47,7 +47,7 @@ MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as t
     **{f"tc-shared k=6, 32K draft vocab, verify --tree-size {n} --tree-depth {d}":
        ("tc-shared", 32768, 6, DecodeConfig("verify", tree_size=n, tree_depth=d), n + 1)
        for n, d in ((31, 3), (32, 3), (47, 3), (48, 3), (48, 4), (63, 3), (64, 3))},  # (n + 1 rows: 32, 33, ...)
-    # the block drafter (one layer, 5 backbone layers, a 32K draft vocabulary): its chain of 15, and trees
+    # the block drafter (its default layers, 5 backbone layers, a 32K draft vocabulary): its chain of 15, and trees
     "block k=16, verify, 16 tokens": ("block", 32768, 16, DecodeConfig("verify"), 16),
     **{f"block k=16, verify --tree-size {n} --tree-depth {d}": ("block", 32768, 16,
        DecodeConfig("verify", tree_size=n, tree_depth=d), n + 1) for n, d in ((48, 3), (48, 6), (64, 8))},  # noqa
@@ -108,7 +108,7 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
 
 
 def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
-    """drafter "block": a one-layer block drafter of block size k reading five layers (its default sizes)."""
+    """drafter "block": a block drafter of block size k at its default sizes (block.LAYERS, five taps)."""
     vocab = min(vocab, model.config.vocab_size // 2)  # (the tiny shape has 512 tokens)
     block = {}
     if drafter == "block":  # (imported here: a tree from before the block drafter runs this file too)

@@ -2,7 +2,7 @@
 several of the backbone's layers (DFlash's design, arXiv 2602.06036; our own code, read from its
 description and public configurations).
 
-    block = BlockModel(BlockConfig.for_backbone(model, layers=2))  # block 16, 5 feature layers
+    block = BlockModel(BlockConfig.for_backbone(model))           # 2 layers, block 16, 5 feature layers
     feats = backbone_features(model, ids, block.c.taps)           # (T, n_taps * d) from the taps
     loss, hits = block.loss(embed, lm_head, tokens, feats, anchors)  # training: many blocks of a sequence at once
     cache = block.allocate(slots, device, dtype)                  # decoding: a context cache by position,
@@ -27,6 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# a drafter's layers unless asked otherwise: with one, every mask slot's query is the mask token's (rotated
+# by position only), so what a slot reads from the context cannot depend on what it says (bench/README.md,
+# cpu-block-layers)
+LAYERS = 2
+
 
 @dataclass
 class BlockConfig:
@@ -43,7 +48,7 @@ class BlockConfig:
     eps: float = 1e-6
 
     @staticmethod
-    def for_backbone(model, *, layers: int = 1, block_size: int = 16, intermediate_size: int | None = None,
+    def for_backbone(model, *, layers: int = LAYERS, block_size: int = 16, intermediate_size: int | None = None,
                      n_taps: int = 5, mask_token_id: int | None = None) -> "BlockConfig":
         """Sizes from the backbone: its hidden size, head layout and rotary base; `n_taps` layers spread
         from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21)."""

@@ -80,7 +80,7 @@ def test_decoding_from_the_cache_gives_the_training_logits():
 
 def test_training_on_the_models_own_answers_lowers_the_loss():
     model = copy_model()  # (its answers repeat the prompt's last token: a pattern a drafter can learn fast)
-    drafter = drafter_for(model, block_size=4)
+    drafter = drafter_for(model, layers=1, block_size=4)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
     g = torch.Generator().manual_seed(0)
     seqs = [model.generate(torch.randint(3, 96, (1, 6), generator=g), max_new_tokens=40, do_sample=False,
@@ -109,7 +109,7 @@ def block_bundle(model, *, block_size=5, vocab=0, steps=200, answers=32, prompt=
     """A block-drafter bundle trained a little on the model's own greedy answers, so that some drafts are
     kept (and a kept row's context matters to the next draft); given a prompt, on answers sampled from it
     (at temperature 1), so that its drafts there carry the model's mass."""
-    c = BlockConfig.for_backbone(model, block_size=block_size)
+    c = BlockConfig.for_backbone(model, layers=1, block_size=block_size)
     torch.manual_seed(1)  # (the layers' own initialisation, as training starts from)
     bundle = MTPBundle.for_backbone(model, k=block_size, base_model="tiny", has_gates=False, drafter="block",
                                     block=c.as_dict(), draft_vocab=vocab)
@@ -197,7 +197,7 @@ def test_block_bundle_saves_as_format_4_and_refuses_what_does_not_fit(tmp_path):
     from collocate.errors import BundleError
 
     model = tiny_llama()
-    c = BlockConfig.for_backbone(model, block_size=5)
+    c = BlockConfig.for_backbone(model, layers=1, block_size=5)
     bundle = randomize(MTPBundle.for_backbone(model, k=5, base_model="tiny", has_gates=False, drafter="block",
                                               block=c.as_dict()), seed=1)
     bundle.save_pretrained(tmp_path / "b")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from ..block import LAYERS
 from ..clp import CLP_FEATURES
 from ..data import MIXES
 from ..heads import TokenHeads
@@ -34,8 +35,7 @@ class TrainConfig:
                            "in one pass, DFlash's design)", choices=("heads",) + TokenHeads.DESIGNS + ("block",))
     draft_vocab: int = setting(0, "token-conditioned heads and the block drafter: draft over the N tokens the answers "
                                   "use most (a smaller LM-head read; 0: the whole vocabulary)")
-    block_layers: int = setting(2, "block drafter: its transformer layers (one layer's mask slots all ask the context "
-                                        "the same question: bench/README.md, cpu-block-layers)")
+    block_layers: int = setting(LAYERS, "block drafter: its transformer layers")
     block_mlp: int = setting(0, "block drafter: its MLP width (0: the backbone's)")
     block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
                                               "(default: 5 spread from layer 1 to L-3)")
