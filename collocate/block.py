@@ -49,9 +49,11 @@ class BlockConfig:
 
     @staticmethod
     def for_backbone(model, *, layers: int = LAYERS, block_size: int = 16, intermediate_size: int | None = None,
-                     n_taps: int = 5, mask_token_id: int | None = None) -> "BlockConfig":
+                     n_taps: int = 5, kv_heads: int | None = None, mask_token_id: int | None = None) -> "BlockConfig":
         """Sizes from the backbone: its hidden size, head layout and rotary base; `n_taps` layers spread
-        from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21)."""
+        from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21). kv_heads: its
+        own key/value heads (default the backbone's; a drafter's config carries its own, so an engine that
+        serves it reads them from there)."""
         cfg = model.config
         n = cfg.num_hidden_layers
         taps = sorted({round(1 + i * (n - 4) / max(n_taps - 1, 1)) for i in range(n_taps)}) if n > 4 else [n - 2]
@@ -59,7 +61,7 @@ class BlockConfig:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return BlockConfig(hidden_size=cfg.hidden_size, intermediate_size=intermediate_size or cfg.intermediate_size,
                            taps=taps, layers=layers, block_size=block_size, heads=cfg.num_attention_heads,
-                           kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                           kv_heads=kv_heads or cfg.num_key_value_heads, head_dim=head_dim,
                            mask_token_id=cfg.vocab_size - 1 if mask_token_id is None else mask_token_id,
                            rope_theta=float(getattr(cfg, "rope_theta", 1e6)), eps=float(getattr(cfg, "rms_norm_eps", 1e-6)))
 
@@ -225,18 +227,31 @@ class BlockModel(nn.Module):
         return torch.where(pos < T, tokens[pos.clamp(max=T - 1)], -100)
 
     def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
-             *, decay: float = 7.0, local=None) -> tuple[torch.Tensor, torch.Tensor]:
+             *, decay: float = 7.0, local=None, teacher: torch.Tensor | None = None,
+             kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
         0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay).
-        local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100 outside)."""
+        local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100 outside).
+        teacher: (T, V) the backbone's own logits at every position (over the same vocabulary); with it,
+        kl_weight * KL(backbone at a+k-1 || slot k) joins each slot's term: the whole distribution the
+        backbone gives the token that slot drafts, not only its top token."""
         logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
         target = self.targets(tokens, anchors)
         if local is not None:
             target = local(target)
         offsets = torch.arange(1, self.c.block_size, device=tokens.device)
-        weight = torch.exp(-(offsets - 1) / decay).expand_as(target) * (target >= 0)
+        live = self.targets(tokens, anchors) != -100  # a token there (in the draft vocabulary or not)
+        weight = torch.exp(-(offsets - 1) / decay).expand_as(target)
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
-        loss = (ce * weight.flatten()).sum() / weight.sum().clamp(min=1e-6)
+        ce_w = weight * (target >= 0)
+        loss = (ce * ce_w.flatten()).sum() / ce_w.sum().clamp(min=1e-6)
+        if teacher is not None and kl_weight:
+            T = tokens.shape[0]
+            at = (anchors[:, None] + offsets - 1).clamp(max=T - 1)  # the position whose next token slot k drafts
+            t_logp = teacher.float()[at].log_softmax(-1)  # (b, B-1, V)
+            kl = (t_logp.exp() * (t_logp - logits.log_softmax(-1))).sum(-1)  # (b, B-1)
+            kl_w = weight * live
+            loss = loss + kl_weight * (kl * kl_w).sum() / kl_w.sum().clamp(min=1e-6)
         hits = ((logits.argmax(-1) == target) & (target >= 0)).sum(0)
         return loss, hits
 

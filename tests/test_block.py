@@ -33,6 +33,9 @@ def test_taps_spread_over_the_backbone_and_sizes_follow_it():
         BlockConfig.for_backbone(Fake(1))
     c = BlockConfig.for_backbone(Fake(28), layers=2, block_size=8, intermediate_size=96)
     assert (c.layers, c.block_size, c.intermediate_size, c.heads, c.kv_heads, c.head_dim) == (2, 8, 96, 4, 2, 16)
+    assert BlockConfig.for_backbone(Fake(28), kv_heads=4).kv_heads == 4  # its own K/V heads, in its config
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        BlockModel(BlockConfig.for_backbone(Fake(28), kv_heads=3))
 
 
 def test_every_path_reads_the_same_tapped_states_and_none_reads_the_last_layer(tmp_path):
@@ -61,9 +64,10 @@ def test_every_path_reads_the_same_tapped_states_and_none_reads_the_last_layer(t
 
 
 def test_decoding_from_the_cache_gives_the_training_logits():
-    for make in (tiny_llama, tiny_qwen):
+    for make, kv in ((tiny_llama, None), (tiny_qwen, None), (tiny_qwen, 4)):  # (4: its own K/V heads, one a query head)
         model = make()
-        drafter = drafter_for(model, layers=2, block_size=6)
+        drafter = drafter_for(model, layers=2, block_size=6, kv_heads=kv)
+        assert drafter.c.kv_heads == (kv or model.config.num_key_value_heads)
         embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
         tokens = torch.randint(3, 96, (40,))
         feats = backbone_features(model, tokens, drafter.c.taps)
@@ -96,6 +100,30 @@ def test_training_on_the_models_own_answers_lowers_the_loss():
         opt.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8, (losses[:8], losses[-8:])
+
+
+def test_the_kl_term_reads_the_backbone_where_each_slot_drafts():
+    """With the backbone's logits as teacher, slot k of the block at a learns the distribution at a+k-1 (the
+    one that gives token a+k): a teacher equal there to the drafter's own logits adds nothing, another adds."""
+    model = tiny_qwen()
+    drafter = drafter_for(model, layers=1, block_size=4)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    tokens = torch.randint(3, 96, (30,))
+    feats = backbone_features(model, tokens, drafter.c.taps).detach()
+    anchors = torch.tensor([2, 9, 27])  # the last block runs past the end: its slots there count for nothing
+    with torch.no_grad():
+        own = drafter.logits(embed, lm_head, tokens, feats, anchors)  # (3, 3, V)
+        teacher = torch.randn(30, own.shape[-1])
+        for i, a in enumerate(anchors.tolist()):
+            for k in range(1, 4):
+                if a + k < 30:
+                    teacher[a + k - 1] = own[i, k - 1]
+        ce, hits = drafter.loss(embed, lm_head, tokens, feats, anchors)
+        same, hits2 = drafter.loss(embed, lm_head, tokens, feats, anchors, teacher=teacher, kl_weight=1.0)
+        other, _ = drafter.loss(embed, lm_head, tokens, feats, anchors, teacher=torch.randn(30, own.shape[-1]),
+                                kl_weight=1.0)
+    torch.testing.assert_close(same, ce, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hits, hits2) and other > ce + 0.1
 
 
 def test_weights_are_named_as_dflash_checkpoints_name_them():

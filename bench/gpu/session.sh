@@ -227,8 +227,9 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     (cd bench && PYTHONPATH=${2:?old tree}:/tmp/site python3 loop_cost.py --shape "$shape" --repeats 2 --only "$only" --out "$R/loop_old_$shape.json")
     (cd bench && python3 loop_cost.py --shape "$shape" --repeats 2 --only "$only" --out "$R/loop_new_$shape.json")
     (cd bench && python3 loop_cost.py --compare "$R/loop_old_$shape.json" "$R/loop_new_$shape.json") | tee "$R/loop_ab_$shape.txt" ;;
-  graphtests)  # the test suite's CUDA-graph tests and the fast backend's tests, on this GPU
-    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_fast.py 2>&1 | tail -5 | tee "$R/graph_tests.txt" ;;
+  graphtests)  # the test suite's CUDA-graph tests, the fast backend's and the block drafter's, on this GPU
+    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_fast.py tests/test_block.py 2>&1 | tail -5 \
+      | tee "$R/graph_tests.txt" ;;
   start)  # start NAME 'S step args; S step args': a job in its own session, from a copy of this tree
     name=${2:?job name} src=$W/src/${2}
     rm -rf "$src" && mkdir -p "$src" && cp -r collocate bench tests pyproject.toml "$src/"

@@ -28,7 +28,6 @@ from .features import batches_by_tokens
 from .heads import lr_at
 from .policies import PolicyData, outputs_row
 
-DECAY = 7.0  # slot j of a block weighs exp(-(j-1) / DECAY) in the loss
 
 
 def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,10 +106,13 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 states = tapped_states(model, [s for s, _ in seqs], taps)
             loss = 0.0
             with accel.autocast():
-                for (seq, plen), (feats, _) in zip(seqs, states):
+                for (seq, plen), (feats, last) in zip(seqs, states):
                     anchors = answer_anchors(len(seq), plen, cfg.anchors, rng).to(feats.device)
                     tokens = torch.tensor(seq, device=feats.device)
-                    part, hit = block.loss(embed, lm_head, tokens, feats, anchors, decay=DECAY, local=local)
+                    with torch.no_grad():
+                        teacher = lm_head(last.to(lm_head.weight.dtype)) if cfg.kl_weight else None
+                    part, hit = block.loss(embed, lm_head, tokens, feats, anchors, decay=cfg.block_decay, local=local,
+                                           teacher=teacher, kl_weight=cfg.kl_weight)
                     loss = loss + part / len(seqs)
                     hits += hit.cpu()
                     counted += len(anchors)

@@ -37,9 +37,12 @@ class TrainConfig:
                                   "use most (a smaller LM-head read; 0: the whole vocabulary)")
     block_layers: int = setting(LAYERS, "block drafter: its transformer layers")
     block_mlp: int = setting(0, "block drafter: its MLP width (0: the backbone's)")
+    block_kv_heads: int = setting(0, "block drafter: its key/value heads, a divisor of the backbone's query heads (0: "
+                                     "the backbone's; more widen what each layer reads of the context)")
     block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
                                               "(default: 5 spread from layer 1 to L-3)")
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
+    block_decay: float = setting(7.0, "block drafter: slot j of a block weighs exp(-(j-1) / N) in the loss (DFlash: 7)")
     samples: int = setting(2000, "self-distilled answers", data=True)
     mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated, in equal shares: "
                                    + "; ".join(f"{k}: {v}" for k, v in MIXES.items()), data=True)
@@ -95,10 +98,15 @@ class TrainConfig:
         if self.draft_vocab < 0 or (self.draft_vocab and self.drafter == "heads"):
             raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) and block "
                              "drafters only")
-        if self.drafter != "block" and (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps):
-            raise ValueError("--block-layers, --block-mlp and --block-taps shape a block drafter (--drafter block)")
-        if self.block_layers < 1 or self.block_mlp < 0 or self.anchors < 1 or any(t < 0 for t in self.block_taps):
-            raise ValueError("--block-layers and --anchors must be >= 1, --block-mlp and --block-taps >= 0")
+        shaped = (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps
+                  or self.block_kv_heads or self.block_decay != TrainConfig.block_decay)
+        if self.drafter != "block" and shaped:
+            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps and --block-decay shape a "
+                             "block drafter (--drafter block)")
+        if (self.block_layers < 1 or self.block_mlp < 0 or self.block_kv_heads < 0 or self.anchors < 1
+                or self.block_decay <= 0 or any(t < 0 for t in self.block_taps)):
+            raise ValueError("--block-layers and --anchors must be >= 1, --block-decay > 0, --block-mlp, "
+                             "--block-kv-heads and --block-taps >= 0")
         if self.drafter == "block":
             self.gates = False  # (the gate baseline reads independent heads' outputs)
 

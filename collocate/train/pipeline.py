@@ -126,7 +126,8 @@ def block_config(model, tokenizer, cfg: TrainConfig) -> BlockConfig:
     vocab = model.get_input_embeddings().weight.shape[0]
     mask = len(tokenizer) if tokenizer is not None and len(tokenizer) < vocab else vocab - 1
     c = BlockConfig.for_backbone(model, layers=cfg.block_layers, block_size=cfg.k,
-                                 intermediate_size=cfg.block_mlp or None, mask_token_id=mask)
+                                 intermediate_size=cfg.block_mlp or None, kv_heads=cfg.block_kv_heads or None,
+                                 mask_token_id=mask)
     if cfg.block_taps:
         check_taps(cfg.block_taps, model.config.num_hidden_layers)
         c.taps = sorted(set(cfg.block_taps))
