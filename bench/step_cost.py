@@ -127,7 +127,7 @@ def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str
                     all_slots: bool = False, plain_tail: bool = False) -> dict[str, float]:
     """Median ms of one whole step per mode, from the host's side: replay (or run) and read the result.
     Attention reads the shortest of the engine's lengths that covers the step, as the loop runs it
-    (all_slots: every slot, as --exact does and as every step did before attention lengths). plain_tail:
+    (all_slots: every slot, as every step did before attention lengths). plain_tail:
     the step after the forward runs op by op, not compiled."""
     out, decoders = {}, {}
     with torch.inference_mode():
