@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..heads import VocabSlice
 from .answers import read_shard
-from .common import say
+from .common import release_memory, say
 from .config import TrainConfig
 from .features import batches_by_tokens
 from .heads import lr_at
@@ -102,6 +102,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
         for batch in tqdm(block_steps(order, cfg), desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
                           disable=not accel.is_main_process):
             seqs = [order[i] for i in batch]
+            release_memory()
             with torch.no_grad():
                 states = tapped_states(model, [s for s, _ in seqs], taps)
             loss = 0.0
@@ -151,6 +152,7 @@ def block_policy_data(model, bundle, cfg: TrainConfig, run: Path, ids: list[int]
     per_answer = math.ceil(limit / len(answers)) if limit and limit < n_anchors else None
     rng, parts = random.Random(seed), []
     for group in tqdm(list(batches_by_tokens(answers, 8192)), desc="block: outputs", unit="batch"):
+        release_memory()
         for (seq, plen), (feats, last) in zip(group, tapped_states(model, [s for s, _ in group], block.c.taps)):
             tokens = torch.tensor(seq, device=feats.device)
             for anchors in answer_anchors(len(seq), plen, per_answer, rng).to(feats.device).split(chunk):

@@ -29,6 +29,25 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
+def _libc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """Give the process's free heap pages back (glibc): batches of ever-different shapes on the CPU scatter
+    freed tensors over malloc's arenas, and without a trim per batch RSS grows batch after batch until the
+    kernel kills the run (bench/README.md, sixteenth session)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def say(msg: str) -> None:
     if is_main():
         tqdm.write(f"collocate train: {msg}")
