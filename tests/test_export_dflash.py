@@ -131,8 +131,8 @@ def dflash_draft(loaded: dict, target, feats: torch.Tensor, anchor: int, pos: in
     return (h @ target.get_output_embeddings().weight.float().T).argmax(-1)
 
 
-def block_bundle(model, vocab=0):
-    c = BlockConfig.for_backbone(model, block_size=6, layers=2, intermediate_size=48)
+def block_bundle(model, vocab=0, kv_heads=None):
+    c = BlockConfig.for_backbone(model, block_size=6, layers=2, intermediate_size=48, kv_heads=kv_heads)
     b = MTPBundle.for_backbone(model, k=6, base_model="tiny", has_gates=False, drafter="block", block=c.as_dict(),
                                draft_vocab=vocab)
     randomize(b, seed=2, scale=2.0)
@@ -154,15 +154,16 @@ def our_draft(bundle, model, feats, anchor, pos):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
-@pytest.mark.parametrize("vocab", [0, 40])
-def test_engines_rebuild_our_block_drafter_from_the_export(tmp_path, make, vocab):
+@pytest.mark.parametrize("vocab,kv", [(0, None), (40, None), (0, 4)])  # (4: K/V heads of its own, not the backbone's 2)
+def test_engines_rebuild_our_block_drafter_from_the_export(tmp_path, make, vocab, kv):
     model = make()
     with torch.no_grad():  # a backbone whose LM head is bf16-exact too (the export's LM-head rows)
         model.get_output_embeddings().weight.copy_(model.get_output_embeddings().weight.to(torch.bfloat16).float())
-    bundle = block_bundle(model, vocab)
+    bundle = block_bundle(model, vocab, kv)
     export_dflash(bundle, model, tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["dflash_config"]["target_layer_ids"] == bundle.heads.c.taps
+    assert cfg["num_key_value_heads"] == (kv or model.config.num_key_value_heads)
     tokens = torch.randint(3, 90, (30,), generator=torch.Generator().manual_seed(1))
     feats = backbone_features(model, tokens, bundle.heads.c.taps)
     loaders = [vllm_load] + ([sglang_load] if not vocab else [])  # (SGLang drafts over the whole vocabulary)
