@@ -31,6 +31,7 @@ import torch.nn.functional as F
 # by position only), so what a slot reads from the context cannot depend on what it says (bench/README.md,
 # cpu-block-layers)
 LAYERS = 2
+DECAY = 7.0  # slot j of a block weighs exp(-(j-1) / DECAY) in the training loss (DFlash's)
 
 
 @dataclass
@@ -227,7 +228,7 @@ class BlockModel(nn.Module):
         return torch.where(pos < T, tokens[pos.clamp(max=T - 1)], -100)
 
     def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
-             *, decay: float = 7.0, local=None, teacher: torch.Tensor | None = None,
+             *, decay: float = DECAY, local=None, teacher: torch.Tensor | None = None,
              kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
         0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay).
@@ -236,11 +237,10 @@ class BlockModel(nn.Module):
         kl_weight * KL(backbone at a+k-1 || slot k) joins each slot's term: the whole distribution the
         backbone gives the token that slot drafts, not only its top token."""
         logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
-        target = self.targets(tokens, anchors)
-        if local is not None:
-            target = local(target)
+        tokens_at = self.targets(tokens, anchors)
+        target = local(tokens_at) if local is not None else tokens_at
         offsets = torch.arange(1, self.c.block_size, device=tokens.device)
-        live = self.targets(tokens, anchors) != -100  # a token there (in the draft vocabulary or not)
+        live = tokens_at != -100  # a token there (in the draft vocabulary or not)
         weight = torch.exp(-(offsets - 1) / decay).expand_as(target)
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
         ce_w = weight * (target >= 0)

@@ -29,7 +29,6 @@ from .heads import lr_at
 from .policies import PolicyData, outputs_row
 
 
-
 def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each sequence's (T, len(taps) * d) tapped layer outputs and (T, d) last hidden states, in one
     batched forward (right padding: causal, so padding changes nothing before it)."""
@@ -102,7 +101,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
         for batch in tqdm(block_steps(order, cfg), desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
                           disable=not accel.is_main_process):
             seqs = [order[i] for i in batch]
-            release_memory()
+            release_memory(embed.weight.device)
             with torch.no_grad():
                 states = tapped_states(model, [s for s, _ in seqs], taps)
             loss = 0.0
@@ -152,7 +151,7 @@ def block_policy_data(model, bundle, cfg: TrainConfig, run: Path, ids: list[int]
     per_answer = math.ceil(limit / len(answers)) if limit and limit < n_anchors else None
     rng, parts = random.Random(seed), []
     for group in tqdm(list(batches_by_tokens(answers, 8192)), desc="block: outputs", unit="batch"):
-        release_memory()
+        release_memory(embed.weight.device)
         for (seq, plen), (feats, last) in zip(group, tapped_states(model, [s for s, _ in group], block.c.taps)):
             tokens = torch.tensor(seq, device=feats.device)
             for anchors in answer_anchors(len(seq), plen, per_answer, rng).to(feats.device).split(chunk):

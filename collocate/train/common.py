@@ -2,9 +2,11 @@
 process of a data-parallel launch this is."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -29,7 +31,8 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-def _libc_trim():
+@functools.cache
+def _malloc_trim():
     try:
         import ctypes
         return ctypes.CDLL("libc.so.6").malloc_trim
@@ -37,15 +40,13 @@ def _libc_trim():
         return None
 
 
-_TRIM = _libc_trim()
-
-
-def release_memory() -> None:
-    """Give the process's free heap pages back (glibc): batches of ever-different shapes on the CPU scatter
+def release_memory(device) -> None:
+    """On the CPU, give the process's free heap pages back (glibc): batches of ever-different shapes scatter
     freed tensors over malloc's arenas, and without a trim per batch RSS grows batch after batch until the
-    kernel kills the run (bench/README.md, sixteenth session)."""
-    if _TRIM is not None:
-        _TRIM(0)
+    kernel kills the run (bench/README.md, sixteenth session). A GPU's tensors are not malloc's: nothing to do."""
+    trim = _malloc_trim() if torch.device(device).type == "cpu" else None
+    if trim is not None:
+        trim(0)
 
 
 def say(msg: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from ..block import LAYERS
+from ..block import DECAY, LAYERS
 from ..clp import CLP_FEATURES
 from ..data import MIXES
 from ..heads import TokenHeads
@@ -42,7 +42,7 @@ class TrainConfig:
     block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
                                               "(default: 5 spread from layer 1 to L-3)")
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
-    block_decay: float = setting(7.0, "block drafter: slot j of a block weighs exp(-(j-1) / N) in the loss (DFlash: 7)")
+    block_decay: float = setting(DECAY, "block drafter: slot j of a block weighs exp(-(j-1) / N) in the loss (DFlash: 7)")
     samples: int = setting(2000, "self-distilled answers", data=True)
     mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated, in equal shares: "
                                    + "; ".join(f"{k}: {v}" for k, v in MIXES.items()), data=True)
