@@ -184,12 +184,36 @@ class BlockModel(nn.Module):
         return self.c.block_size - 1
 
     @torch.no_grad()
-    def init_from(self, model) -> "BlockModel":
+    def init_from(self, model, *, layers: bool = False) -> "BlockModel":
         """Start the final norm at the backbone's: the frozen LM head reads states at that scale (from a
-        norm of ones, the first logits were ~20x too large on SmolLM2: a first loss of 46)."""
+        norm of ones, the first logits were ~20x too large on SmolLM2: a first loss of 46). layers: also start
+        each layer as one of the backbone's last ones (attention and MLP weights, its two norms; the
+        backbone's q/k/v biases, where it has them, are left out), `fc` as the deepest tap alone and
+        `hidden_norm` as the first copied layer's input norm, so the first layer's context values begin as
+        that backbone layer's own, and its keys as those after a k-norm of ones (`--block-init backbone`)."""
         norm = getattr(model.base_model, "norm", None)
         if norm is not None and norm.weight.shape == self.norm.weight.shape:
             self.norm.weight.copy_(norm.weight)
+        if not layers:
+            return self
+        theirs = list(model.base_model.layers)[-len(self.layers):]
+        if len(theirs) < len(self.layers):
+            raise ValueError(f"cannot start {len(self.layers)} block-drafter layers from a backbone of {len(theirs)}")
+        names = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                 "input_layernorm.weight", "post_attention_layernorm.weight"]
+        for mine, src in zip(self.layers, theirs):
+            a, b = mine.state_dict(), src.state_dict()
+            for n in names:
+                if n not in b or b[n].shape != a[n].shape:
+                    raise ValueError(f"cannot start the block drafter's layers from the backbone's: {n} is "
+                                     f"{tuple(b[n].shape) if n in b else 'missing'} there, {tuple(a[n].shape)} here "
+                                     "(keep --block-mlp and --block-kv-heads at the backbone's)")
+                a[n].copy_(b[n])
+        d, deepest = self.c.hidden_size, self.c.taps.index(max(self.c.taps))
+        self.fc.weight.zero_()
+        self.fc.weight[:, deepest * d:(deepest + 1) * d].copy_(torch.eye(d))
+        self.hidden_norm.weight.copy_(theirs[0].input_layernorm.weight)
         return self
 
     # -- both ---------------------------------------------------------------------------------------

@@ -126,6 +126,29 @@ def test_the_kl_term_reads_the_backbone_where_each_slot_drafts():
     assert torch.equal(hits, hits2) and other > ce + 0.1
 
 
+def test_a_drafter_started_from_the_backbones_last_layers_reads_the_context_as_the_first_of_them():
+    """--block-init backbone: each layer starts as one of the backbone's last ones and fc passes the deepest
+    tap through, so the first layer's context values are that backbone layer's own values of it; a drafter
+    whose sizes are not the backbone's, or that has more layers, is refused."""
+    model = tiny_llama()
+    drafter = drafter_for(model, layers=2).init_from(model, layers=True)
+    theirs = model.model.layers[-2:]
+    for mine, src in zip(drafter.layers, theirs):
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "input_layernorm"):
+            assert torch.equal(mine.get_submodule(name).weight, src.get_submodule(name).weight), name
+    tokens = torch.randint(3, 96, (12,))
+    feats = backbone_features(model, tokens, drafter.c.taps)
+    d, deepest = model.config.hidden_size, drafter.c.taps.index(max(drafter.c.taps))
+    with torch.no_grad():
+        _, v = drafter.layers[0].kv(drafter.context(feats), torch.arange(12))
+        want = theirs[0].self_attn.v_proj(theirs[0].input_layernorm(feats[:, deepest * d:(deepest + 1) * d]))
+    torch.testing.assert_close(v, want.view(12, drafter.c.kv_heads, -1).transpose(0, 1))
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight is"):
+        drafter_for(model, layers=1, intermediate_size=48).init_from(model, layers=True)
+    with pytest.raises(ValueError, match="cannot start 3 block-drafter layers from a backbone of 2"):
+        drafter_for(model, layers=3).init_from(model, layers=True)
+
+
 def test_weights_are_named_as_dflash_checkpoints_name_them():
     names = set(drafter_for(tiny_llama(), layers=2).state_dict())
     per_layer = {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"self_attn.q_norm.weight", "self_attn.k_norm.weight"} \

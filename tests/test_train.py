@@ -414,5 +414,7 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
             assert dec.generate([5, 9, 13], DecodeConfig(mode="verify", max_new_tokens=30, **kw)).tokens == ar
     with pytest.raises(ValueError, match="shape a block drafter"):
         tiny_cfg(tmp_path, model, prompts, block_layers=3)
+    with pytest.raises(ValueError, match="shape a block drafter"):
+        tiny_cfg(tmp_path, model, prompts, block_init="backbone")
     with pytest.raises(ValueError, match="independent heads"):
         tiny_cfg(tmp_path, model, prompts, drafter="block", compete=True)

@@ -41,6 +41,9 @@ class TrainConfig:
                                      "the backbone's; more widen what each layer reads of the context)")
     block_taps: tuple[int, ...] = setting((), "block drafter: the backbone layers it reads, 0-based, comma-separated "
                                               "(default: 5 spread from layer 1 to L-3)")
+    block_init: str = setting("fresh", "block drafter: its layers' start, random ('fresh') or the backbone's last "
+                                       "layers ('backbone', with fc reading the deepest tap)",
+                              choices=("fresh", "backbone"))
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
     block_decay: float = setting(DECAY, "block drafter: slot j of a block weighs exp(-(j-1) / N) in the loss (DFlash: 7)")
     samples: int = setting(2000, "self-distilled answers", data=True)
@@ -99,9 +102,10 @@ class TrainConfig:
             raise ValueError("--draft-vocab N (N > 0) applies to token-conditioned drafters (--drafter tc-*) and block "
                              "drafters only")
         shaped = (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps
-                  or self.block_kv_heads or self.block_decay != TrainConfig.block_decay)
+                  or self.block_kv_heads or self.block_decay != TrainConfig.block_decay
+                  or self.block_init != TrainConfig.block_init)
         if self.drafter != "block" and shaped:
-            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps and --block-decay shape a "
+            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps, --block-decay and --block-init shape a "
                              "block drafter (--drafter block)")
         if (self.block_layers < 1 or self.block_mlp < 0 or self.block_kv_heads < 0 or self.anchors < 1
                 or self.block_decay <= 0 or any(t < 0 for t in self.block_taps)):

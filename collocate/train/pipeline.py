@@ -82,7 +82,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.draft_vocab:
         bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))
     if block:
-        bundle.heads.init_from(model)
+        bundle.heads.init_from(model, layers=cfg.block_init == "backbone")
     t0 = time.perf_counter()
     train = train_block if block else train_heads
     report["stages"]["heads"] = {**train(model, bundle, cfg, run, train_ids, accel)}
