@@ -90,10 +90,11 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """x (..., n, hd) rotated by positions pos (n,), half-split as Llama/Qwen do."""
+    """x (..., n, hd) rotated by positions pos (n,) or any shape that broadcasts to x's (..., n),
+    half-split as Llama/Qwen do."""
     hd = x.shape[-1]
     freqs = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angle = pos.float()[:, None] * freqs[None, :]  # (n, hd/2)
+    angle = pos.float()[..., None] * freqs  # (..., n, hd/2)
     cos, sin = torch.cat([angle.cos()] * 2, -1).to(x.dtype), torch.cat([angle.sin()] * 2, -1).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -131,27 +132,32 @@ class BlockLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps)
 
+    def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(..., n, heads * hd) -> (..., heads, n, hd)"""
+        return x.unflatten(-1, (heads, self.c.head_dim)).transpose(-3, -2)
+
     def kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, d) rows at positions pos -> their keys and values, (kv_heads, n, hd) each."""
-        n, c, a = x.shape[0], self.c, self.self_attn
-        k = a.k_norm(a.k_proj(x).view(n, c.kv_heads, c.head_dim)).transpose(0, 1)
-        v = a.v_proj(x).view(n, c.kv_heads, c.head_dim).transpose(0, 1)
-        return rotary(k, pos, c.rope_theta), v
+        """(..., n, d) rows at positions pos (n,) or (..., n) -> their keys and values, (..., kv_heads, n, hd)
+        each. (A leading batch dimension holds several sequences: training runs a step's answers at once.)"""
+        c, a = self.c, self.self_attn
+        k = a.k_norm(self.split(a.k_proj(x), c.kv_heads))
+        return rotary(k, pos.unsqueeze(-2), c.rope_theta), self.split(a.v_proj(x), c.kv_heads)
 
     def forward(self, x, pos, ctx_k, ctx_v, sees) -> torch.Tensor:
-        """x (m, d) block rows at positions pos (m,); ctx_k/ctx_v (kv_heads, n, hd) the context's keys and
-        values; sees (m, n + m) bool: which context and block rows each block row attends to."""
-        m, c, a = x.shape[0], self.c, self.self_attn
+        """x (..., m, d) block rows at positions pos (..., m); ctx_k/ctx_v (..., kv_heads, n, hd) the context's
+        keys and values; sees (..., m, n + m) bool: which context and block rows each block row attends to."""
+        c, a = self.c, self.self_attn
+        m = x.shape[-2]
         h = self.input_layernorm(x)
-        q = rotary(a.q_norm(a.q_proj(h).view(m, c.heads, c.head_dim)).transpose(0, 1), pos, c.rope_theta)
+        q = rotary(a.q_norm(self.split(a.q_proj(h), c.heads)), pos.unsqueeze(-2), c.rope_theta)
         k, v = self.kv(h, pos)
-        k, v = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)  # (kv_heads, n + m, hd)
+        k, v = torch.cat([ctx_k, k], -2), torch.cat([ctx_v, v], -2)  # (..., kv_heads, n + m, hd)
         g = c.heads // c.kv_heads  # query heads per K/V head: grouped, so the context's K/V are not copied
-        q = q.reshape(c.kv_heads, g * m, c.head_dim)
-        scores = (q @ k.transpose(1, 2)).float() / math.sqrt(c.head_dim)  # (kv_heads, g * m, n + m)
-        probs = scores.masked_fill(~sees.repeat(g, 1)[None], float("-inf")).softmax(-1).to(v.dtype)
-        out = (probs @ v).view(c.heads, m, c.head_dim)
-        x = x + a.o_proj(out.transpose(0, 1).reshape(m, c.heads * c.head_dim))
+        q = q.unflatten(-3, (c.kv_heads, g)).flatten(-3, -2)  # (..., kv_heads, g * m, hd)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(c.head_dim)  # (..., kv_heads, g * m, n + m)
+        probs = scores.masked_fill(~torch.cat([sees] * g, -2).unsqueeze(-3), float("-inf")).softmax(-1).to(v.dtype)
+        out = (probs @ v).unflatten(-2, (g, m)).flatten(-4, -3)  # (..., heads, m, hd)
+        x = x + a.o_proj(out.transpose(-3, -2).flatten(-2))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,62 +228,81 @@ class BlockModel(nn.Module):
         return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
 
     def block(self, embed: nn.Module, anchors: torch.Tensor) -> torch.Tensor:
-        """(b,) anchor tokens -> (b * B, d): each anchor, then B - 1 mask tokens, embedded."""
-        B = self.c.block_size
-        ids = anchors.new_full((anchors.shape[0], B), self.c.mask_token_id)
-        ids[:, 0] = anchors
-        return embed(ids.view(-1)).to(self.fc.weight.dtype)
+        """(..., b) anchor tokens -> (..., b * B, d): each anchor, then B - 1 mask tokens, embedded."""
+        ids = anchors.new_full((*anchors.shape, self.c.block_size), self.c.mask_token_id)
+        ids[..., 0] = anchors
+        return embed(ids.flatten(-2)).to(self.fc.weight.dtype)
 
-    # -- training: many blocks of one sequence in one pass ----------------------------------------------
+    # -- training: many blocks of several sequences in one pass ------------------------------------------
     def logits(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """tokens (T,), features (T, len(taps) * d) of one sequence's positions, anchors (b,) positions ->
-        (b, B-1, V) logits of the tokens 1..B-1 places after each anchor. Block a sees the context before a
-        and itself, as decoding does."""
-        B, T, b = self.c.block_size, tokens.shape[0], anchors.shape[0]
-        ctx = self.context(features)  # (T, d)
-        pos = (anchors[:, None] + torch.arange(B, device=tokens.device)).view(-1)  # (b*B,)
-        owner = torch.arange(b, device=tokens.device).repeat_interleave(B)
-        sees = torch.cat([torch.arange(T, device=tokens.device)[None, :] < anchors[owner][:, None],
-                          owner[:, None] == owner[None, :]], 1)  # (b*B, T + b*B)
-        x = self.block(embed, tokens[anchors])
+        """tokens (N, T), features (N, T, len(taps) * d) of N sequences' positions, anchors (N, b) positions ->
+        (N, b, B-1, V) logits of the tokens 1..B-1 places after each anchor (one sequence: (T,), (T, F) and
+        (b,) -> (b, B-1, V)). Block a sees the context before a and itself, as decoding does. Sequences
+        shorter than T are padded (their tokens with -100); an anchor of -1 is padding (its block sees no
+        context and its slots learn nothing)."""
+        if tokens.dim() == 1:
+            return self.logits(embed, lm_head, tokens[None], features[None], anchors[None])[0]
+        B, (N, T), b, dev = self.c.block_size, tokens.shape, anchors.shape[1], tokens.device
+        ctx = self.context(features)  # (N, T, d)
+        at = anchors.clamp(min=0)
+        pos = (at[..., None] + torch.arange(B, device=dev)).flatten(1)  # (N, b*B)
+        owner = torch.arange(b, device=dev).repeat_interleave(B)
+        sees = torch.cat([torch.arange(T, device=dev) < anchors[:, owner, None],
+                          (owner[:, None] == owner[None, :]).expand(N, -1, -1)], -1)  # (N, b*B, T + b*B)
+        x = self.block(embed, tokens.gather(1, at))
         for layer in self.layers:
-            ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=tokens.device))
+            ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=dev))
             x = layer(x, pos, ctx_k, ctx_v, sees)
-        return lm_head(self.norm(x).view(b, B, -1)[:, 1:].to(lm_head.weight.dtype))
+        return lm_head(self.norm(x).unflatten(1, (b, B))[:, :, 1:].to(lm_head.weight.dtype))
 
     def targets(self, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """(b, B-1): the token each slot of the blocks at `anchors` learns, tokens[a + k]; -100 past the end."""
-        T = tokens.shape[0]
-        pos = anchors[:, None] + torch.arange(1, self.c.block_size, device=tokens.device)
-        return torch.where(pos < T, tokens[pos.clamp(max=T - 1)], -100)
+        """(..., b, B-1): the token each slot of the blocks at `anchors` learns, tokens[a + k]; -100 past the
+        end and for padding (tokens (..., T) padded with -100, anchors (..., b) with -1)."""
+        T = tokens.shape[-1]
+        pos = anchors[..., None] + torch.arange(1, self.c.block_size, device=tokens.device)  # (..., b, B-1)
+        got = tokens.gather(-1, pos.clamp(0, T - 1).flatten(-2)).view(pos.shape)
+        return torch.where((pos < T) & (anchors[..., None] >= 0), got, -100)
 
     def loss(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
              *, decay: float = DECAY, local=None, teacher: torch.Tensor | None = None,
              kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
-        0..T-2): slot k's target is tokens[a + k] (past the end: none), and it weighs exp(-(k-1)/decay).
-        local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100 outside).
-        teacher: (T, V) the backbone's own logits at every position (over the same vocabulary); with it,
-        kl_weight * KL(backbone at a+k-1 || slot k) joins each slot's term: the whole distribution the
-        backbone gives the token that slot drafts, not only its top token."""
-        logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (b, B-1, V)
+        0..T-2; shapes as `logits`, one sequence or N padded ones): slot k's target is tokens[a + k] (past the
+        end: none), and it weighs exp(-(k-1)/decay); the loss is each sequence's weighted mean over its slots,
+        averaged over the sequences. local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100
+        outside). teacher: ((N,) T, V) the backbone's own logits at every position (over the same vocabulary);
+        with it, kl_weight * KL(backbone at a+k-1 || slot k) joins each slot's term: the whole distribution
+        the backbone gives the token that slot drafts, not only its top token."""
+        terms = self.loss_terms(embed, lm_head, tokens, features, anchors, decay=decay, local=local,
+                                teacher=teacher if kl_weight else None)
+        return terms.mean(kl_weight), terms.hits
+
+    def loss_terms(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
+                   *, decay: float = DECAY, local=None, teacher: torch.Tensor | None = None) -> "LossTerms":
+        """`loss`'s sums per sequence, so that several passes over a step's answers add up (`LossTerms.add`)
+        to the loss one pass over all of them gives."""
+        if tokens.dim() == 1:
+            tokens, features, anchors = tokens[None], features[None], anchors[None]
+            teacher = None if teacher is None else teacher[None]
+        logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (N, b, B-1, V)
         tokens_at = self.targets(tokens, anchors)
         target = local(tokens_at) if local is not None else tokens_at
         offsets = torch.arange(1, self.c.block_size, device=tokens.device)
         live = tokens_at != -100  # a token there (in the draft vocabulary or not)
         weight = torch.exp(-(offsets - 1) / decay).expand_as(target)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100, reduction="none")
         ce_w = weight * (target >= 0)
-        loss = (ce * ce_w.flatten()).sum() / ce_w.sum().clamp(min=1e-6)
-        if teacher is not None and kl_weight:
-            T = tokens.shape[0]
-            at = (anchors[:, None] + offsets - 1).clamp(max=T - 1)  # the position whose next token slot k drafts
-            t_logp = teacher.float()[at].log_softmax(-1)  # (b, B-1, V)
-            kl = (t_logp.exp() * (t_logp - logits.log_softmax(-1))).sum(-1)  # (b, B-1)
+        N = tokens.shape[0]
+        kl, kl_w = logits.new_zeros(N), logits.new_zeros(N)
+        if teacher is not None:
+            T = tokens.shape[-1]
+            at = (anchors[..., None] + offsets - 1).clamp(0, T - 1)  # the position whose next token slot k drafts
+            t_logp = teacher.float()[torch.arange(N, device=at.device)[:, None, None], at].log_softmax(-1)
             kl_w = weight * live
-            loss = loss + kl_weight * (kl * kl_w).sum() / kl_w.sum().clamp(min=1e-6)
-        hits = ((logits.argmax(-1) == target) & (target >= 0)).sum(0)
-        return loss, hits
+            kl = ((t_logp.exp() * (t_logp - logits.log_softmax(-1))).sum(-1) * kl_w).flatten(1).sum(1)
+            kl_w = kl_w.flatten(1).sum(1)
+        hits = ((logits.argmax(-1) == target) & (target >= 0)).flatten(0, -2).sum(0)
+        return LossTerms((ce.view(ce_w.shape) * ce_w).flatten(1).sum(1), ce_w.flatten(1).sum(1), kl, kl_w, hits)
 
     # -- decoding: the context's K/V in a cache indexed by position -----------------------------------
     def allocate(self, slots: int, device, dtype) -> "ContextCache":
@@ -309,6 +334,26 @@ class BlockModel(nn.Module):
         for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             x = layer(x, block_pos, ck[:, :n], cv[:, :n], sees)
         return lm_head(self.norm(x)[1:].to(lm_head.weight.dtype))
+
+
+class LossTerms(NamedTuple):
+    """The block loss's sums over each sequence's blocks, (N,) each: weighted cross-entropy and its weight,
+    the KL term and its weight; and (B-1,) top-1 hits per slot over them all."""
+    ce: torch.Tensor
+    ce_weight: torch.Tensor
+    kl: torch.Tensor
+    kl_weight: torch.Tensor
+    hits: torch.Tensor
+
+    def add(self, other: "LossTerms") -> "LossTerms":
+        return LossTerms(*(torch.cat([a, b]) for a, b in zip(self[:4], other[:4])), self.hits + other.hits)
+
+    def mean(self, kl_weight: float = 0.0) -> torch.Tensor:
+        """Each sequence's weighted mean (plus kl_weight times its KL mean), averaged over the sequences."""
+        loss = self.ce / self.ce_weight.clamp(min=1e-6)
+        if kl_weight:
+            loss = loss + kl_weight * self.kl / self.kl_weight.clamp(min=1e-6)
+        return loss.mean()
 
 
 class ContextCache(NamedTuple):

@@ -102,6 +102,62 @@ def test_training_on_the_models_own_answers_lowers_the_loss():
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8, (losses[:8], losses[-8:])
 
 
+def test_a_steps_answers_in_one_pass_give_each_answer_its_own_logits_and_loss():
+    """Training runs a step's answers together, padded to the longest: each answer's logits are those it gets
+    alone, padding (rows past an answer, anchors of -1) changes nothing and teaches nothing, and the loss is
+    the mean of each answer's own loss, hits the sum of each answer's."""
+    model = tiny_qwen()
+    drafter = drafter_for(model, layers=2, block_size=4)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    seqs = [torch.randint(3, 96, (n,)) for n in (30, 18, 25)]
+    anchors = [torch.tensor([2, 9, 27]), torch.tensor([1, 16]), torch.tensor([0, 5, 12])]
+    feats = [backbone_features(model, s, drafter.c.taps).detach() for s in seqs]
+    tokens = torch.stack([torch.cat([s, torch.full((30 - len(s),), -100)]) for s in seqs])
+    padded = torch.stack([torch.cat([f, torch.randn(30 - len(f), f.shape[1])]) for f in feats])  # rows never read
+    at = torch.nn.utils.rnn.pad_sequence(anchors, batch_first=True, padding_value=-1)  # (3, 3): one -1
+    with torch.no_grad():
+        together = drafter.logits(embed, lm_head, tokens, padded, at)  # (3, 3, 3, V)
+        loss, hits = drafter.loss(embed, lm_head, tokens, padded, at)
+        want_loss, want_hits = 0.0, 0
+        for j, (s, f, a) in enumerate(zip(seqs, feats, anchors)):
+            torch.testing.assert_close(together[j, :len(a)], drafter.logits(embed, lm_head, s, f, a), rtol=1e-5, atol=1e-5)
+            alone, h = drafter.loss(embed, lm_head, s, f, a)
+            want_loss, want_hits = want_loss + alone / 3, want_hits + h
+        assert (drafter.targets(tokens, at)[1, 2] == -100).all()  # the padded anchor learns nothing
+    torch.testing.assert_close(loss, want_loss)
+    assert torch.equal(hits, want_hits)
+
+
+def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_gradients():
+    """train/block.py runs a step's answers through the drafter in one padded pass on a GPU and one at a time
+    (each trimmed to its own length and blocks) on a CPU: the same loss, hits and gradients."""
+    from collocate.train.block import padded, passes
+    model = tiny_qwen()
+    drafter = drafter_for(model, layers=2, block_size=4)
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    seqs = [(torch.randint(3, 96, (n,)).tolist(), 4) for n in (30, 18, 25)]
+    feats = torch.stack([torch.cat([backbone_features(model, torch.tensor(s), drafter.c.taps),
+                                    torch.randn(30 - len(s), len(drafter.c.taps) * 32)]) for s, _ in seqs]).detach()
+    tokens = padded([s for s, _ in seqs], -100, "cpu")
+    anchors = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a in ([4, 9, 27], [5, 16], [4, 12])],
+                                              batch_first=True, padding_value=-1)
+    got = []
+    for together in (True, False):
+        drafter.zero_grad()
+        terms = None
+        for part in passes(seqs, anchors, together):
+            t = drafter.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
+                                   anchors[part.rows, :part.blocks])
+            terms = t if terms is None else terms.add(t)
+        terms.mean().backward()
+        got.append((terms.mean().detach(), terms.hits, [p.grad.clone() for p in drafter.parameters()]))
+    assert [p.width for p in passes(seqs, anchors, False)] == [30, 18, 25]
+    torch.testing.assert_close(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])
+    for a, b in zip(got[0][2], got[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_the_kl_term_reads_the_backbone_where_each_slot_drafts():
     """With the backbone's logits as teacher, slot k of the block at a learns the distribution at a+k-1 (the
     one that gives token a+k): a teacher equal there to the drafter's own logits adds nothing, another adds."""

@@ -398,6 +398,8 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 30)
     cfg = tiny_cfg(tmp_path, model, prompts, samples=12, k=5, drafter="block", draft_vocab=60, epochs=1, anchors=8)
     first = run_training(cfg)
+    again = run_training(dataclasses.replace(cfg, out=str(tmp_path / "again")))  # --seed fixes the initial weights
+    assert again["stages"]["heads"]["history"][0]["first_loss"] == first["stages"]["heads"]["history"][0]["first_loss"]
     report = run_training(dataclasses.replace(cfg, epochs=3))
     hist = report["stages"]["heads"]["history"]
     assert len(hist) == 3 and hist[0] == first["stages"]["heads"]["history"][0] and hist[-1]["loss"] < hist[0]["loss"]

@@ -2,7 +2,7 @@
 # The GPU runs behind bench/results/gpu-*: each step is one command on a CUDA machine, run from the
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
 # hf MODEL, train MODEL NAME BASE FLAGS, curve MODEL BASE N,N FLAGS, benchrun MODEL NAME RUN MODES,
-# frontier MODEL NAME RUN MODES, skip NAME, stepcost, profile SHAPE MODE..., devmap MODEL NAME SAMPLES,
+# frontier MODEL NAME RUN MODES, skip NAME, stepcost, traincost [SHAPE], profile SHAPE MODE..., devmap MODEL NAME SAMPLES,
 # serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN, home NAME RUN...,
 # longprompts MODEL RUN [MODES LENGTHS], graphtests. `start NAME 'STEPS'` runs
 # steps (`S step args` inside) as a background job that outlives the call; `wait SECONDS` follows the jobs
@@ -193,6 +193,8 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
   stepcost)  # SHAPE, WIDTHS; ONLY: a regular expression of the mode steps to time; UNALIGNED=0: no odd row length
     python3 bench/step_cost.py --shape "${SHAPE:-7b}" --widths "${WIDTHS:-1,2,3,4,5}" --modes ${ONLY:+--only "$ONLY"} \
       $([ "${UNALIGNED:-1}" = 1 ] && echo --unaligned) --out "$R/step_cost_${SHAPE:-7b}.json" ;;
+  traincost)  # traincost [SHAPE]: a block-drafter training step's parts, one pass or one answer at a time
+    python3 bench/train_cost.py --shape "${2:-1.5b}" --out "$R/train_cost_${2:-1.5b}.json" ;;
   profile)  # profile SHAPE MODE...: where each mode step's GPU time goes (bench/profile_step.py)
     for m in "${@:3}"; do
       echo "== $m" && python3 bench/profile_step.py --shape "${2:?shape}" --mode "$m"

@@ -6,8 +6,11 @@ of answers (a cache of five layers' states would take ~60 GB for 16K answers of 
 
 A step takes answers until it holds `--batch` anchors: for each answer, up to `--anchors` random answer
 positions a; the block at a is [token a, mask x (k-1)] and slot j learns token a + j (cross-entropy weighted
-exp(-(j-1)/7), DFlash's), with the context of the positions before a. AdamW with warm-up then cosine,
-gradients clipped at 1; a checkpoint per epoch to resume from. `block_policy_data` gives the held-out
+exp(-(j-1)/7), DFlash's; each answer's mean, averaged over the step's), with the context of the positions
+before a.
+The step's answers go through the backbone together, and through the drafter together on a GPU (padded to
+the longest) or one at a time on a CPU. AdamW with warm-up then cosine, gradients clipped at 1; a
+checkpoint per epoch to resume from. `block_policy_data` gives the held-out
 per-slot accuracy and the CLP's training data in the same form as the heads' (policies.PolicyData).
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -29,16 +33,20 @@ from .heads import lr_at
 from .policies import PolicyData, outputs_row
 
 
-def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each sequence's (T, len(taps) * d) tapped layer outputs and (T, d) last hidden states, in one
-    batched forward (right padding: causal, so padding changes nothing before it)."""
+def padded(seqs: list[list[int]], value: int, device) -> torch.Tensor:
+    """(N, longest) the sequences, right-padded with value."""
     width = max(map(len, seqs))
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
+
+
+def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences' (N, W, len(taps) * d) tapped layer outputs and (N, W, d) last hidden states, in one
+    batched forward (right padding to the longest, W: causal, so padding changes nothing before it)."""
     device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    ids = padded(seqs, 0, device)
+    mask = padded([[1] * len(s) for s in seqs], 0, device)
     out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    feats = torch.cat([out.hidden_states[t + 1] for t in taps], -1)  # ([0]: the embeddings)
-    return [(feats[j, :len(s)], out.last_hidden_state[j, :len(s)]) for j, s in enumerate(seqs)]
+    return torch.cat([out.hidden_states[t + 1] for t in taps], -1), out.last_hidden_state  # ([0]: the embeddings)
 
 
 def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | None) -> torch.Tensor:
@@ -48,6 +56,24 @@ def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | 
     if n is not None and len(all_) > n:
         all_ = sorted(rng.sample(all_, n))
     return torch.tensor(all_, dtype=torch.long)
+
+
+class Pass(NamedTuple):
+    """Some of a step's answers, trained in one pass: their rows of the step's padded tensors, trimmed to
+    their longest answer and their most blocks."""
+    rows: slice
+    width: int
+    blocks: int
+
+
+def passes(seqs: list[tuple[list[int], int]], anchors: torch.Tensor, together: bool) -> list[Pass]:
+    """A step's answers in one pass (on a GPU: fewer, larger kernels) or one at a time (on a CPU, where one
+    pass's temporaries outgrow the caches: about 2x slower at a tiny shape, bench/train_cost.py); the loss is the
+    same mean either way."""
+    size = len(seqs) if together else 1
+    blocks = (anchors >= 0).sum(1).tolist()
+    return [Pass(slice(i, i + size), max(len(s) for s, _ in seqs[i:i + size]), max(blocks[i:i + size]))
+            for i in range(0, len(seqs), size)]
 
 
 def draft_head(model, bundle):
@@ -102,20 +128,23 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                           disable=not accel.is_main_process):
             seqs = [order[i] for i in batch]
             release_memory(embed.weight.device)
-            with torch.no_grad():
-                states = tapped_states(model, [s for s, _ in seqs], taps)
-            loss = 0.0
+            with torch.no_grad():  # the step's answers in one pass: the backbone's, then the drafter's
+                feats, last = tapped_states(model, [s for s, _ in seqs], taps)
+                teacher = lm_head(last.to(lm_head.weight.dtype)) if cfg.kl_weight else None
+            tokens = padded([s for s, _ in seqs], -100, feats.device)
+            anchors = torch.nn.utils.rnn.pad_sequence(
+                [answer_anchors(len(s), plen, cfg.anchors, rng) for s, plen in seqs], batch_first=True,
+                padding_value=-1).to(feats.device)
             with accel.autocast():
-                for (seq, plen), (feats, last) in zip(seqs, states):
-                    anchors = answer_anchors(len(seq), plen, cfg.anchors, rng).to(feats.device)
-                    tokens = torch.tensor(seq, device=feats.device)
-                    with torch.no_grad():
-                        teacher = lm_head(last.to(lm_head.weight.dtype)) if cfg.kl_weight else None
-                    part, hit = block.loss(embed, lm_head, tokens, feats, anchors, decay=cfg.block_decay, local=local,
-                                           teacher=teacher, kl_weight=cfg.kl_weight)
-                    loss = loss + part / len(seqs)
-                    hits += hit.cpu()
-                    counted += len(anchors)
+                terms = None
+                for part in passes(seqs, anchors, feats.is_cuda):
+                    t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
+                                         anchors[part.rows, :part.blocks], decay=cfg.block_decay, local=local,
+                                         teacher=None if teacher is None else teacher[part.rows, :part.width])
+                    terms = t if terms is None else terms.add(t)
+                loss = terms.mean(cfg.kl_weight)
+            hits += terms.hits.cpu()
+            counted += int((anchors >= 0).sum())
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             opt.zero_grad(set_to_none=True)
@@ -152,10 +181,11 @@ def block_policy_data(model, bundle, cfg: TrainConfig, run: Path, ids: list[int]
     rng, parts = random.Random(seed), []
     for group in tqdm(list(batches_by_tokens(answers, 8192)), desc="block: outputs", unit="batch"):
         release_memory(embed.weight.device)
-        for (seq, plen), (feats, last) in zip(group, tapped_states(model, [s for s, _ in group], block.c.taps)):
-            tokens = torch.tensor(seq, device=feats.device)
-            for anchors in answer_anchors(len(seq), plen, per_answer, rng).to(feats.device).split(chunk):
-                logits = block.logits(embed, lm_head, tokens, feats, anchors).float()  # (b, B-1, V')
-                parts.append(outputs_row(last[anchors - 1].to(torch.bfloat16).cpu(), logits,
+        feats, last = tapped_states(model, [s for s, _ in group], block.c.taps)
+        for j, (seq, plen) in enumerate(group):
+            tokens, n = torch.tensor(seq, device=feats.device), len(seq)
+            for anchors in answer_anchors(n, plen, per_answer, rng).to(feats.device).split(chunk):
+                logits = block.logits(embed, lm_head, tokens, feats[j, :n], anchors).float()  # (b, B-1, V')
+                parts.append(outputs_row(last[j, anchors - 1].to(torch.bfloat16).cpu(), logits,
                                          block.targets(tokens, anchors), vocab))
     return PolicyData(*(torch.cat(x) for x in zip(*parts)))

@@ -79,7 +79,7 @@ class TrainConfig:
     budget_minutes: float | None = setting(None, "stop head training after this many minutes", type=float)
     deterministic: bool = setting(False, "deterministic kernels only (torch.use_deterministic_algorithms, "
                                          "CUBLAS_WORKSPACE_CONFIG=:4096:8), for runs that must repeat bit for bit")
-    seed: int = setting(0, "prompt sampling and data order", data=True)
+    seed: int = setting(0, "prompt sampling, data order and the drafter's initial weights", data=True)
     chat: bool = setting(True, "wrap prompts in the model's chat template", data=True)
     prompts_file: str | None = setting(None, 'JSONL of {"prompt": ...} lines instead of ShareGPT', data=True,
                                        flag="--prompts")

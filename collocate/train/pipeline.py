@@ -74,6 +74,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.only == "features":
         return report
 
+    torch.manual_seed(cfg.seed)  # the drafter's initial weights: a run is repeatable, seed by seed
     bundle = MTPBundle.for_backbone(model, k=cfg.k, base_model=cfg.model, has_gates=cfg.gates,
                                     compete=cfg.compete, clp_features=cfg.clp_features, drafter=cfg.drafter,
                                     clp_variants=[f for f in CLP_FEATURES if f != cfg.clp_features],

@@ -1,0 +1,114 @@
+"""Milliseconds per block-drafter training step, by part, for random-weight models of exact Qwen2.5 shapes.
+
+    python bench/train_cost.py --shape 1.5b --out train_cost_1.5b.json
+    python bench/train_cost.py --shape tiny --device cpu --reps 2     # the script itself, on a CPU
+
+A step as `collocate train --drafter block` runs it (collocate/train/block.py), on `--answers` answers of
+`--length` tokens (the last `--answer` of them the answer) with `--anchors` random blocks each, the
+drafter's default layers, five taps and a 32K draft vocabulary, in bf16 autocast: the backbone's tapped
+layers over the step's answers (no gradient), then the drafter's weighted loss, its backward, clipping and
+AdamW. The drafter's part is timed two ways (train/block.py's `passes`): the step's answers in one padded
+pass (what training runs on a GPU) and one answer at a time, their losses added up before one backward (what
+it runs on a CPU, and what it ran everywhere before the seventeenth session). Random weights time a step honestly: its work does not depend on the values. Peak memory beside
+each.
+"""
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from collocate.block import BlockConfig, BlockModel
+from collocate.heads import VocabSlice
+from collocate.train.block import answer_anchors, padded, passes, tapped_states
+from step_cost import SHAPES, build
+
+
+def timed(fn, reps: int, device: str) -> dict:
+    """fn() reps times after one warm-up: median milliseconds and peak memory (GiB, CUDA only)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"ms": statistics.median(times), "peak_gib": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1.5b", choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--answers", type=int, default=9, help="answers a step takes (--batch 512 / --anchors 64, "
+                                                             "less where answers are short: ~9.8 on the 1.5B's)")
+    ap.add_argument("--length", type=int, default=420, help="tokens per sequence, prompt and answer")
+    ap.add_argument("--answer", type=int, default=185, help="of which the answer (anchors are taken there)")
+    ap.add_argument("--anchors", type=int, default=64)
+    ap.add_argument("--draft-vocab", type=int, default=32768)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = build(args.shape, args.device)
+    block = BlockModel(BlockConfig.for_backbone(model)).to(args.device).init_from(model)
+    embed, full = model.get_input_embeddings(), model.get_output_embeddings()
+    vocab = min(args.draft_vocab, full.weight.shape[0])
+    lm_head = VocabSlice(full, torch.randperm(full.weight.shape[0])[:vocab])
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 151000 if args.shape != "tiny" else 500, (args.length,), generator=g).tolist()
+            for _ in range(args.answers)]
+    plen, rng = args.length - args.answer, random.Random(0)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16)
+
+    def backbone():
+        with torch.no_grad():
+            return tapped_states(model, seqs, block.c.taps)
+
+    feats, _ = backbone()
+    tokens = padded(seqs, -100, feats.device)
+    anchors = torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, args.anchors, rng) for s in seqs],
+                                              batch_first=True, padding_value=-1).to(feats.device)
+
+    def drafter(together: bool):
+        with autocast:
+            terms = None
+            for part in passes([(s, plen) for s in seqs], anchors, together):
+                t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
+                                     anchors[part.rows, :part.blocks], local=lm_head.local)
+                terms = t if terms is None else terms.add(t)
+        opt.zero_grad(set_to_none=True)
+        terms.mean().backward()
+        torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+        opt.step()
+
+    def step():
+        nonlocal feats
+        feats, _ = backbone()
+        drafter(args.device == "cuda")
+
+    rows = {"backbone (taps, no grad)": timed(backbone, args.reps, args.device),
+            "drafter, the step's answers in one pass": timed(lambda: drafter(True), args.reps, args.device),
+            "drafter, one answer at a time": timed(lambda: drafter(False), args.reps, args.device),
+            "whole step (backbone, drafter as training runs it here)": timed(step, args.reps, args.device)}
+    result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "device": torch.cuda.get_device_name()
+              if args.device == "cuda" else args.device, "torch": torch.__version__,
+              "drafter": {**block.c.as_dict(), "params": sum(p.numel() for p in block.parameters()),
+                          "draft_vocab": vocab},
+              "answers": args.answers, "length": args.length, "answer": args.answer, "anchors": args.anchors,
+              "steps": rows}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
