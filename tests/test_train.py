@@ -137,8 +137,8 @@ def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
 
 
 def test_data_grows_keeping_its_answers(tmp_path):
-    """More --samples on a run keeps its prompts and answer shards byte for byte and appends new prompts;
-    any other changed data setting, or a partial last shard, is refused."""
+    """More --samples on a run keeps its prompts and answer shards byte for byte and appends new prompts,
+    also from another --prompts file; any other changed data setting, or a partial last shard, is refused."""
     model = save_tiny(tmp_path / "tiny")
     prompts = write_prompts(tmp_path / "p.jsonl", 40)
     run_training(tiny_cfg(tmp_path, model, prompts, samples=12, only="data"))
@@ -150,6 +150,11 @@ def test_data_grows_keeping_its_answers(tmp_path):
     assert report["stages"]["data"]["samples"] == 24 and len(after) == 4
     assert grown[:12] == saved and len({tuple(p) for p in grown}) == 24  # the old prompts first, no repeats
     assert_same_shards(before, {name: after[name] for name in before})
+    more = write_prompts(tmp_path / "more.jsonl", 60, seed=1)  # a bigger pool in another file
+    run_training(tiny_cfg(tmp_path, model, more, samples=36, only="data"))
+    pooled = json.loads((tmp_path / "run" / "work" / "data" / "prompts.json").read_text())
+    assert pooled["ids"][:24] == grown and pooled["settings"]["prompts_file"] == more
+    assert_same_shards(after, {name: shards(tmp_path / "run")[name] for name in after})
     with pytest.raises(ValueError, match="other data settings"):
         run_training(tiny_cfg(tmp_path, model, prompts, samples=30, max_new_tokens=20, only="data"))
     run_training(tiny_cfg(tmp_path, model, prompts, samples=10, out="partial", only="data"))

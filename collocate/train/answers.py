@@ -31,7 +31,8 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
             return saved["ids"]
         if not can_grow(saved["settings"], cfg):
             raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another "
-                             "--out or the same settings (only --samples may grow, from a whole number of shards)")
+                             "--out or the same settings (only --samples may grow, from a whole number of shards, and "
+                             "--prompts may name another file)")
         kept = saved["ids"]
     from ..data import encode, suite_prompts, training_prompts
 
@@ -83,9 +84,10 @@ def shingles(text: str, n: int = 8) -> set[bytes]:
 
 def can_grow(saved: dict, cfg: TrainConfig) -> bool:
     """A run's answers extend to more --samples when nothing else changed and its shards are whole (a new
-    prompt never lands in a shard that exists)."""
-    now = cfg.data_settings()
-    same = {k: v for k, v in saved.items() if k != "samples"} == {k: v for k, v in now.items() if k != "samples"}
+    prompt never lands in a shard that exists). --prompts may name another file: the kept prompts stay
+    first, and the new ones come from that file (a bigger pool, once the first runs out)."""
+    now, free = cfg.data_settings(), ("samples", "prompts_file")
+    same = {k: v for k, v in saved.items() if k not in free} == {k: v for k, v in now.items() if k not in free}
     return same and now["samples"] > saved["samples"] and saved["samples"] % cfg.shard_size == 0
 
 
