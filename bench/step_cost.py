@@ -186,9 +186,14 @@ def main():
                                                                all_slots=True)
         result["ms_per_mode_step_plain_tail"] = time_mode_steps(model, args.context, args.max_len, only=args.only,
                                                                 plain_tail=True)
+    report(result, args.out)
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print a result and write it to out, where given."""
     print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -13,7 +13,6 @@ it runs on a CPU, and what it ran everywhere before the seventeenth session). Ra
 each.
 """
 import argparse
-import json
 import random
 import statistics
 import time
@@ -23,7 +22,7 @@ import torch
 from collocate.block import BlockConfig, BlockModel
 from collocate.heads import VocabSlice
 from collocate.train.block import answer_anchors, padded, passes, tapped_states
-from step_cost import SHAPES, build
+from step_cost import SHAPES, build, report
 
 
 def timed(fn, reps: int, device: str) -> dict:
@@ -104,10 +103,7 @@ def main():
                           "draft_vocab": vocab},
               "answers": args.answers, "length": args.length, "answer": args.answer, "anchors": args.anchors,
               "steps": rows}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":
