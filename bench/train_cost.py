@@ -7,10 +7,10 @@ A step as `collocate train --drafter block` runs it (collocate/train/block.py), 
 `--length` tokens (the last `--answer` of them the answer) with `--anchors` random blocks each, the
 drafter's default layers, five taps and a 32K draft vocabulary, in bf16 autocast: the backbone's tapped
 layers over the step's answers (no gradient), then the drafter's weighted loss, its backward, clipping and
-AdamW. The drafter's part is timed two ways (train/block.py's `passes`): the step's answers in one padded
-pass (what training runs on a GPU) and one answer at a time, their losses added up before one backward (what
-it runs on a CPU, and what it ran everywhere before the seventeenth session). Random weights time a step honestly: its work does not depend on the values. Peak memory beside
-each.
+AdamW. The drafter's part is timed two ways (train/block.py's `step_terms`): the step's answers in one
+padded pass (what training runs on a GPU) and one answer at a time, their losses added up before one
+backward (what it runs on a CPU, and what it ran everywhere before the seventeenth session). Random weights
+time a step honestly: its work does not depend on the values. Peak memory beside each.
 """
 import argparse
 import random
@@ -21,7 +21,7 @@ import torch
 
 from collocate.block import BlockConfig, BlockModel
 from collocate.heads import VocabSlice
-from collocate.train.block import answer_anchors, padded, passes, tapped_states
+from collocate.train.block import answer_anchors, padded, step_terms, tapped_states
 from step_cost import SHAPES, build, report
 
 
@@ -78,11 +78,8 @@ def main():
 
     def drafter(together: bool):
         with autocast:
-            terms = None
-            for part in passes([(s, plen) for s in seqs], anchors, together):
-                t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
-                                     anchors[part.rows, :part.blocks], local=lm_head.local)
-                terms = t if terms is None else terms.add(t)
+            terms = step_terms(block, embed, lm_head, [(s, plen) for s in seqs], tokens, feats, anchors,
+                               together=together, local=lm_head.local)
         opt.zero_grad(set_to_none=True)
         terms.mean().backward()
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)

@@ -269,8 +269,8 @@ class BlockModel(nn.Module):
         """(weighted cross-entropy, (B-1,) top-1 hits per slot) of the blocks at `anchors` (positions in
         0..T-2; shapes as `logits`, one sequence or N padded ones): slot k's target is tokens[a + k] (past the
         end: none), and it weighs exp(-(k-1)/decay); the loss is each sequence's weighted mean over its slots,
-        averaged over the sequences. local: where lm_head covers a draft vocabulary, its map from token ids to its rows (-100
-        outside). teacher: ((N,) T, V) the backbone's own logits at every position (over the same vocabulary);
+        averaged over the sequences. local: where lm_head covers a draft vocabulary, its map from token ids to
+        its rows (-100 outside). teacher: ((N,) T, V) the backbone's own logits at every position (over the same vocabulary);
         with it, kl_weight * KL(backbone at a+k-1 || slot k) joins each slot's term: the whole distribution
         the backbone gives the token that slot drafts, not only its top token."""
         terms = self.loss_terms(embed, lm_head, tokens, features, anchors, decay=decay, local=local,

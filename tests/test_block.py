@@ -131,7 +131,7 @@ def test_a_steps_answers_in_one_pass_give_each_answer_its_own_logits_and_loss():
 def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_gradients():
     """train/block.py runs a step's answers through the drafter in one padded pass on a GPU and one at a time
     (each trimmed to its own length and blocks) on a CPU: the same loss, hits and gradients."""
-    from collocate.train.block import padded, passes
+    from collocate.train.block import padded, passes, step_terms
     model = tiny_qwen()
     drafter = drafter_for(model, layers=2, block_size=4)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -144,11 +144,7 @@ def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_grad
     got = []
     for together in (True, False):
         drafter.zero_grad()
-        terms = None
-        for part in passes(seqs, anchors, together):
-            t = drafter.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
-                                   anchors[part.rows, :part.blocks])
-            terms = t if terms is None else terms.add(t)
+        terms = step_terms(drafter, embed, lm_head, seqs, tokens, feats, anchors, together=together)
         terms.mean().backward()
         got.append((terms.mean().detach(), terms.hits, [p.grad.clone() for p in drafter.parameters()]))
     assert [p.width for p in passes(seqs, anchors, False)] == [30, 18, 25]

@@ -7,10 +7,9 @@ of answers (a cache of five layers' states would take ~60 GB for 16K answers of 
 A step takes answers until it holds `--batch` anchors: for each answer, up to `--anchors` random answer
 positions a; the block at a is [token a, mask x (k-1)] and slot j learns token a + j (cross-entropy weighted
 exp(-(j-1)/7), DFlash's; each answer's mean, averaged over the step's), with the context of the positions
-before a.
-The step's answers go through the backbone together, and through the drafter together on a GPU (padded to
-the longest) or one at a time on a CPU. AdamW with warm-up then cosine, gradients clipped at 1; a
-checkpoint per epoch to resume from. `block_policy_data` gives the held-out
+before a. The step's answers go through the backbone together, and through the drafter together on a GPU
+(padded to the longest) or one at a time on a CPU (`step_terms`). AdamW with warm-up then cosine,
+gradients clipped at 1; a checkpoint per epoch to resume from. `block_policy_data` gives the held-out
 per-slot accuracy and the CLP's training data in the same form as the heads' (policies.PolicyData).
 """
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..block import LossTerms
 from ..heads import VocabSlice
 from .answers import read_shard
 from .common import release_memory, say
@@ -74,6 +74,19 @@ def passes(seqs: list[tuple[list[int], int]], anchors: torch.Tensor, together: b
     blocks = (anchors >= 0).sum(1).tolist()
     return [Pass(slice(i, i + size), max(len(s) for s, _ in seqs[i:i + size]), max(blocks[i:i + size]))
             for i in range(0, len(seqs), size)]
+
+
+def step_terms(block, embed, lm_head, seqs: list[tuple[list[int], int]], tokens: torch.Tensor, feats: torch.Tensor,
+               anchors: torch.Tensor, *, together: bool, teacher: torch.Tensor | None = None, **kw) -> LossTerms:
+    """A step's block-loss terms, its answers taken in `passes`: tokens (N, W), feats (N, W, F), anchors
+    (N, b) and teacher (N, W, V) padded as `BlockModel.logits` reads them; kw: loss_terms' decay and local."""
+    terms = None
+    for part in passes(seqs, anchors, together):
+        t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
+                             anchors[part.rows, :part.blocks],
+                             teacher=None if teacher is None else teacher[part.rows, :part.width], **kw)
+        terms = t if terms is None else terms.add(t)
+    return terms
 
 
 def draft_head(model, bundle):
@@ -128,7 +141,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                           disable=not accel.is_main_process):
             seqs = [order[i] for i in batch]
             release_memory(embed.weight.device)
-            with torch.no_grad():  # the step's answers in one pass: the backbone's, then the drafter's
+            with torch.no_grad():  # the step's answers through the backbone in one pass
                 feats, last = tapped_states(model, [s for s, _ in seqs], taps)
                 teacher = lm_head(last.to(lm_head.weight.dtype)) if cfg.kl_weight else None
             tokens = padded([s for s, _ in seqs], -100, feats.device)
@@ -136,12 +149,8 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 [answer_anchors(len(s), plen, cfg.anchors, rng) for s, plen in seqs], batch_first=True,
                 padding_value=-1).to(feats.device)
             with accel.autocast():
-                terms = None
-                for part in passes(seqs, anchors, feats.is_cuda):
-                    t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
-                                         anchors[part.rows, :part.blocks], decay=cfg.block_decay, local=local,
-                                         teacher=None if teacher is None else teacher[part.rows, :part.width])
-                    terms = t if terms is None else terms.add(t)
+                terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=feats.is_cuda,
+                                   teacher=teacher, decay=cfg.block_decay, local=local)
                 loss = terms.mean(cfg.kl_weight)
             hits += terms.hits.cpu()
             counted += int((anchors >= 0).sum())
