@@ -348,3 +348,13 @@ def test_a_block_at_the_context_edge_shrinks_to_the_root(trained):
                                                              graphs=False, max_len=256)):
         out = dec.generate(p, cfg)
         assert out.tokens == ar.tokens and len(out.tokens) == 6 and out.finish_reason == "length"
+
+
+def test_a_time_budget_runs_the_schedule_on_the_clock():
+    """Under --budget-minutes the learning-rate schedule stands at the further of the steps taken and the
+    budget's fraction spent, so it ends (warm-up and decay complete) when the budget does."""
+    from collocate.train.block import scheduled_step
+
+    assert scheduled_step(10, 100, 5.0, None) == 10  # no budget: steps alone
+    assert scheduled_step(10, 100, 30.0, 60.0) == 50 and scheduled_step(80, 100, 30.0, 60.0) == 80
+    assert scheduled_step(10, 100, 90.0, 60.0) == 100  # past the budget: the schedule's end

@@ -9,7 +9,8 @@ positions a; the block at a is [token a, mask x (k-1)] and slot j learns token a
 exp(-(j-1)/7), DFlash's; each answer's mean, averaged over the step's), with the context of the positions
 before a. The step's answers go through the backbone together, and through the drafter together on a GPU
 (padded to the longest) or one at a time on a CPU (`step_terms`). AdamW with warm-up then cosine,
-gradients clipped at 1; a checkpoint per epoch to resume from. `block_policy_data` gives the held-out
+gradients clipped at 1; a checkpoint per epoch to resume from. Under `--budget-minutes` the schedule runs on
+the clock (`scheduled_step`) and training stops when it ends, mid-epoch too. `block_policy_data` gives the held-out
 per-slot accuracy and the CLP's training data in the same form as the heads' (policies.PolicyData).
 """
 from __future__ import annotations
@@ -112,6 +113,13 @@ def block_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig) -> list[
     return steps + ([step] if step else [])
 
 
+def scheduled_step(step: int, total: int, elapsed: float, budget: float | None) -> int:
+    """Where the learning-rate schedule stands: the steps taken, or under a time budget (seconds) the same
+    fraction of `total` as of the budget spent, whichever is further, so that warm-up and cosine decay end
+    when the budget does (a run stopped by its budget still ends at a low learning rate)."""
+    return step if not budget else max(step, min(total, int(total * elapsed / budget)))
+
+
 def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel) -> dict:
     if accel.num_processes > 1:
         raise ValueError("a block drafter trains in one process (one GPU); launch it without accelerate's "
@@ -132,6 +140,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
     answers = usable_answers(run, train_ids)
     total = max(1, len(block_steps(answers, cfg)) * cfg.epochs)
     step, start = epoch0 * (total // cfg.epochs), time.perf_counter()
+    budget, spent = (cfg.budget_minutes * 60 if cfg.budget_minutes else None), False
     for epoch in range(epoch0, cfg.epochs):
         rng = random.Random(cfg.seed * 1000 + epoch)
         order = answers[:]
@@ -154,25 +163,32 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 loss = terms.mean(cfg.kl_weight)
             hits += terms.hits.cpu()
             counted += int((anchors >= 0).sum())
+            at = scheduled_step(step, total, time.perf_counter() - start, budget)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(at, total, cfg)
             opt.zero_grad(set_to_none=True)
             accel.backward(loss)
             torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
             opt.step()
             step += 1
             losses.append(float(loss.detach()))
+            spent = step < total and scheduled_step(step, total, time.perf_counter() - start, budget) >= total
+            if spent:  # the budget is spent: the schedule has ended, mid-epoch
+                break
         history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "first_loss": losses[0],
-                        "last_loss": losses[-1], "train_top1_by_slot": (hits / max(counted, 1)).tolist()})
+                        "last_loss": losses[-1], "train_top1_by_slot": (hits / max(counted, 1)).tolist(),
+                        **({"stopped_after_steps": len(losses)} if spent else {})})
         say(f"epoch {epoch + 1}: mean loss {history[-1]['loss']:.4f}")
-        if accel.is_main_process:
-            torch.save({"block": block.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                        "history": history}, ckpt)
-        if cfg.budget_minutes and (time.perf_counter() - start) / 60 > cfg.budget_minutes:
-            say(f"stopping block-drafter training: --budget-minutes {cfg.budget_minutes} reached")
+        if accel.is_main_process:  # a run its budget stopped is done: a resume finds every epoch counted
+            torch.save({"block": block.state_dict(), "opt": opt.state_dict(),
+                        "epoch": cfg.epochs if spent else epoch + 1, "history": history}, ckpt)
+        if spent:
+            say(f"block-drafter training stopped by --budget-minutes {cfg.budget_minutes} after {step} of "
+                f"{total} steps (the learning rate's schedule ran to its end on the clock)")
             break
     block.eval().requires_grad_(False)
-    return {"history": history, "steps": step}
+    return {"history": history, "steps": step, "planned_steps": total,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 @torch.inference_mode()

@@ -76,7 +76,9 @@ class TrainConfig:
     gates: bool = setting(True, "train the gate baseline (independent and token-conditioned heads)")
     compete: bool = setting(False, "also train a +1 head (head-competition baseline)")
     cache_hidden: bool = setting(True, "keep hidden states on disk between epochs")
-    budget_minutes: float | None = setting(None, "stop head training after this many minutes", type=float)
+    budget_minutes: float | None = setting(None, "stop head training after this many minutes (heads: after the epoch that "
+                                              "passes it; a block drafter: its learning rate's schedule runs on the "
+                                              "clock and ends then)", type=float)
     deterministic: bool = setting(False, "deterministic kernels only (torch.use_deterministic_algorithms, "
                                          "CUBLAS_WORKSPACE_CONFIG=:4096:8), for runs that must repeat bit for bit")
     seed: int = setting(0, "prompt sampling, data order and the drafter's initial weights", data=True)
