@@ -358,3 +358,18 @@ def test_a_time_budget_runs_the_schedule_on_the_clock():
     assert scheduled_step(10, 100, 5.0, None) == 10  # no budget: steps alone
     assert scheduled_step(10, 100, 30.0, 60.0) == 50 and scheduled_step(80, 100, 30.0, 60.0) == 80
     assert scheduled_step(10, 100, 90.0, 60.0) == 100  # past the budget: the schedule's end
+
+
+def test_the_clps_positions_come_from_few_answers_at_random():
+    """block_policy_data's `limit` anchors come from as few answers as hold them at SAMPLED each (every
+    answer through the backbone for a few anchors each cost a 1.5B GPU round 3 minutes), none twice."""
+    import random
+
+    from collocate.train.block import SAMPLED, sampled_answers
+
+    answers = [(list(range(10 + i % 50 + 40)), 10) for i in range(1000)]  # 40..89 answer tokens each
+    picked = sampled_answers(answers, 4000, random.Random(0))
+    assert sum(min(SAMPLED, len(s) - 1 - p) for s, p in picked) >= 4000 > sum(
+        min(SAMPLED, len(s) - 1 - p) for s, p in picked[:-1])
+    assert len(picked) == 4000 // SAMPLED + (4000 % SAMPLED > 0) and len({id(a) for a in picked}) == len(picked)
+    assert picked != answers[:len(picked)] and sampled_answers(answers, 4000, random.Random(0)) == picked

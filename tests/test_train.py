@@ -408,11 +408,13 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
     report = run_training(dataclasses.replace(cfg, epochs=3))
     hist = report["stages"]["heads"]["history"]
     assert len(hist) == 3 and hist[0] == first["stages"]["heads"]["history"][0] and hist[-1]["loss"] < hist[0]["loss"]
-    quick = run_training(dataclasses.replace(cfg, out=str(tmp_path / "quick"), epochs=3, budget_minutes=1e-6))
+    quick = run_training(dataclasses.replace(cfg, out=str(tmp_path / "quick"), epochs=3, budget_minutes=1e-6,
+                                             policy_positions=40))  # (the CLP's positions sampled: few answers')
+    assert quick["clp"]["hidden"]["thresholds"]
     stopped = quick["stages"]["heads"]  # the budget is spent at once: the schedule ends after the first step
     assert (stopped["steps"], stopped["history"][-1]["stopped_after_steps"]) == (1, 1) and stopped["planned_steps"] >= 3
-    assert run_training(dataclasses.replace(cfg, out=str(tmp_path / "quick"), epochs=3,
-                                            budget_minutes=1e-6))["stages"]["heads"]["history"] == stopped["history"]
+    assert run_training(dataclasses.replace(cfg, out=str(tmp_path / "quick"), epochs=3, budget_minutes=1e-6,
+                                            policy_positions=40))["stages"]["heads"]["history"] == stopped["history"]
     held = report["heldout_head_accuracy"]
     assert list(held) == ["+2", "+3", "+4", "+5"] and all(len(v["rank_probs"]) == 10 for v in held.values())
     assert report["clp"]["hidden"]["thresholds"] and "features" not in report["stages"]

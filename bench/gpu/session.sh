@@ -71,7 +71,8 @@ case ${1:?step} in
     for t in "$W"/slices/*.runs.tar.part0 "$W"/slices/*.data.tar.part0; do  # bundles, answers taken home earlier
       if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xf - -C "$W/runs"; fi
     done
-    for t in bench/answers/*.tgz; do  # answers kept in the repository (bench/README.md says which)
+    for t in bench/answers/*.tgz "$W"/slices/*.tgz; do  # answers kept in the repository (bench/README.md says
+      # which), carried in the tree or, by a first call with the tree's answers set aside (aside.sh), in .answers/
       if [ -e "$t" ]; then mkdir -p "$W/runs" && tar -xzf "$t" -C "$W/runs"; fi
     done
     for t in "$W"/slices/*.runs.tgz.part0; do  # (`home` packs them gzipped)
