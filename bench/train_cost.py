@@ -7,10 +7,12 @@ A step as `collocate train --drafter block` runs it (collocate/train/block.py), 
 `--length` tokens (the last `--answer` of them the answer) with `--anchors` random blocks each, the
 drafter's default layers, five taps and a 32K draft vocabulary, in bf16 autocast: the backbone's tapped
 layers over the step's answers (no gradient), then the drafter's weighted loss, its backward, clipping and
-AdamW. The drafter's part is timed two ways (train/block.py's `step_terms`): the step's answers in one
+AdamW. The drafter's part is timed three ways (train/block.py's `step_terms`): the step's answers in one
 padded pass (what training runs on a GPU) and one answer at a time, their losses added up before one
-backward (what it runs on a CPU, and what it ran everywhere before the seventeenth session). Random weights
-time a step honestly: its work does not depend on the values. Peak memory beside each.
+backward (what it runs on a CPU, and what it ran everywhere before the seventeenth session); and the one
+pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
+the default since the eighteenth session). Random weights time a step honestly: its work does not depend
+on the values. Peak memory beside each.
 """
 import argparse
 import random
@@ -76,10 +78,10 @@ def main():
     anchors = torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, args.anchors, rng) for s in seqs],
                                               batch_first=True, padding_value=-1).to(feats.device)
 
-    def drafter(together: bool):
+    def drafter(together: bool, fused: bool = True):
         with autocast:
             terms = step_terms(block, embed, lm_head, [(s, plen) for s in seqs], tokens, feats, anchors,
-                               together=together, local=lm_head.local)
+                               together=together, local=lm_head.local, fused=fused)
         opt.zero_grad(set_to_none=True)
         terms.mean().backward()
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
@@ -92,6 +94,8 @@ def main():
 
     rows = {"backbone (taps, no grad)": timed(backbone, args.reps, args.device),
             "drafter, the step's answers in one pass": timed(lambda: drafter(True), args.reps, args.device),
+            "drafter, one pass, attention as scores then softmax (--block-attention eager)":
+                timed(lambda: drafter(True, False), args.reps, args.device),
             "drafter, one answer at a time": timed(lambda: drafter(False), args.reps, args.device),
             "whole step (backbone, drafter as training runs it here)": timed(step, args.reps, args.device)}
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "device": torch.cuda.get_device_name()

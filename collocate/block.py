@@ -143,9 +143,11 @@ class BlockLayer(nn.Module):
         k = a.k_norm(self.split(a.k_proj(x), c.kv_heads))
         return rotary(k, pos.unsqueeze(-2), c.rope_theta), self.split(a.v_proj(x), c.kv_heads)
 
-    def forward(self, x, pos, ctx_k, ctx_v, sees) -> torch.Tensor:
+    def forward(self, x, pos, ctx_k, ctx_v, sees, fused: bool = False) -> torch.Tensor:
         """x (..., m, d) block rows at positions pos (..., m); ctx_k/ctx_v (..., kv_heads, n, hd) the context's
-        keys and values; sees (..., m, n + m) bool: which context and block rows each block row attends to."""
+        keys and values; sees (..., m, n + m) bool: which context and block rows each block row attends to.
+        fused: attention in one kernel (PyTorch's scaled_dot_product_attention, the K/V copied per query head),
+        with no (rows x keys) scores in memory: training's many blocks (`logits`); the same attention."""
         c, a = self.c, self.self_attn
         m = x.shape[-2]
         h = self.input_layernorm(x)
@@ -153,10 +155,14 @@ class BlockLayer(nn.Module):
         k, v = self.kv(h, pos)
         k, v = torch.cat([ctx_k, k], -2), torch.cat([ctx_v, v], -2)  # (..., kv_heads, n + m, hd)
         g = c.heads // c.kv_heads  # query heads per K/V head: grouped, so the context's K/V are not copied
-        q = q.unflatten(-3, (c.kv_heads, g)).flatten(-3, -2)  # (..., kv_heads, g * m, hd)
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(c.head_dim)  # (..., kv_heads, g * m, n + m)
-        probs = scores.masked_fill(~torch.cat([sees] * g, -2).unsqueeze(-3), float("-inf")).softmax(-1).to(v.dtype)
-        out = (probs @ v).unflatten(-2, (g, m)).flatten(-4, -3)  # (..., heads, m, hd)
+        if fused:
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, -3), v.repeat_interleave(g, -3),
+                                                 attn_mask=sees.unsqueeze(-3))  # (..., heads, m, hd)
+        else:
+            q = q.unflatten(-3, (c.kv_heads, g)).flatten(-3, -2)  # (..., kv_heads, g * m, hd)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(c.head_dim)  # (..., kv_heads, g * m, n + m)
+            probs = scores.masked_fill(~torch.cat([sees] * g, -2).unsqueeze(-3), float("-inf")).softmax(-1).to(v.dtype)
+            out = (probs @ v).unflatten(-2, (g, m)).flatten(-4, -3)  # (..., heads, m, hd)
         x = x + a.o_proj(out.transpose(-3, -2).flatten(-2))
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -234,14 +240,15 @@ class BlockModel(nn.Module):
         return embed(ids.flatten(-2)).to(self.fc.weight.dtype)
 
     # -- training: many blocks of several sequences in one pass ------------------------------------------
-    def logits(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    def logits(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
+               fused: bool = False) -> torch.Tensor:
         """tokens (N, T), features (N, T, len(taps) * d) of N sequences' positions, anchors (N, b) positions ->
         (N, b, B-1, V) logits of the tokens 1..B-1 places after each anchor (one sequence: (T,), (T, F) and
         (b,) -> (b, B-1, V)). Block a sees the context before a and itself, as decoding does. Sequences
         shorter than T are padded (their tokens with -100); an anchor of -1 is padding (its block sees no
-        context and its slots learn nothing)."""
+        context and its slots learn nothing). fused: each layer's attention in one kernel (BlockLayer)."""
         if tokens.dim() == 1:
-            return self.logits(embed, lm_head, tokens[None], features[None], anchors[None])[0]
+            return self.logits(embed, lm_head, tokens[None], features[None], anchors[None], fused)[0]
         B, (N, T), b, dev = self.c.block_size, tokens.shape, anchors.shape[1], tokens.device
         ctx = self.context(features)  # (N, T, d)
         at = anchors.clamp(min=0)
@@ -252,7 +259,7 @@ class BlockModel(nn.Module):
         x = self.block(embed, tokens.gather(1, at))
         for layer in self.layers:
             ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=dev))
-            x = layer(x, pos, ctx_k, ctx_v, sees)
+            x = layer(x, pos, ctx_k, ctx_v, sees, fused)
         return lm_head(self.norm(x).unflatten(1, (b, B))[:, :, 1:].to(lm_head.weight.dtype))
 
     def targets(self, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -278,13 +285,14 @@ class BlockModel(nn.Module):
         return terms.mean(kl_weight), terms.hits
 
     def loss_terms(self, embed, lm_head, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
-                   *, decay: float = DECAY, local=None, teacher: torch.Tensor | None = None) -> "LossTerms":
+                   *, decay: float = DECAY, local=None, teacher: torch.Tensor | None = None,
+                   fused: bool = False) -> "LossTerms":
         """`loss`'s sums per sequence, so that several passes over a step's answers add up (`LossTerms.add`)
-        to the loss one pass over all of them gives."""
+        to the loss one pass over all of them gives. fused: as `logits`."""
         if tokens.dim() == 1:
             tokens, features, anchors = tokens[None], features[None], anchors[None]
             teacher = None if teacher is None else teacher[None]
-        logits = self.logits(embed, lm_head, tokens, features, anchors).float()  # (N, b, B-1, V)
+        logits = self.logits(embed, lm_head, tokens, features, anchors, fused).float()  # (N, b, B-1, V)
         tokens_at = self.targets(tokens, anchors)
         target = local(tokens_at) if local is not None else tokens_at
         offsets = torch.arange(1, self.c.block_size, device=tokens.device)

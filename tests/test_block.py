@@ -74,6 +74,8 @@ def test_decoding_from_the_cache_gives_the_training_logits():
         anchors = torch.tensor([1, 7, 20, 38])
         with torch.no_grad():
             trained = drafter.logits(embed, lm_head, tokens, feats, anchors)  # (4, 5, V)
+            torch.testing.assert_close(drafter.logits(embed, lm_head, tokens, feats, anchors, fused=True), trained,
+                                       rtol=1e-4, atol=1e-5)  # training's attention in one kernel: the same
             cache = drafter.allocate(64, tokens.device, torch.float32)
             for i, a in enumerate(anchors.tolist()):
                 drafter.extend(cache, feats[:a], torch.arange(a))
@@ -130,7 +132,8 @@ def test_a_steps_answers_in_one_pass_give_each_answer_its_own_logits_and_loss():
 
 def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_gradients():
     """train/block.py runs a step's answers through the drafter in one padded pass on a GPU and one at a time
-    (each trimmed to its own length and blocks) on a CPU: the same loss, hits and gradients."""
+    (each trimmed to its own length and blocks) on a CPU, with its attention in one kernel or not: the same
+    loss, hits and gradients."""
     from collocate.train.block import padded, passes, step_terms
     model = tiny_qwen()
     drafter = drafter_for(model, layers=2, block_size=4)
@@ -142,16 +145,17 @@ def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_grad
     anchors = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a in ([4, 9, 27], [5, 16], [4, 12])],
                                               batch_first=True, padding_value=-1)
     got = []
-    for together in (True, False):
+    for together, fused in ((True, False), (False, False), (True, True), (False, True)):
         drafter.zero_grad()
-        terms = step_terms(drafter, embed, lm_head, seqs, tokens, feats, anchors, together=together)
+        terms = step_terms(drafter, embed, lm_head, seqs, tokens, feats, anchors, together=together, fused=fused)
         terms.mean().backward()
         got.append((terms.mean().detach(), terms.hits, [p.grad.clone() for p in drafter.parameters()]))
     assert [p.width for p in passes(seqs, anchors, False)] == [30, 18, 25]
-    torch.testing.assert_close(got[0][0], got[1][0])
-    assert torch.equal(got[0][1], got[1][1])
-    for a, b in zip(got[0][2], got[1][2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for other in got[1:]:
+        torch.testing.assert_close(got[0][0], other[0])
+        assert torch.equal(got[0][1], other[1])
+        for a, b in zip(got[0][2], other[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_the_kl_term_reads_the_backbone_where_each_slot_drafts():
@@ -373,3 +377,28 @@ def test_the_clps_positions_come_from_few_answers_at_random():
         min(SAMPLED, len(s) - 1 - p) for s, p in picked[:-1])
     assert len(picked) == 4000 // SAMPLED + (4000 % SAMPLED > 0) and len({id(a) for a in picked}) == len(picked)
     assert picked != answers[:len(picked)] and sampled_answers(answers, 4000, random.Random(0)) == picked
+
+
+def test_an_epochs_steps_take_every_answer_once_and_answers_of_about_one_length():
+    """epoch_steps: each answer once an epoch, steps of --batch anchors, a new order each epoch, and far less
+    padding than steps of shuffled answers (a step runs at its longest answer's length)."""
+    import random
+
+    from collocate.train.block import block_steps, epoch_steps
+    from collocate.train.config import TrainConfig
+
+    rng = random.Random(1)
+    answers = [(list(range(rng.randint(60, 500))), 40) for _ in range(3000)]
+    cfg = TrainConfig(out="x", model="m", anchors=16, batch=64)
+    steps = epoch_steps(answers, cfg, 0)
+    assert sorted(i for step in steps for i in step) == list(range(3000))
+    assert sum(sum(min(16, len(answers[i][0]) - 41) for i in step) < 64 for step in steps) <= 1  # (the last)
+    assert epoch_steps(answers, cfg, 0) == steps != epoch_steps(answers, cfg, 1)
+
+    def padding(steps):
+        return sum(max(len(answers[i][0]) for i in st) * len(st) - sum(len(answers[i][0]) for i in st) for st in steps)
+
+    order = list(range(3000))
+    rng.shuffle(order)
+    plain = [[order[j] for j in st] for st in block_steps([answers[i] for i in order], cfg)]
+    assert padding(steps) < padding(plain) / 4

@@ -4,14 +4,15 @@ of answers (a cache of five layers' states would take ~60 GB for 16K answers of 
 
     collocate train --model qwen2.5-coder-1.5b --drafter block --k 16 --samples 16384 --out runs/q15-block
 
-A step takes answers until it holds `--batch` anchors: for each answer, up to `--anchors` random answer
-positions a; the block at a is [token a, mask x (k-1)] and slot j learns token a + j (cross-entropy weighted
-exp(-(j-1)/7), DFlash's; each answer's mean, averaged over the step's), with the context of the positions
-before a. The step's answers go through the backbone together, and through the drafter together on a GPU
-(padded to the longest) or one at a time on a CPU (`step_terms`). AdamW with warm-up then cosine,
-gradients clipped at 1; a checkpoint per epoch to resume from. Under `--budget-minutes` the schedule runs on
-the clock (`scheduled_step`) and training stops when it ends, mid-epoch too. `block_policy_data` gives the held-out
-per-slot accuracy and the CLP's training data in the same form as the heads' (policies.PolicyData).
+A step takes answers of about one length (`epoch_steps`) until it holds `--batch` anchors: for each answer,
+up to `--anchors` random answer positions a; the block at a is [token a, mask x (k-1)] and slot j learns
+token a + j (cross-entropy weighted exp(-(j-1)/7), DFlash's; each answer's mean, averaged over the step's),
+with the context of the positions before a. The step's answers go through the backbone together, and
+through the drafter together on a GPU (padded to the longest) or one at a time on a CPU (`step_terms`).
+AdamW with warm-up then cosine, gradients clipped at 1; a checkpoint per epoch to resume from. Under
+`--budget-minutes` the schedule runs on the clock (`scheduled_step`) and training stops when it ends,
+mid-epoch too. `block_policy_data` gives the held-out per-slot accuracy and the CLP's training data in
+the same form as the heads' (policies.PolicyData).
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def passes(seqs: list[tuple[list[int], int]], anchors: torch.Tensor, together: b
 def step_terms(block, embed, lm_head, seqs: list[tuple[list[int], int]], tokens: torch.Tensor, feats: torch.Tensor,
                anchors: torch.Tensor, *, together: bool, teacher: torch.Tensor | None = None, **kw) -> LossTerms:
     """A step's block-loss terms, its answers taken in `passes`: tokens (N, W), feats (N, W, F), anchors
-    (N, b) and teacher (N, W, V) padded as `BlockModel.logits` reads them; kw: loss_terms' decay and local."""
+    (N, b) and teacher (N, W, V) padded as `BlockModel.logits` reads them; kw: loss_terms' decay, local and
+    fused."""
     terms = None
     for part in passes(seqs, anchors, together):
         t = block.loss_terms(embed, lm_head, tokens[part.rows, :part.width], feats[part.rows, :part.width],
@@ -112,6 +114,23 @@ def block_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig) -> list[
     return steps + ([step] if step else [])
 
 
+WINDOW = 64  # steps whose answers epoch_steps sorts by length together
+
+
+def epoch_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """One epoch's steps, as indices into `answers`: the answers shuffled, sorted by length within windows of
+    about WINDOW steps' answers (so that a step's answers pad little: a step runs the backbone and the drafter
+    at its longest answer's length), taken into steps by `block_steps`, and the steps shuffled."""
+    rng = random.Random(cfg.seed * 1000 + epoch)
+    order = list(range(len(answers)))
+    rng.shuffle(order)
+    w = WINDOW * max(1, cfg.batch // max(1, cfg.anchors))
+    order = [i for k in range(0, len(order), w) for i in sorted(order[k:k + w], key=lambda i: len(answers[i][0]))]
+    steps = [[order[j] for j in step] for step in block_steps([answers[i] for i in order], cfg)]
+    rng.shuffle(steps)
+    return steps
+
+
 def scheduled_step(step: int, total: int, elapsed: float, budget: float | None) -> int:
     """Where the learning-rate schedule stands: the steps taken, or under a time budget (seconds) the same
     fraction of `total` as of the budget spent, whichever is further, so that warm-up and cosine decay end
@@ -137,17 +156,16 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
         epoch0, history = state["epoch"], state["history"]
         say(f"resuming block-drafter training after epoch {epoch0}")
     answers = usable_answers(run, train_ids)
-    total = max(1, len(block_steps(answers, cfg)) * cfg.epochs)
-    step, start = epoch0 * (total // cfg.epochs), time.perf_counter()
+    epochs = [epoch_steps(answers, cfg, e) for e in range(cfg.epochs)]
+    total = max(1, sum(map(len, epochs)))
+    step, start = sum(map(len, epochs[:epoch0])), time.perf_counter()
     budget, spent = (cfg.budget_minutes * 60 if cfg.budget_minutes else None), False
     for epoch in range(epoch0, cfg.epochs):
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        order = answers[:]
-        rng.shuffle(order)
+        rng = random.Random(cfg.seed * 1000 + epoch + 500)  # the anchors
         losses, hits, counted = [], torch.zeros(block.c.block_size - 1), 0
-        for batch in tqdm(block_steps(order, cfg), desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
+        for batch in tqdm(epochs[epoch], desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
                           disable=not accel.is_main_process):
-            seqs = [order[i] for i in batch]
+            seqs = [answers[i] for i in batch]
             release_memory(embed.weight.device)
             with torch.no_grad():  # the step's answers through the backbone in one pass
                 feats, last = tapped_states(model, [s for s, _ in seqs], taps)
@@ -158,7 +176,8 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 padding_value=-1).to(feats.device)
             with accel.autocast():
                 terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=feats.is_cuda,
-                                   teacher=teacher, decay=cfg.block_decay, local=local)
+                                   teacher=teacher, decay=cfg.block_decay, local=local,
+                                   fused=cfg.block_attention == "sdpa")
                 loss = terms.mean(cfg.kl_weight)
             hits += terms.hits.cpu()
             counted += int((anchors >= 0).sum())

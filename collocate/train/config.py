@@ -45,6 +45,9 @@ class TrainConfig:
                                        "layers ('backbone', with fc reading the deepest tap)",
                               choices=("fresh", "backbone"))
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
+    block_attention: str = setting("sdpa", "block drafter training: each layer's attention in one kernel (PyTorch's "
+                                           "scaled_dot_product_attention) or as scores, then softmax ('eager', as "
+                                           "decoding runs it); the same attention", choices=("sdpa", "eager"))
     block_decay: float = setting(DECAY, "block drafter: slot j of a block weighs exp(-(j-1) / N) in the loss (DFlash: 7)")
     samples: int = setting(2000, "self-distilled answers", data=True)
     mix: tuple[str, ...] = setting((), "add prompt kinds to ShareGPT's, comma-separated, in equal shares: "
@@ -105,10 +108,10 @@ class TrainConfig:
                              "drafters only")
         shaped = (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps
                   or self.block_kv_heads or self.block_decay != TrainConfig.block_decay
-                  or self.block_init != TrainConfig.block_init)
+                  or self.block_init != TrainConfig.block_init or self.block_attention != TrainConfig.block_attention)
         if self.drafter != "block" and shaped:
-            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps, --block-decay and --block-init shape a "
-                             "block drafter (--drafter block)")
+            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps, --block-decay, --block-init "
+                             "and --block-attention shape a block drafter (--drafter block)")
         if (self.block_layers < 1 or self.block_mlp < 0 or self.block_kv_heads < 0 or self.anchors < 1
                 or self.block_decay <= 0 or any(t < 0 for t in self.block_taps)):
             raise ValueError("--block-layers and --anchors must be >= 1, --block-decay > 0, --block-mlp, "
