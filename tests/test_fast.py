@@ -232,6 +232,35 @@ def test_trees_are_data():
         eager(model, bundle_for(model)).generate([5, 6], DecodeConfig(mode="verify", tree_size=8))
 
 
+def test_a_tree_from_counted_paths_takes_what_per_slot_rates_miss():
+    """Training stores the rank paths counted right on held-out anchors (policies.path_shares), best first:
+    where a slot is right mostly where the slot before it was, the counted tree goes deeper than the one
+    from per-slot rates (draft.best_paths) and accepts more; shares never grow down a path, and any prefix
+    of the list, or its paths at most D deep, is a tree."""
+    from collocate.draft import DraftTree
+    from collocate.train.policies import PolicyData, head_accuracy, heldout_paths, path_shares, tree_drafts
+
+    # 100 anchors, slots +2..+4: +2 right (rank 0) at 60, rank 1 at 20; +3 right only where +2 was (50 of
+    # the 60), rank 1 at 30 elsewhere; +4 right where +3 was (45); one anchor's +4 has no token
+    rank = torch.full((100, 3), 10)
+    rank[:60, 0], rank[60:80, 0] = 0, 1
+    rank[:50, 1], rank[60:90, 1] = 0, 1
+    rank[:45, 2] = 0
+    valid = torch.ones(100, 3, dtype=torch.bool)
+    valid[99, 2] = False
+    data = PolicyData(torch.zeros(100, 1), torch.zeros(100, 3), rank == 0, rank < 5, valid, rank)
+    shares = path_shares(data, [2, 3, 4])
+    assert shares[(0,)] == 0.6 and shares[(0, 0)] == 0.5 and shares[(1, 1)] == 0.2 and shares[(0, 0, 0)] == 45 / 99
+    paths = heldout_paths(shares)
+    assert paths[:3] == [(0,), (0, 0), (0, 0, 0)] and all(p[:-1] in paths[:i] for i, p in enumerate(paths) if len(p) > 1)
+    DraftTree.from_paths(paths[:4])  # (a tree: every prefix there)
+    rank_probs = [v["rank_probs"] for v in head_accuracy(data, [2, 3, 4]).values()]
+    # per-slot rates make (0, 0, 0) 0.6 * 0.5 * 0.45 = 0.135 and pick (1,) (0.2) before it; counted, it is
+    # right at 45 of 99 anchors
+    drafts = tree_drafts(shares, rank_probs, sizes=(3,), depths=(None,))["t3"]
+    assert drafts["counted"] == pytest.approx(0.6 + 0.5 + 45 / 99) and drafts["counted"] > drafts["per_slot_product"]
+
+
 @pytest.mark.parametrize("engine", ["eager", "fast"])
 def test_steps_queued_ahead_give_the_serial_loops_tokens_and_counts(engine):
     """overlap (on by default on CUDA, forced on here) runs the next step of ar and plain verify before the

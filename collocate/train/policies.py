@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import MTPBundle
 from ..clp import CLP, CLP_FEATURES, Gates, head_confidence
+from ..draft import best_paths
 from ..heads import VocabSlice
 from ..rules import leading_true, span_at_threshold
 from .common import embedding_for, is_main
@@ -164,6 +165,53 @@ def head_accuracy(data: PolicyData, offsets: list[int]) -> dict:
     return out
 
 
+PATHS = 256  # rank paths a bundle keeps, best first: trees of up to MAX_TREE nodes, cut to any depth
+
+
+def path_shares(data: PolicyData, offsets: list[int]) -> dict[tuple[int, ...], float]:
+    """For each rank path (r2, r3, ...) that is right at some held-out anchor, the share of anchors where it
+    is: the backbone's token at +2 is the drafter's r2-th guess there, at +3 its r3-th, and so on, which is
+    what accepting that tree node takes. Counted, not multiplied: a slot is right more often where the slot
+    before it was (easy stretches of text), which a product of per-slot rates (draft.best_paths) misses. A
+    path's share is over the anchors whose slot at its depth has a token, and never above its parent's."""
+    cols = [j for j, o in enumerate(offsets) if o >= 2]
+    counts: dict[tuple[int, ...], int] = {}
+    for ranks, valid in zip(data.rank[:, cols].tolist(), data.valid[:, cols].tolist()):
+        path = ()
+        for r, v in zip(ranks, valid):
+            if not v or r >= RANKS:
+                break
+            path += (r,)
+            counts[path] = counts.get(path, 0) + 1
+    den = data.valid[:, cols].sum(0).clamp(min=1).tolist()
+    shares = {}
+    for path in sorted(counts, key=len):  # parents first
+        share = counts[path] / den[len(path) - 1]
+        shares[path] = min(share, shares[path[:-1]]) if len(path) > 1 else share
+    return shares
+
+
+def heldout_paths(shares: dict[tuple[int, ...], float], n: int = PATHS) -> list[tuple[int, ...]]:
+    """The n paths with the largest shares, best first (a parent before its children: never a smaller
+    share, and shorter at a tie), so that the first N of them, or those of them at most D deep, are the
+    N-node tree (of depth D) with the most accepted drafts on the held-out anchors."""
+    return sorted(shares, key=lambda p: (-shares[p], len(p), p))[:n]
+
+
+def tree_drafts(shares: dict[tuple[int, ...], float], rank_probs: list[list[float]],
+                sizes=(16, 32, 48, 64), depths=(None, 3)) -> dict:
+    """Drafts accepted per step on the held-out anchors by the tree of each size (and depth) chosen from the
+    counted paths, against the one chosen from per-slot rates (draft.best_paths), both counted."""
+    paths, out = heldout_paths(shares, len(shares)), {}
+    for depth in depths:
+        for n in sizes:
+            counted = [p for p in paths if depth is None or len(p) <= depth][:n]
+            product = best_paths(rank_probs[:depth] if depth else rank_probs, n)
+            out[f"t{n}" + (f"d{depth}" if depth else "")] = {"counted": sum(shares[p] for p in counted),
+                                                             "per_slot_product": sum(shares.get(p, 0.0) for p in product)}
+    return out
+
+
 @torch.no_grad()
 def gate_report(gates: Gates, data: PolicyData, offsets: list[int]) -> dict:
     p = gates(data.hidden.float()).sigmoid()
@@ -180,6 +228,11 @@ def train_policies(model, bundle, cfg, run, train_ids, held, *, outputs=None) ->
     device = model.get_output_embeddings().weight.device  # small models, many steps: the accelerator pays
     out = {"heldout_head_accuracy": head_accuracy(held_data, bundle.heads.offsets),
            "train_head_accuracy": head_accuracy(train_data, bundle.heads.offsets), "clp": {}}
+    if held_data.rank is not None:  # the draft tree: rank paths counted on the held-out anchors
+        shares = path_shares(held_data, bundle.heads.offsets)
+        rank_probs = [v["rank_probs"] for o, v in out["heldout_head_accuracy"].items() if int(o[1:]) >= 2]
+        out["heldout_paths"] = [list(p) for p in heldout_paths(shares)]
+        out["heldout_tree_drafts"] = tree_drafts(shares, rank_probs)
     for features in CLP_FEATURES:  # the bundle carries each; cfg.clp_features is its default
         clp = train_clp(train_data, bundle, features, cfg, device)
         out["clp"][features] = clp_report(clp, held_data, first)
