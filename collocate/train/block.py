@@ -46,7 +46,7 @@ def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> tuple[torch.
     device = model.get_input_embeddings().weight.device
     ids = padded(seqs, 0, device)
     mask = padded([[1] * len(s) for s in seqs], 0, device)
-    out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     return torch.cat([out.hidden_states[t + 1] for t in taps], -1), out.last_hidden_state  # ([0]: the embeddings)
 
 
