@@ -205,8 +205,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 f"{total} steps (the learning rate's schedule ran to its end on the clock)")
             break
     block.eval().requires_grad_(False)
-    return {"history": history, "steps": step, "planned_steps": total,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {"history": history, "steps": step, "planned_steps": total}
 
 
 SAMPLED = 32  # anchors per answer where block_policy_data samples about `limit` of them
