@@ -155,9 +155,9 @@ class BlockLayer(nn.Module):
         k, v = self.kv(h, pos)
         k, v = torch.cat([ctx_k, k], -2), torch.cat([ctx_v, v], -2)  # (..., kv_heads, n + m, hd)
         g = c.heads // c.kv_heads  # query heads per K/V head: grouped, so the context's K/V are not copied
-        if fused:
-            out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, -3), v.repeat_interleave(g, -3),
-                                                 attn_mask=sees.unsqueeze(-3))  # (..., heads, m, hd)
+        if fused:  # (q and k leave their norms in the norm weights' dtype, v its projection's: one dtype here)
+            out = F.scaled_dot_product_attention(q.to(v.dtype), k.repeat_interleave(g, -3).to(v.dtype),
+                                                 v.repeat_interleave(g, -3), attn_mask=sees.unsqueeze(-3))
         else:
             q = q.unflatten(-3, (c.kv_heads, g)).flatten(-3, -2)  # (..., kv_heads, g * m, hd)
             scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(c.head_dim)  # (..., kv_heads, g * m, n + m)
