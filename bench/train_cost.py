@@ -23,7 +23,7 @@ import torch
 
 from collocate.block import BlockConfig, BlockModel
 from collocate.heads import VocabSlice
-from collocate.train.block import answer_anchors, padded, step_terms, tapped_states
+from collocate.train.block import padded, step_anchors, step_terms, tapped_states
 from step_cost import SHAPES, build, report
 
 
@@ -75,8 +75,7 @@ def main():
 
     feats, _ = backbone()
     tokens = padded(seqs, -100, feats.device)
-    anchors = torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, args.anchors, rng) for s in seqs],
-                                              batch_first=True, padding_value=-1).to(feats.device)
+    anchors = step_anchors([(s, plen) for s in seqs], args.anchors, rng, feats.device)
 
     def drafter(together: bool, fused: bool = True):
         with autocast:

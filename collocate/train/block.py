@@ -29,15 +29,9 @@ from ..heads import VocabSlice
 from .answers import read_shard
 from .common import release_memory, say
 from .config import TrainConfig
-from .features import batches_by_tokens
+from .features import batches_by_tokens, padded
 from .heads import lr_at
 from .policies import PolicyData, outputs_row
-
-
-def padded(seqs: list[list[int]], value: int, device) -> torch.Tensor:
-    """(N, longest) the sequences, right-padded with value."""
-    width = max(map(len, seqs))
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
 
 
 def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +51,13 @@ def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | 
     if n is not None and len(all_) > n:
         all_ = sorted(rng.sample(all_, n))
     return torch.tensor(all_, dtype=torch.long)
+
+
+def step_anchors(seqs: list[tuple[list[int], int]], n: int, rng: random.Random, device) -> torch.Tensor:
+    """(N, most) a step's answers' `answer_anchors`, n at most each, padded with -1 (as `BlockModel.logits`
+    reads them)."""
+    return torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, n, rng) for s, plen in seqs],
+                                           batch_first=True, padding_value=-1).to(device)
 
 
 class Pass(NamedTuple):
@@ -171,9 +172,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                 feats, last = tapped_states(model, [s for s, _ in seqs], taps)
                 teacher = lm_head(last.to(lm_head.weight.dtype)) if cfg.kl_weight else None
             tokens = padded([s for s, _ in seqs], -100, feats.device)
-            anchors = torch.nn.utils.rnn.pad_sequence(
-                [answer_anchors(len(s), plen, cfg.anchors, rng) for s, plen in seqs], batch_first=True,
-                padding_value=-1).to(feats.device)
+            anchors = step_anchors(seqs, cfg.anchors, rng, feats.device)
             with accel.autocast():
                 terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=feats.is_cuda,
                                    teacher=teacher, decay=cfg.block_decay, local=local,

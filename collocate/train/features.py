@@ -63,10 +63,14 @@ def batches_by_tokens(seqs, budget: int):
         yield batch
 
 
+def padded(seqs: list[list[int]], value: int, device) -> torch.Tensor:
+    """(N, longest) the sequences, right-padded with value."""
+    width = max(map(len, seqs))
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
+
+
 def body_hidden(model, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Last-layer hidden states of each sequence (right padding; causal, so padding is harmless)."""
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=model.device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
+    ids, mask = padded(seqs, 0, model.device), padded([[1] * len(s) for s in seqs], 0, model.device)
     h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     return [h[j, :len(s)] for j, s in enumerate(seqs)]
