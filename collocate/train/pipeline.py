@@ -93,7 +93,6 @@ def run_training(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         report.update(train_policies(model, bundle, cfg, run, train_ids, held,
                                      outputs=block_policy_data if block else None))
-        bundle.heldout = report["heldout_head_accuracy"]
         bundle.config.tree = report.get("heldout_paths") or [list(p) for p in best_paths(bundle.rank_probs(), MAX_TREE)]
         if cfg.draft_vocab:
             report["draft_vocab_coverage"] = vocab_coverage(model, run, held, bundle.draft_ids, cfg)

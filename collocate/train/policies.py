@@ -228,11 +228,11 @@ def train_policies(model, bundle, cfg, run, train_ids, held, *, outputs=None) ->
     device = model.get_output_embeddings().weight.device  # small models, many steps: the accelerator pays
     out = {"heldout_head_accuracy": head_accuracy(held_data, bundle.heads.offsets),
            "train_head_accuracy": head_accuracy(train_data, bundle.heads.offsets), "clp": {}}
+    bundle.heldout = out["heldout_head_accuracy"]  # (what `rank_probs` reads, as a saved bundle's report)
     if held_data.rank is not None:  # the draft tree: rank paths counted on the held-out anchors
         shares = path_shares(held_data, bundle.heads.offsets)
-        rank_probs = [v["rank_probs"] for o, v in out["heldout_head_accuracy"].items() if int(o[1:]) >= 2]
         out["heldout_paths"] = [list(p) for p in heldout_paths(shares)]
-        out["heldout_tree_drafts"] = tree_drafts(shares, rank_probs)
+        out["heldout_tree_drafts"] = tree_drafts(shares, bundle.rank_probs())
     for features in CLP_FEATURES:  # the bundle carries each; cfg.clp_features is its default
         clp = train_clp(train_data, bundle, features, cfg, device)
         out["clp"][features] = clp_report(clp, held_data, first)
