@@ -10,11 +10,12 @@ case ${1:?out or back} in
     [ ! -e "$A" ] || { echo "$A exists: run 'back' first" >&2; exit 1; }
     mkdir -p "$A" && mv bench/results "$A/results"
     for f in collocate/bundles/*/model.safetensors; do mkdir -p "$A/$(dirname "$f")" && mv "$f" "$A/$f"; done
-    mkdir -p .answers && for f in bench/answers/*.tgz; do mv "$f" .answers/; done ;;
+    mkdir -p .answers && for f in bench/answers/*.tgz; do  # (their names kept: .answers/ may hold others)
+      [ -e "$f" ] || continue; mv "$f" .answers/ && basename "$f" >> "$A/answers"; done ;;
   back)
     mv "$A/results" bench/results
     (cd "$A" && find collocate -name model.safetensors) | while read -r f; do mv "$A/$f" "$f"; done
-    for f in .answers/*.tgz; do mv "$f" bench/answers/; done
+    if [ -f "$A/answers" ]; then while read -r f; do mv ".answers/$f" bench/answers/; done < "$A/answers"; fi
     rm -r "$A" && git status --short ;;
   *) echo "out or back" >&2; exit 2 ;;
 esac
