@@ -31,7 +31,8 @@ CONFIGS = [dict(mode="ar"), dict(mode="verify"), dict(mode="verify", candidates=
            dict(mode="verify", temperature=0.7, top_k=20, seed=3, candidates=4)]
 TOKEN_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", adaptive=True),
                  dict(mode="clp", threshold=0.5), dict(mode="verify", temperature=0.8, seed=4, tree_size=24)]
-EXACT_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=15), dict(mode="verify", candidates=5)]
+EXACT_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=15), dict(mode="verify", candidates=5),
+                 dict(mode="verify", tree_size=31, exact_width=32), dict(mode="verify", tree_size=48, tree_depth=3, exact_width=64)]
 BLOCK_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mode="verify", tree_size=24, tree_depth=3),
                  dict(mode="verify", adaptive=True), dict(mode="clp", threshold=0.5),
                  dict(mode="verify", temperature=0.8, seed=4, tree_size=24)]
@@ -66,8 +67,9 @@ def exact(name, model, bundle, prompts, compile_on) -> int:
                          compile=compile_on)
     bad = 0
     for kw in EXACT_CONFIGS:
+        width = dict(exact_width=kw["exact_width"]) if "exact_width" in kw else {}  # ar at the tree's width
         same = sum(fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True, **kw)).tokens ==
-                   fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True)).tokens for p in prompts)
+                   fast.generate(p, DecodeConfig(max_new_tokens=48, exact=True, **width)).tokens for p in prompts)
         bad += same != len(prompts)
         print(f"{name:<22} bf16 --exact {str(kw):<42} same tokens as ar --exact {same}/{len(prompts)}")
     return bad

@@ -53,6 +53,12 @@ MODE_STEPS = {  # name: (drafter, draft vocabulary, k, config, fed tokens), as t
        DecodeConfig("verify", tree_size=n, tree_depth=d), n + 1) for n, d in ((48, 3), (48, 6), (64, 8))},  # noqa
     "ar --exact": ("heads", 0, 4, DecodeConfig("ar", exact=True), EXACT_WIDTH),
     "verify --exact": ("heads", 0, 4, DecodeConfig("verify", exact=True), EXACT_WIDTH),
+    # --exact at the block drafter's widths: ar and the tree each at 16 and 64 rows a step
+    **{f"block k=16, ar --exact --exact-width {w}": ("block", 32768, 16, DecodeConfig("ar", exact=True, exact_width=w), w)
+       for w in (16, 64)},
+    "block k=16, verify --exact (its chain)": ("block", 32768, 16, DecodeConfig("verify", exact=True), 16),
+    "block k=16, verify --tree-size 48 --tree-depth 3 --exact --exact-width 64": (
+        "block", 32768, 16, DecodeConfig("verify", tree_size=48, tree_depth=3, exact=True, exact_width=64), 64),
 }
 # a plausible shape of held-out hit rates per rank for +2..+7 (timing needs the tree's shape, not its accuracy)
 RANK_PROBS = [[0.5, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01], [0.45, 0.1, 0.05, 0.04, 0.03, 0.02],
@@ -141,6 +147,8 @@ def time_mode_steps(model, context: int, max_len: int, reps: int = 50, only: str
             if plain_tail:
                 run.settle_step = run.settle
             rule, times = decoders[drafter, vocab, k].rule_for(cfg), []
+            # --exact reads one attention length a request: a 256-token answer's after this context
+            run.exact_len = None if not rule.exact or all_slots else run.backend.attn_len(context + 256 + m)
             for _ in range(reps + 2):  # the first two capture the graph and warm up
                 run.pos0.fill_(context)
                 t0 = time.perf_counter()

@@ -56,9 +56,10 @@ class Backend(Protocol):
     def attn_len(self, end: int | None) -> int | None: ...
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
+                attn_len: int | None = None, *, taps: tuple[int, ...] = (), exact: bool = False) -> Hidden:
         """(m,) ids written after the cache's pos0 slots, as `tree` (None: a prompt) -> their hidden states,
-        and the outputs of the layers `taps` (what a block drafter reads)."""
+        and the outputs of the layers `taps` (what a block drafter reads). exact (where fixed_rows): every
+        row's arithmetic is `ar`'s for its token at its position, bit for bit, whatever its row."""
 
     def keep(self, pos0: torch.Tensor, kept: Kept, tree: DraftTree) -> None:
         """Keep the root and the kept path of what the last forward wrote; drop the rest."""
@@ -114,8 +115,10 @@ class HFBackend:
         return end  # the model's attention reads what its cache holds; a drafter's context cache, this many slots
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
+                attn_len: int | None = None, *, taps: tuple[int, ...] = (), exact: bool = False) -> Hidden:
         """(m,) ids after what the cache holds -> their hidden states (Backend.forward)."""
+        if exact:
+            raise DecodeError("--exact needs the fast engine's static cache (--engine fast)")
         past = self.cache.get_seq_length()
         extra = {}
         if tree is None or tree.is_chain:  # HF's own causal mask

@@ -108,12 +108,12 @@ class Decoder:
         run.set_request(cfg, self.threshold_of(cfg))
         n_prompt = len(prompt_ids)
         # the answer may fill the context, no more (--exact: less the padding rows every step writes)
-        budget = min(cfg.max_new_tokens, self.backend.capacity - n_prompt - (EXACT_WIDTH - 1 if rule.exact else 0))
+        budget = min(cfg.max_new_tokens, self.backend.capacity - n_prompt - max(rule.exact - 1, 0))
         if budget < 1:
-            raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {EXACT_WIDTH}-row steps "
+            raise DecodeError(f"prompt of {n_prompt} tokens leaves no room for --exact's {rule.exact}-row steps "
                               f"in a context of {self.backend.capacity}")
         if rule.exact:
-            run.exact_bound(n_prompt + budget + EXACT_WIDTH)
+            run.exact_bound(n_prompt + budget + rule.exact)
         run.warm_up(rule, prompt_ids, n_prompt + budget + max(rule.widths))
         stats, out, proposals = DecodeStats(), [], []
         start = time.perf_counter()

@@ -115,6 +115,15 @@ class DraftTree:
             rows[r][r] = True
         return tuple(tuple(row) for row in rows)
 
+    @functools.cached_property
+    def paths(self) -> tuple[tuple[int, ...], ...]:
+        """paths[r][j]: the feed row at depth j on row r's path from the root (j <= depth of r), then r
+        again up to the tree's depth (--exact lays a row's keys out in this order, as `ar` has them)."""
+        rows = [(0,)]
+        for r, parent in enumerate(self.parents, start=1):
+            rows.append(rows[parent][: self.depths[parent] + 1] + (r,))
+        return tuple(row + (row[-1],) * (self.max_depth + 1 - len(row)) for row in rows)
+
     @functools.lru_cache(maxsize=None)
     def tensors(self, device: torch.device) -> "TreeTensors":
         """The tree as device tensors, built once per device (the same tensors every graph reads)."""
@@ -122,6 +131,7 @@ class DraftTree:
                            ranks=torch.tensor(self.ranks, dtype=torch.long, device=device),
                            depths=torch.tensor(self.depths, dtype=torch.long, device=device),
                            visible=torch.tensor(self.visible, dtype=torch.bool, device=device),
+                           paths=torch.tensor(self.paths, dtype=torch.long, device=device),
                            n=self.n, max_depth=self.max_depth, is_chain=self.is_chain, chain_rows=self.chain_rows,
                            top=max(self.ranks, default=0) + 1,
                            levels=tuple(lv.tensors(device) for lv in self.levels),
@@ -178,6 +188,7 @@ class TreeTensors:
     ranks: torch.Tensor  # (n,) which guess of its head each node is
     depths: torch.Tensor  # (n + 1,) depth of each feed row
     visible: torch.Tensor  # (n + 1, n + 1) bool: row r attends to row c
+    paths: torch.Tensor  # (n + 1, max_depth + 1) DraftTree.paths
     n: int
     max_depth: int
     is_chain: bool

@@ -107,6 +107,7 @@ class LayerInputs(NamedTuple):
     mask: torch.Tensor  # (1, 1, g*m, attn_len) bool: which slots each query row (per K/V head) sees
     cos: torch.Tensor  # (1, 1, m, hd) rotary tables at each row's position
     sin: torch.Tensor
+    cols: torch.Tensor | None = None  # (m, attn_len) --exact: the slot each row's key column c reads (`exact_cols`)
 
 
 class LayerWeights(NamedTuple):
@@ -124,8 +125,9 @@ class LayerWeights(NamedTuple):
     eps: float
 
 
-def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, shape: AttnShape):
-    """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `slots`."""
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, shape: AttnShape, cols=None):
+    """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `slots`. With
+    `cols` (--exact) row r's key column c reads slot cols[r, c] (`exact_attention`)."""
     m, nh, nkv, hd = x.shape[1], shape.n_heads, shape.n_kv, shape.head_dim
     qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv_w, w.qkv_b)
     q, k, v = qkv.view(1, m, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (1, *, m, hd)
@@ -139,11 +141,31 @@ def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, s
     # rows the fused attention kernels cost ~40 us a layer, these ~10 (the softmax fuses with the mask)
     qg = q.reshape(1, nkv, (nh // nkv) * m, hd)
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * shape.scale  # (1, nkv, g*m, n)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
-    o = torch.matmul(probs, v_cache).reshape(1, nh, m, hd).transpose(1, 2).reshape(1, m, nh * hd)
+    if cols is None:
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
+        o = torch.matmul(probs, v_cache).reshape(1, nh, m, hd)
+    else:
+        o = exact_attention(scores, mask, v_cache, cols, nh // nkv)
+    o = o.transpose(1, 2).reshape(1, m, nh * hd)
     x = x + F.linear(o, w.o_w, w.o_b)
     gate, up = F.linear(rms_norm(x, w.ln2, w.eps), w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w.down_w, w.down_b)
+
+
+def exact_attention(scores, mask, v_cache, cols, g: int) -> torch.Tensor:
+    """--exact attention: every row reads its keys and values laid out as `ar` would have them, the
+    context's slots then its own path from the root in depth order (cols), so that a tree node's
+    arithmetic is ar's for the same token at the same position, bit for bit, whatever row of the feed
+    it sits in. scores (1, nkv, g*m, n) over the slots as they are -> (1, nh, m, hd). The scores are
+    gathered (each is one dot product, the same in any column); the values are copied per row, (nkv, m,
+    n, hd), since a product's place in the reduction over slots changes its rounding."""
+    _, nkv, gm, n = scores.shape
+    m = gm // g
+    scores = scores.gather(-1, cols.repeat(g, 1).expand(1, nkv, gm, n))
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
+    values = v_cache[0][:, cols]  # (nkv, m, n, hd): row r's values in its own order
+    o = torch.matmul(probs.view(nkv, g, m, n).transpose(1, 2), values)  # (nkv, m, g, hd): one batch per row
+    return o.transpose(1, 2).reshape(1, nkv * g, m, -1)
 
 
 def fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,27 +270,29 @@ class StaticLM:
         return self.hidden(ids, pos0, **kw).last
 
     def hidden(self, ids: torch.Tensor, pos0: torch.Tensor, *, depths: torch.Tensor | None = None,
-               visible: torch.Tensor | None = None, attn_len: int | None = None, compiled: bool = False,
-               taps: tuple[int, ...] = ()) -> Hidden:
+               visible: torch.Tensor | None = None, paths: torch.Tensor | None = None, attn_len: int | None = None,
+               compiled: bool = False, taps: tuple[int, ...] = ()) -> Hidden:
         """ids (m,) written to slots pos0..pos0+m-1 -> their final-norm hidden states and the outputs of
         the layers `taps`.
 
         Row r sits at position pos0 + depths[r] (default r) and sees the slots before pos0 and, among the
-        fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain).
+        fed rows, those that `visible[r]` marks (default: the rows up to itself, a causal chain). paths
+        (--exact, DraftTree.paths, with depths): row r reads those rows as if they stood at the slots
+        after pos0 in that order, as `ar` has them (`exact_attention`).
         Attention reads the first `attn_len` slots (default: all), which must cover pos0 + m.
         compiled: the layers, and what comes before and after them, each through torch.compile."""
         layer_fn = compile_layer() if compiled else decoder_layer
         inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
-        x, slots, mask, cos, sin = inputs(ids, pos0, depths, visible, attn_len)
+        x, slots, mask, cos, sin, cols = inputs(ids, pos0, depths, visible, paths, attn_len)
         tapped = []
         for i, w in enumerate(self.layers):
-            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape)
+            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape, cols)
             if i in taps:
                 tapped.append(x[0])
         h = norm(x, *self.final_norm)[0]
         return Hidden(h, joined_taps(tapped, h))
 
-    def inputs(self, ids, pos0, depths, visible, attn_len) -> "LayerInputs":
+    def inputs(self, ids, pos0, depths, visible, paths, attn_len) -> "LayerInputs":
         """What every layer of a step reads, from the fed ids (arguments as forward's)."""
         m = ids.shape[0]
         key_pos = self.key_pos[:attn_len]
@@ -277,14 +301,20 @@ class StaticLM:
         pos = slots if depths is None else pos0 + depths
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
-        if visible is None:
+        cols = None
+        if paths is not None:  # --exact: a row's path from the root at the slots after pos0, in depth order
+            rel = key_pos - pos0
+            on_path = (rel >= 0)[None, :] & (rel[None, :] <= depths[:, None])
+            cols = torch.where(on_path, pos0 + paths[:, rel.clamp(0, paths.shape[1] - 1)], key_pos[None, :])
+            mask = key_pos[None, :] <= pos[:, None]  # (m, attn_len): by position, as ar's
+        elif visible is None:
             mask = key_pos[None, :] <= slots[:, None]  # (m, attn_len)
         else:  # the prefix, and the fed rows this row's tree path goes through
             rel = key_pos - pos0  # (attn_len,) row index of each slot in this feed
             in_feed = (rel >= 0) & (rel < m)
             mask = (rel < 0)[None, :] | (visible[:, rel.clamp(0, m - 1)] & in_feed[None, :])
         mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, attn_len): query rows per K/V head
-        return LayerInputs(x, slots, mask, cos, sin)
+        return LayerInputs(x, slots, mask, cos, sin, cols)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of slots `src` to slots `dst`, in every layer."""
@@ -373,11 +403,15 @@ class StaticBackend:
         return shortest_covering(self.attn_lens, end)
 
     def forward(self, ids: torch.Tensor, pos0: torch.Tensor, tree: DraftTree | None,
-                attn_len: int | None = None, *, taps: tuple[int, ...] = ()) -> Hidden:
+                attn_len: int | None = None, *, taps: tuple[int, ...] = (), exact: bool = False) -> Hidden:
         """A step's feed (tree given) or a padded prompt (tree None) through the layers compiled for its
         width and attention length; a prompt fed as it is, through the plain ones, so that no prompt length
-        compiles anything."""
+        compiles anything. exact: a step's rows, chain or tree, read their keys in ar's order (`paths`)."""
         compiled = self.compile_on and (tree is not None or self.pad_prompts)
+        if exact and tree is not None:
+            t = tree.tensors(ids.device)
+            return self.lm.hidden(ids, pos0, depths=t.depths, paths=t.paths, attn_len=attn_len, compiled=compiled,
+                                  taps=taps)
         if tree is None or tree.is_chain:
             return self.lm.hidden(ids, pos0, attn_len=attn_len, compiled=compiled, taps=taps)
         t = tree.tensors(ids.device)

@@ -20,7 +20,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from .draft import DraftTree, TreeTensors
+from .draft import MAX_TREE, DraftTree, TreeTensors
 from .errors import DecodeError
 from .rules import Kept, compete, longest_accepted, pick, sampled_accepted
 
@@ -29,9 +29,11 @@ MAX_CANDIDATES = 8
 # share is at most this (or the bundle's most cautious one, where none is that low); bench/README.md (the
 # whole-suite frontier) says why this value
 CLP_DEFAULT_MAX_WRONG = 0.01
-# --exact feeds every step this many rows, ar included, so that no row's arithmetic depends on the step's
-# width (matmul kernels are chosen by shape); 16 rows cost ~1.07x a 1-row step on the H200 (bench/README.md)
+# --exact feeds every step this many rows (--exact-width), ar included, so that no row's arithmetic depends
+# on the step's width (matmul kernels are chosen by shape); 16 rows cost ~1.07x a 1-row step on the H200
+# (bench/README.md). A wider one holds a bigger tree: a multiple of 16, up to one that holds MAX_TREE nodes
 EXACT_WIDTH = 16
+EXACT_WIDTHS = tuple(range(16, MAX_TREE + 17, 16))
 # the options every mode reads
 COMMON = frozenset({"mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"})
 
@@ -61,11 +63,27 @@ class Next(NamedTuple):
     overrides: torch.Tensor  # () compete: 1 when the +1 head replaced the backbone's token
 
 
+def check_exact_fits(cfg, nodes: int) -> None:
+    if nodes + 1 > cfg.exact_width:
+        fits = next((w for w in EXACT_WIDTHS if w > nodes), None)
+        raise DecodeError(f"--exact feeds {cfg.exact_width} rows a step (--exact-width), the root and at most "
+                          f"{cfg.exact_width - 1} draft nodes; a draft of {nodes} needs --exact-width {fits} "
+                          "(and ar at that width to compare with)")
+
+
+def exact_rows(cfg, tree: DraftTree) -> int:
+    """The rows every --exact step feeds (0: not --exact); a draft the width cannot hold is refused."""
+    if not cfg.exact:
+        return 0
+    check_exact_fits(cfg, tree.n)
+    return cfg.exact_width
+
+
 @dataclass(frozen=True)
 class Rule:
     """What every step of one generation does; subclasses are the modes."""
     tree: DraftTree = DraftTree(())  # the draft fed after the root (unverified: the head tokens they may take)
-    exact: bool = False  # every step feeds EXACT_WIDTH rows; those past the draft are padding, never kept
+    exact: int = 0  # --exact: every step feeds this many rows (--exact-width); those past the draft are padding
     sample: bool = False  # temperature > 0 (the values live in device tensors)
     top_k: bool = False  # sampling filters in use
     top_p: bool = False
@@ -106,7 +124,7 @@ class Rule:
     def widths(self) -> tuple[int, ...]:
         """Every feed width a step of this rule can have (the context edge adds width 1)."""
         if self.exact:
-            return (EXACT_WIDTH,)
+            return (self.exact,)
         return (1 + self.tree.n,) if self.fixed else tuple(range(1, self.tree.n + 2))
 
     @property
@@ -122,22 +140,20 @@ class Rule:
     @functools.lru_cache(maxsize=None)  # (the host asks every step; a rule has a few widths)
     def fed(self, width: int) -> DraftTree:
         """The tree a step of this width feeds after the root: a prefix of the draft, or (exact) the whole
-        draft padded to EXACT_WIDTH - 1 nodes (a chain stays a chain, so it keeps the causal mask)."""
+        draft padded to `exact` - 1 nodes (a chain stays a chain)."""
         if not self.exact:
             return self.tree.first(width - 1)
         if self.tree.is_chain:
-            return DraftTree.chain(EXACT_WIDTH - 1)
-        pad = EXACT_WIDTH - 1 - self.tree.n
+            return DraftTree.chain(self.exact - 1)
+        pad = self.exact - 1 - self.tree.n
         return DraftTree(self.tree.parents + (0,) * pad, self.tree.ranks + (0,) * pad)
 
     def seen(self, ids: torch.Tensor, t: TreeTensors, n_fed: torch.Tensor) -> torch.Tensor:
-        """The fed ids as the rule reads them: --exact marks padding, and nodes off the leading chain, -1
-        (never kept: a node off it attends to ancestors at other slots than ar would, so its result may
-        differ in the last bit)."""
+        """The fed ids as the rule reads them: --exact marks the padding past the draft -1 (never kept)."""
         if not self.exact:
             return ids
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return torch.where(rows <= n_fed.clamp(max=t.chain_rows), ids, -1)
+        return torch.where(rows <= n_fed, ids, -1)
 
     def proposal(self, nxt: Next, n: int) -> torch.Tensor:
         """The drafter's argmax chain from the root, +2..+k (for head accuracy); -1 past the tree's chain."""
@@ -185,7 +201,7 @@ class Lossless(Rule):
 @dataclass(frozen=True)
 class Ar(Lossless):
     name = "ar"
-    options = COMMON | {"exact"}
+    options = COMMON | {"exact", "exact_width"}
     drafts = False
 
     @classmethod
@@ -194,7 +210,7 @@ class Ar(Lossless):
 
     @classmethod
     def build(cls, cfg, drafter, threshold):
-        return cls(DraftTree(()), exact=cfg.exact, **sampling(cfg))
+        return cls(DraftTree(()), exact=exact_rows(cfg, DraftTree(())), **sampling(cfg))
 
     def next(self, at: At, kit: Kit) -> Next:
         zero = torch.zeros((), dtype=torch.long, device=at.root.device)
@@ -210,7 +226,7 @@ class Ar(Lossless):
 @dataclass(frozen=True)
 class Verify(Lossless):
     name = "verify"
-    options = COMMON | {"exact", "candidates", "tree_size", "tree_depth"}
+    options = COMMON | {"exact", "exact_width", "candidates", "tree_size", "tree_depth"}
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -219,13 +235,13 @@ class Verify(Lossless):
         if cfg.tree_depth is not None and (cfg.tree_depth < 1 or not cfg.tree_size):
             raise DecodeError(f"--tree-depth (>= 1) limits a --tree-size tree; got depth {cfg.tree_depth} "
                               f"with tree size {cfg.tree_size}")
-        if cfg.exact and (cfg.tree_size or 0) + 1 > EXACT_WIDTH:
-            raise DecodeError(f"--exact feeds {EXACT_WIDTH} rows a step: a tree of at most {EXACT_WIDTH - 1} nodes")
+        if cfg.exact:
+            check_exact_fits(cfg, cfg.tree_size or 0)
 
     @classmethod
     def build(cls, cfg, drafter, threshold):
         tree = drafter.tree(candidates=cfg.candidates, nodes=cfg.tree_size or 0, depth=cfg.tree_depth)
-        return cls(tree, exact=cfg.exact, **sampling(cfg))
+        return cls(tree, exact=exact_rows(cfg, tree), **sampling(cfg))
 
     def next(self, at: At, kit: Kit) -> Next:
         zero = torch.zeros((), dtype=torch.long, device=at.root.device)
@@ -251,7 +267,8 @@ class ClpRule(Rule):
 
     @classmethod
     def build(cls, cfg, drafter, threshold):
-        return cls(drafter.tree(), exact=cfg.exact, clp_argmax=threshold is None, clp_features=cfg.clp_features,
+        tree = drafter.tree()
+        return cls(tree, exact=exact_rows(cfg, tree), clp_argmax=threshold is None, clp_features=cfg.clp_features,
                    **sampling(cfg))
 
     def next(self, at: At, kit: Kit) -> Next:
@@ -266,7 +283,7 @@ class ClpRule(Rule):
 class AdaptiveVerify(ClpRule, Lossless):
     """verify --adaptive: the CLP chooses how many drafts to feed; the backbone still checks them."""
     name = "verify"
-    options = COMMON | {"exact", "adaptive", "threshold", "argmax", "clp_features"}
+    options = COMMON | {"exact", "exact_width", "adaptive", "threshold", "argmax", "clp_features"}
     fixed = False
 
 

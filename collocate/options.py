@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from .clp import CLP_FEATURES
 from .draft import MAX_TREE
 from .errors import DecodeError
-from .modes import MAX_CANDIDATES, MODES, rule_class
+from .modes import EXACT_WIDTH, EXACT_WIDTHS, MAX_CANDIDATES, MODES, rule_class
 
 
 def option(default=MISSING, help: str = "", *, lo=None, hi=None, open_lo: bool = False, open_hi: bool = False,
@@ -62,9 +62,13 @@ class DecodeConfig:
                                    lo=1, hi=MAX_TREE, noun="tree size counts draft nodes and")
     tree_depth: int | None = option(None, "with --tree-size: the best tree whose paths draft at most this many "
                                     "tokens (each depth of token-conditioned heads costs a sequential LM-head read)")
-    exact: bool = option(False, "ar, verify: feed every step at one width over every cache slot, so verify is bitwise "
-                         "ar's in bf16 too (fast engine; a tree keeps only its leading chain; its cost grows with "
-                         "--max-len)", commands=("generate", "bench"))
+    exact: bool = option(False, "ar, verify: feed every step at one width (--exact-width) and one attention length, "
+                         "each row reading its keys as ar would, so verify (chain or tree) is bitwise ar's at that "
+                         "width in bf16 too (fast engine; costs grow with the width and the context)",
+                         commands=("generate", "bench"))
+    exact_width: int = option(EXACT_WIDTH, f"--exact: the rows every step feeds, ar's too: a multiple of 16 "
+                              f"({', '.join(map(str, EXACT_WIDTHS))}) that holds the tree and its root; modes "
+                              "compare bit for bit at one width", choices=EXACT_WIDTHS, commands=("generate", "bench"))
     temperature: float = option(0.0, "0: greedy; > 0: sample (ar, verify: the same distribution; unverified modes "
                                 "sample t+1 and keep the heads' argmax)", lo=0.0, hi=100.0,
                                 message="temperature must be >= 0 (0: greedy) and at most 100, got {value}",
@@ -87,6 +91,8 @@ class DecodeConfig:
         for f in fields(self):  # an option that only some modes read is refused elsewhere, never ignored
             if f.name in APPLIES and getattr(self, f.name) != f.default and f.name not in rule.options:
                 raise DecodeError(f"{flag_of(f)} applies to {APPLIES[f.name]}")
+        if self.exact_width != EXACT_WIDTH and not self.exact:
+            raise DecodeError(f"--exact-width applies to {APPLIES['exact_width']}")
         rule.check(self)
 
     @property
@@ -106,15 +112,16 @@ APPLIES = {"adaptive": "mode 'verify' only", "candidates": "mode 'verify' withou
            "tree_depth": "mode 'verify' with --tree-size only",
            "argmax": "CLP's rule (mode 'clp' or verify --adaptive), without --threshold or --max-wrong",
            "clp_features": "the CLP's modes: 'clp' or verify --adaptive (it picks the CLP)",
-           "exact": "the lossless modes, ar and verify", "max_wrong": "mode 'clp' (it picks clp's threshold)"}
+           "exact": "the lossless modes, ar and verify", "exact_width": "ar and verify with --exact",
+           "max_wrong": "mode 'clp' (it picks clp's threshold)"}
 
 
 def check_range(f, value) -> None:
     m = f.metadata
-    if value is None or isinstance(value, (bool, str, tuple)):
+    if value is None or isinstance(value, (bool, str, tuple)) or m["choices"]:
         if m["choices"] and value is not None and value not in m["choices"]:
             what = m["noun"] or f.name.replace("_", " ")
-            raise DecodeError(f"unknown {what} '{value}'; choose one of {', '.join(m['choices'])}")
+            raise DecodeError(f"unknown {what} '{value}'; choose one of {', '.join(map(str, m['choices']))}")
         return
     lo, hi = m["lo"], m["hi"]
     low_ok = lo is None or (value > lo if m["open_lo"] else value >= lo)

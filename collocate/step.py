@@ -26,7 +26,7 @@ import torch
 
 from .clp import GATE_THRESHOLD
 from .draft import MAX_TREE, BlockDrafter, DraftTree, HeadDrafter, TokenDrafter, TreeTensors
-from .modes import EXACT_WIDTH, MAX_CANDIDATES, At, Kit, Rule
+from .modes import EXACT_WIDTHS, MAX_CANDIDATES, At, Kit, Rule
 from .rules import Kept, Sampling, filtered_probs, pick, residual_draw, uniforms
 
 
@@ -113,7 +113,7 @@ class StepRunner:
         self.drafter = drafter_for(bundle, model) if bundle is not None else None
         # backbone layers whose outputs the drafter reads as its context (a block drafter's), kept per position
         self.taps = self.drafter.taps if self.drafter is not None else ()
-        width = max(EXACT_WIDTH, 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0))
+        width = max(max(EXACT_WIDTHS), 1 + (max(bundle.k - 1 + MAX_CANDIDATES - 1, MAX_TREE) if bundle is not None else 0))
         long = dict(dtype=torch.long, device=self.device)
         self.feed = torch.zeros(width, **long)  # the next step's tokens
         self.pos0 = torch.zeros((), **long)  # position of feed[0]
@@ -163,7 +163,8 @@ class StepRunner:
         """Feed ids = [root, draft nodes of `tree`] (tree None: the prompt's last piece, from slot pos0 to
         n_prompt, maybe then padding); attention reads the first attn_len cache slots (the backend's choice,
         None: all)."""
-        out = self.backend.forward(ids, self.pos0, tree, attn_len, taps=self.taps)  # K/V at slots pos0..pos0+m-1
+        out = self.backend.forward(ids, self.pos0, tree, attn_len, taps=self.taps,  # K/V at slots pos0..pos0+m-1
+                                   exact=rule.exact and tree is not None)
         h, taps, first = out.last, out.taps, self.pos0  # (m, d), (m, n_taps * d), position of row 0
         prefill = tree is None
         if prefill:  # only the prompt's last row matters, and it keeps all it wrote

@@ -1,5 +1,6 @@
 """Token-conditioned heads (heads.TokenHeads) as a drafter, draft trees from the bundle, and --exact."""
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -182,14 +183,42 @@ def test_exact_verify_is_bitwise_ar(dtype):
     assert ar.stats.steps == ar.stats.new_tokens  # ar: one token a step
 
 
+@pytest.mark.parametrize("width,tree", [(32, dict(tree_size=31)), (64, dict(tree_size=48, tree_depth=3))])
+def test_exact_trees_are_bitwise_ar_at_their_width(width, tree):
+    """--exact with a tree wider than 16 rows: every step, ar's too, feeds `width` rows, and each row reads
+    its keys and values in ar's order, so a node off the leading chain is kept and still gives ar's bits
+    (bf16). In float32 the exact tree keeps as many drafts as the plain one: none is refused."""
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_qwen().to(dtype)
+        bundle = with_rank_probs(randomize(MTPBundle.for_backbone(model, k=4, base_model="t"), seed=2, scale=4.0),
+                                 probs=(0.3, 0.25, 0.2, 0.15, 0.1))
+        dec = fast(model, bundle)
+        exact, steps = dict(exact=True, exact_width=width), Counter()
+        for p in prompts(6, seed=9):
+            ar = dec.generate(p, DecodeConfig(max_new_tokens=40, **exact))
+            v = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40, **exact, **tree))
+            chain = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40, **exact))
+            assert v.tokens == ar.tokens == chain.tokens
+            steps.update(tree=v.stats.draft_accepted, chain=chain.stats.draft_accepted)
+            if dtype == torch.float32:
+                plain = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=40, **tree))
+                assert plain.tokens == v.tokens and plain.stats.steps == v.stats.steps
+        # the trees' leading chains are 1 node long: what they keep beyond the chain's is off it
+        assert steps["tree"] >= steps["chain"] + 4, steps
+
+
 def test_exact_refuses_what_it_cannot_keep(llama):
     bundle = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
     with pytest.raises(DecodeError, match="--exact needs the fast engine"):
         eager(llama, bundle).generate([5, 6], DecodeConfig(exact=True))
     with pytest.raises(DecodeError, match="lossless modes"):
         DecodeConfig(mode="clp", exact=True)
-    with pytest.raises(DecodeError, match=f"at most {EXACT_WIDTH - 1} nodes"):
+    with pytest.raises(DecodeError, match=f"at most {EXACT_WIDTH - 1} draft nodes; a draft of 16 needs --exact-width 32"):
         DecodeConfig(mode="verify", exact=True, tree_size=EXACT_WIDTH)
+    with pytest.raises(DecodeError, match="--exact-width applies to ar and verify with --exact"):
+        DecodeConfig(mode="verify", exact_width=32)
+    with pytest.raises(DecodeError, match="unknown exact width '24'; choose one of 16, 32, 48, 64, 80"):
+        DecodeConfig(exact=True, exact_width=24)
     with pytest.raises(DecodeError, match="no room"):  # a prompt at the context's edge
         fast(llama, bundle, max_len=64).generate([5] * 60, DecodeConfig(exact=True))
 
