@@ -150,7 +150,8 @@ def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_grad
         terms = step_terms(drafter, embed, lm_head, seqs, tokens, feats, anchors, together=together, fused=fused)
         terms.mean().backward()
         got.append((terms.mean().detach(), terms.hits, [p.grad.clone() for p in drafter.parameters()]))
-    assert [p.width for p in passes(seqs, anchors, False)] == [30, 18, 25]
+    assert [(p.width, p.blocks) for p in passes(seqs, anchors, False)] == [(30, 3), (18, 2), (25, 2)]
+    assert [(p.rows, p.width, p.blocks) for p in passes(seqs, anchors, True)] == [(slice(0, 3), 30, 3)]
     for other in got[1:]:
         torch.testing.assert_close(got[0][0], other[0])
         assert torch.equal(got[0][1], other[1])

@@ -72,10 +72,10 @@ def passes(seqs: list[tuple[list[int], int]], anchors: torch.Tensor, together: b
     """A step's answers in one pass (on a GPU: fewer, larger kernels) or one at a time (on a CPU, where one
     pass's temporaries outgrow the caches: about 2x slower at a tiny shape, bench/train_cost.py); the loss is the
     same mean either way."""
-    size = len(seqs) if together else 1
+    if together:  # (padded to the answer with the most blocks: no need to count them on the device)
+        return [Pass(slice(0, len(seqs)), max(len(s) for s, _ in seqs), anchors.shape[1])]
     blocks = (anchors >= 0).sum(1).tolist()
-    return [Pass(slice(i, i + size), max(len(s) for s, _ in seqs[i:i + size]), max(blocks[i:i + size]))
-            for i in range(0, len(seqs), size)]
+    return [Pass(slice(i, i + 1), len(seqs[i][0]), blocks[i]) for i in range(len(seqs))]
 
 
 def step_terms(block, embed, lm_head, seqs: list[tuple[list[int], int]], tokens: torch.Tensor, feats: torch.Tensor,
@@ -163,7 +163,8 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
     budget, spent = (cfg.budget_minutes * 60 if cfg.budget_minutes else None), False
     for epoch in range(epoch0, cfg.epochs):
         rng = random.Random(cfg.seed * 1000 + epoch + 500)  # the anchors
-        losses, hits, counted = [], torch.zeros(block.c.block_size - 1), 0
+        # the loss and hits stay on the device until the epoch's end: a read each step would stall the queue
+        losses, hits, counted = [], torch.zeros(block.c.block_size - 1, device=embed.weight.device), 0
         for batch in tqdm(epochs[epoch], desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
                           disable=not accel.is_main_process):
             seqs = [answers[i] for i in batch]
@@ -178,8 +179,8 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                                    teacher=teacher, decay=cfg.block_decay, local=local,
                                    fused=cfg.block_attention == "sdpa")
                 loss = terms.mean(cfg.kl_weight)
-            hits += terms.hits.cpu()
-            counted += int((anchors >= 0).sum())
+            hits += terms.hits
+            counted += sum(min(cfg.anchors, max(len(s) - 1 - plen, 0)) for s, plen in seqs)  # (answer_anchors')
             at = scheduled_step(step, total, time.perf_counter() - start, budget)
             for group in opt.param_groups:
                 group["lr"] = lr_at(at, total, cfg)
@@ -188,12 +189,13 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
             torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
             opt.step()
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             spent = step < total and scheduled_step(step, total, time.perf_counter() - start, budget) >= total
             if spent:  # the budget is spent: the schedule has ended, mid-epoch
                 break
+        losses = torch.stack(losses).tolist()
         history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "first_loss": losses[0],
-                        "last_loss": losses[-1], "train_top1_by_slot": (hits / max(counted, 1)).tolist(),
+                        "last_loss": losses[-1], "train_top1_by_slot": (hits.cpu() / max(counted, 1)).tolist(),
                         **({"stopped_after_steps": len(losses)} if spent else {})})
         say(f"epoch {epoch + 1}: mean loss {history[-1]['loss']:.4f}")
         if accel.is_main_process:  # a run its budget stopped is done: a resume finds every epoch counted
