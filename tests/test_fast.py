@@ -38,6 +38,26 @@ def test_static_forward_matches_hf_hidden_states(make):
     torch.testing.assert_close(torch.cat([h1, h2]), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_layout_reads_each_rows_path_in_depth_order():
+    """--exact's attention: row r's key column pos0 + j reads the feed row at depth j on r's path (then
+    nothing: masked by position), and the result is the tree attention's (float32; only the order of the
+    sums differs)."""
+    from collocate.draft import DraftTree
+
+    model = tiny_qwen()
+    lm = StaticLM(model, max_len=64)
+    tree = DraftTree((0, 0, 1, 2, 2))  # rows 1, 2 under the root; 3 under 1; 4 and 5 under 2
+    assert tree.paths == ((0, 0, 0), (0, 1, 1), (0, 2, 2), (0, 1, 3), (0, 2, 4), (0, 2, 5))
+    t, pos0, ids = tree.tensors("cpu"), torch.tensor(7), torch.randint(3, 96, (6,))
+    lm.forward(torch.randint(3, 96, (7,)), torch.tensor(0))  # a context of 7
+    cols = lm.inputs(ids, pos0, t.depths, None, t.paths, 16).cols
+    assert cols[:, :7].tolist() == [list(range(7))] * 6
+    assert cols[5, 7:10].tolist() == [7, 9, 12] and cols[3, 7:10].tolist() == [7, 8, 10]
+    exact = lm.hidden(ids, pos0, depths=t.depths, paths=t.paths, attn_len=16).last
+    plain = lm.hidden(ids, pos0, depths=t.depths, visible=t.visible, attn_len=16).last
+    torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
 @pytest.mark.parametrize("mode,threshold,adaptive", MODES)
 def test_fast_engine_equals_eager_token_for_token(make, mode, threshold, adaptive):
