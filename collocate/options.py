@@ -141,14 +141,20 @@ def check_range(f, value) -> None:
 
 def with_options(cfg: DecodeConfig, **values) -> DecodeConfig:
     """cfg with each of `values` (None: leave it) that its mode reads and that the rest allows, so that one
-    set of options can go to several modes side by side (the demo's rows, the bench's modes)."""
-    for name, value in values.items():
-        if value is None or name not in cfg.rule.options:
-            continue
+    set of options can go to several modes side by side (the demo's rows, the bench's modes). --exact and its
+    width are never dropped: a mode that cannot take them is an error, not a row that is silently not exact."""
+    applicable = {name: value for name, value in values.items() if value is not None and name in cfg.rule.options}
+    try:
+        return replace(cfg, **applicable)  # all together: some hold only side by side (--exact and its width)
+    except DecodeError:
+        pass
+    for name, value in applicable.items():
         try:
             cfg = replace(cfg, **{name: value})
         except DecodeError:
-            pass  # (e.g. --max-wrong beside a mode's own threshold: the mode's own setting stands)
+            if name in ("exact", "exact_width"):
+                raise
+            # (e.g. --max-wrong beside a mode's own threshold: the mode's own setting stands)
     return cfg
 
 

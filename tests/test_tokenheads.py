@@ -207,6 +207,19 @@ def test_exact_trees_are_bitwise_ar_at_their_width(width, tree):
         assert steps["tree"] >= steps["chain"] + 4, steps
 
 
+def test_bench_modes_take_exact_and_its_width_together_or_refuse():
+    """The bench's --exact --exact-width reach every lossless mode together (each alone would be refused for a
+    48-node tree); a width that cannot hold a mode's tree is an error, never a row run without --exact."""
+    from collocate.options import from_spec
+
+    cfg = from_spec("verify-t48d3", exact=True, exact_width=64, max_new_tokens=8)
+    assert (cfg.exact, cfg.exact_width, cfg.tree_size) == (True, 64, 48)
+    assert from_spec("ar", exact=True, exact_width=64).exact_width == 64
+    assert not from_spec("clp", exact=True, exact_width=64).exact  # (a mode that reads neither: left out)
+    with pytest.raises(ValueError, match="'verify-t48d3': .* a draft of 48 needs --exact-width 64"):
+        from_spec("verify-t48d3", exact=True)
+
+
 def test_exact_refuses_what_it_cannot_keep(llama):
     bundle = MTPBundle.for_backbone(llama, k=4, base_model="tiny")
     with pytest.raises(DecodeError, match="--exact needs the fast engine"):
