@@ -44,6 +44,11 @@ def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> tuple[torch.
     return torch.cat([out.hidden_states[t + 1] for t in taps], -1), out.last_hidden_state  # ([0]: the embeddings)
 
 
+def anchor_count(seq: list[int], plen: int, n: int) -> int:
+    """How many anchors `answer_anchors` gives this answer, n at most."""
+    return min(n, max(len(seq) - 1 - plen, 0))
+
+
 def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | None) -> torch.Tensor:
     """Anchors of one answer: positions whose token the backbone wrote and that have a token after them
     (plen .. seq_len - 2); n of them at random (None: all, in order)."""
@@ -108,7 +113,7 @@ def block_steps(answers: list[tuple[list[int], int]], cfg: TrainConfig) -> list[
     steps, step, held = [], [], 0
     for i, (seq, plen) in enumerate(answers):
         step.append(i)
-        held += min(cfg.anchors, max(len(seq) - 1 - plen, 0))
+        held += anchor_count(seq, plen, cfg.anchors)
         if held >= cfg.batch:
             steps.append(step)
             step, held = [], 0
@@ -180,7 +185,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
                                    fused=cfg.block_attention == "sdpa")
                 loss = terms.mean(cfg.kl_weight)
             hits += terms.hits
-            counted += sum(min(cfg.anchors, max(len(s) - 1 - plen, 0)) for s, plen in seqs)  # (answer_anchors')
+            counted += sum(anchor_count(s, plen, cfg.anchors) for s, plen in seqs)
             at = scheduled_step(step, total, time.perf_counter() - start, budget)
             for group in opt.param_groups:
                 group["lr"] = lr_at(at, total, cfg)
