@@ -132,7 +132,7 @@ class DraftTree:
                            depths=torch.tensor(self.depths, dtype=torch.long, device=device),
                            visible=torch.tensor(self.visible, dtype=torch.bool, device=device),
                            paths=torch.tensor(self.paths, dtype=torch.long, device=device),
-                           n=self.n, max_depth=self.max_depth, is_chain=self.is_chain, chain_rows=self.chain_rows,
+                           n=self.n, max_depth=self.max_depth, is_chain=self.is_chain,
                            top=max(self.ranks, default=0) + 1,
                            levels=tuple(lv.tensors(device) for lv in self.levels),
                            earlier=torch.tensor([[j < i and self.parents[j] == p for j in range(self.n)]
@@ -192,7 +192,6 @@ class TreeTensors:
     n: int
     max_depth: int
     is_chain: bool
-    chain_rows: int  # DraftTree.chain_rows
     top: int  # guesses needed per head: the largest rank + 1 (1: argmaxes only)
     levels: tuple[LevelTensors, ...]
     earlier: torch.Tensor  # (n, n) bool: node j is an earlier sibling of node i (sampling tries them in order)

@@ -107,7 +107,7 @@ class LayerInputs(NamedTuple):
     mask: torch.Tensor  # (1, 1, g*m, attn_len) bool: which slots each query row (per K/V head) sees
     cos: torch.Tensor  # (1, 1, m, hd) rotary tables at each row's position
     sin: torch.Tensor
-    cols: torch.Tensor | None = None  # (m, attn_len) --exact: the slot each row's key column c reads (`exact_cols`)
+    cols: torch.Tensor | None = None  # (m, attn_len) --exact: the slot each row's key column c reads (`exact_attention`)
 
 
 class LayerWeights(NamedTuple):
@@ -158,7 +158,7 @@ def exact_attention(scores, mask, v_cache, cols, g: int) -> torch.Tensor:
     arithmetic is ar's for the same token at the same position, bit for bit, whatever row of the feed
     it sits in. scores (1, nkv, g*m, n) over the slots as they are -> (1, nh, m, hd). The scores are
     gathered (each is one dot product, the same in any column); the values are copied per row, (nkv, m,
-    n, hd), since a product's place in the reduction over slots changes its rounding."""
+    n, hd), since a product's place in the reduction over slots may change its rounding."""
     _, nkv, gm, n = scores.shape
     m = gm // g
     scores = scores.gather(-1, cols.repeat(g, 1).expand(1, nkv, gm, n))

@@ -148,7 +148,7 @@ class Rule:
         pad = self.exact - 1 - self.tree.n
         return DraftTree(self.tree.parents + (0,) * pad, self.tree.ranks + (0,) * pad)
 
-    def seen(self, ids: torch.Tensor, t: TreeTensors, n_fed: torch.Tensor) -> torch.Tensor:
+    def seen(self, ids: torch.Tensor, n_fed: torch.Tensor) -> torch.Tensor:
         """The fed ids as the rule reads them: --exact marks the padding past the draft -1 (never kept)."""
         if not self.exact:
             return ids

@@ -196,7 +196,7 @@ class StepRunner:
         as context has the kept rows' written first; attention over them reads attn_len slots."""
         own_logits, heads = self.logits(h, rule)
         own = pick(own_logits)  # (m,) the backbone's token after each fed row
-        ids = rule.seen(ids, t, self.n_fed)
+        ids = rule.seen(ids, self.n_fed)
         probs, u = None, None
         if rule.sample:  # the backbone's distribution after every row, and a uniform per node and the root
             probs = filtered_probs(own_logits, self.sampling, use_top_k=rule.top_k, use_top_p=rule.top_p)
