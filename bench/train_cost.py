@@ -11,7 +11,8 @@ AdamW. The drafter's part is timed three ways (train/block.py's `step_terms`): t
 padded pass (what training runs on a GPU) and one answer at a time, their losses added up before one
 backward (what it runs on a CPU, and what it ran everywhere before the seventeenth session); and the one
 pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
-the default since the eighteenth session). Random weights time a step honestly: its work does not depend
+the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of them
+back to back, with one wait at the end, give the steps a second a training log sees. Random weights time a step honestly: its work does not depend
 on the values. Peak memory beside each.
 """
 import argparse
@@ -62,7 +63,7 @@ def main():
     embed, full = model.get_input_embeddings(), model.get_output_embeddings()
     vocab = min(args.draft_vocab, full.weight.shape[0])
     lm_head = VocabSlice(full, torch.randperm(full.weight.shape[0])[:vocab])
-    opt = torch.optim.AdamW(block.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-4, fused=args.device == "cuda")  # (as training's)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 151000 if args.shape != "tiny" else 500, (args.length,), generator=g).tolist()
             for _ in range(args.answers)]
@@ -86,17 +87,26 @@ def main():
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
         opt.step()
 
-    def step():
-        nonlocal feats
+    def step():  # as the training loop runs one: its inputs built from lists, copied without waiting
+        nonlocal feats, tokens, anchors
         feats, _ = backbone()
+        tokens = padded(seqs, -100, feats.device)
+        anchors = step_anchors([(s, plen) for s in seqs], args.anchors, rng, feats.device)
         drafter(args.device == "cuda")
+
+    def steps():  # reps steps back to back, one wait at the end: what training's steps a second see
+        for _ in range(args.reps):
+            step()
 
     rows = {"backbone (taps, no grad)": timed(backbone, args.reps, args.device),
             "drafter, the step's answers in one pass": timed(lambda: drafter(True), args.reps, args.device),
             "drafter, one pass, attention as scores then softmax (--block-attention eager)":
                 timed(lambda: drafter(True, False), args.reps, args.device),
             "drafter, one answer at a time": timed(lambda: drafter(False), args.reps, args.device),
-            "whole step (backbone, drafter as training runs it here)": timed(step, args.reps, args.device)}
+            "whole step (backbone, drafter as training runs it here)": timed(step, args.reps, args.device),
+            "steps back to back, per step": {**timed(steps, 1, args.device),
+                                             "per": args.reps}}
+    rows["steps back to back, per step"]["ms"] /= args.reps
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "device": torch.cuda.get_device_name()
               if args.device == "cuda" else args.device, "torch": torch.__version__,
               "drafter": {**block.c.as_dict(), "params": sum(p.numel() for p in block.parameters()),

@@ -130,6 +130,22 @@ def test_a_steps_answers_in_one_pass_give_each_answer_its_own_logits_and_loss():
     assert torch.equal(hits, want_hits)
 
 
+def test_a_steps_answers_through_the_backbone_together_give_each_its_own_states():
+    """Training runs a step's answers through the backbone in one batch, right-padded and with no mask (the
+    attention is causal): each answer's tapped and last states are those it gets alone."""
+    from collocate.train.block import tapped_states
+
+    for make in (tiny_qwen, tiny_llama):
+        model = make()
+        seqs = [torch.randint(3, 96, (n,)).tolist() for n in (7, 19, 12)]
+        with torch.no_grad():
+            feats, last = tapped_states(model, seqs, [0, 1])
+            for j, s in enumerate(seqs):
+                alone = model.base_model(input_ids=torch.tensor([s]), output_hidden_states=True)
+                torch.testing.assert_close(feats[j, :len(s)], backbone_features(model, torch.tensor(s), [0, 1]))
+                torch.testing.assert_close(last[j, :len(s)], alone.last_hidden_state[0])
+
+
 def test_a_step_in_one_pass_or_one_answer_at_a_time_gives_the_same_loss_and_gradients():
     """train/block.py runs a step's answers through the drafter in one padded pass on a GPU and one at a time
     (each trimmed to its own length and blocks) on a CPU, with its attention in one kernel or not: the same

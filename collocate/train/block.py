@@ -29,18 +29,17 @@ from ..heads import VocabSlice
 from .answers import read_shard
 from .common import release_memory, say
 from .config import TrainConfig
-from .features import batches_by_tokens, padded
+from .features import batches_by_tokens, padded, to_device
 from .heads import lr_at
 from .policies import PolicyData, outputs_row
 
 
 def tapped_states(model, seqs: list[list[int]], taps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequences' (N, W, len(taps) * d) tapped layer outputs and (N, W, d) last hidden states, in one
-    batched forward (right padding to the longest, W: causal, so padding changes nothing before it)."""
-    device = model.get_input_embeddings().weight.device
-    ids = padded(seqs, 0, device)
-    mask = padded([[1] * len(s) for s in seqs], 0, device)
-    out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    batched forward (right padding to the longest, W: causal, so padding changes nothing before it and needs
+    no mask, which also keeps the attention in its causal kernel)."""
+    ids = padded(seqs, 0, model.get_input_embeddings().weight.device)
+    out = model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return torch.cat([out.hidden_states[t + 1] for t in taps], -1), out.last_hidden_state  # ([0]: the embeddings)
 
 
@@ -61,8 +60,8 @@ def answer_anchors(seq_len: int, plen: int, n: int | None, rng: random.Random | 
 def step_anchors(seqs: list[tuple[list[int], int]], n: int, rng: random.Random, device) -> torch.Tensor:
     """(N, most) a step's answers' `answer_anchors`, n at most each, padded with -1 (as `BlockModel.logits`
     reads them)."""
-    return torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, n, rng) for s, plen in seqs],
-                                           batch_first=True, padding_value=-1).to(device)
+    return to_device(torch.nn.utils.rnn.pad_sequence([answer_anchors(len(s), plen, n, rng) for s, plen in seqs],
+                                                     batch_first=True, padding_value=-1), device)
 
 
 class Pass(NamedTuple):
@@ -151,7 +150,8 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
     block, embed, lm_head = bundle.heads, model.get_input_embeddings(), draft_head(model, bundle)
     local = lm_head.local if isinstance(lm_head, VocabSlice) else None
     taps = block.c.taps
-    opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0)
+    on_gpu = next(block.parameters()).is_cuda
+    opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0, fused=on_gpu)  # (fused: one kernel)
     block.train().requires_grad_(True)
     ckpt = run / "block-ckpt.pt"
     epoch0, history = 0, []
@@ -170,6 +170,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
         rng = random.Random(cfg.seed * 1000 + epoch + 500)  # the anchors
         # the loss and hits stay on the device until the epoch's end: a read each step would stall the queue
         losses, hits, counted = [], torch.zeros(block.c.block_size - 1, device=embed.weight.device), 0
+        epoch_start = time.perf_counter()
         for batch in tqdm(epochs[epoch], desc=f"block: epoch {epoch + 1}/{cfg.epochs}", unit="step",
                           disable=not accel.is_main_process):
             seqs = [answers[i] for i in batch]
@@ -198,11 +199,13 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
             spent = step < total and scheduled_step(step, total, time.perf_counter() - start, budget) >= total
             if spent:  # the budget is spent: the schedule has ended, mid-epoch
                 break
-        losses = torch.stack(losses).tolist()
-        history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "first_loss": losses[0],
-                        "last_loss": losses[-1], "train_top1_by_slot": (hits.cpu() / max(counted, 1)).tolist(),
+        losses = torch.stack(losses).tolist()  # (waits for the epoch's last step)
+        seconds = time.perf_counter() - epoch_start
+        history.append({"epoch": epoch + 1, "seconds": round(seconds, 1),
+                        "steps_per_second": round(len(losses) / seconds, 2), "loss": sum(losses) / max(len(losses), 1),
+                        "first_loss": losses[0], "last_loss": losses[-1], "train_top1_by_slot": (hits.cpu() / max(counted, 1)).tolist(),
                         **({"stopped_after_steps": len(losses)} if spent else {})})
-        say(f"epoch {epoch + 1}: mean loss {history[-1]['loss']:.4f}")
+        say(f"epoch {epoch + 1}: mean loss {history[-1]['loss']:.4f}, {history[-1]['steps_per_second']} steps/s")
         if accel.is_main_process:  # a run its budget stopped is done: a resume finds every epoch counted
             torch.save({"block": block.state_dict(), "opt": opt.state_dict(),
                         "epoch": cfg.epochs if spent else epoch + 1, "history": history}, ckpt)

@@ -66,11 +66,19 @@ def batches_by_tokens(seqs, budget: int):
 def padded(seqs: list[list[int]], value: int, device) -> torch.Tensor:
     """(N, longest) the sequences, right-padded with value."""
     width = max(map(len, seqs))
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
+    return to_device(torch.tensor([s + [value] * (width - len(s)) for s in seqs]), device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without waiting: a plain copy from pageable
+    memory waits for the GPU's queue to drain, so a training step built of them stalls between its parts."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def body_hidden(model, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Last-layer hidden states of each sequence (right padding; causal, so padding is harmless)."""
-    ids, mask = padded(seqs, 0, model.device), padded([[1] * len(s) for s in seqs], 0, model.device)
-    h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    """Last-layer hidden states of each sequence (right padding; causal, so padding changes nothing before
+    it and needs no mask)."""
+    h = model.base_model(input_ids=padded(seqs, 0, model.device), use_cache=False).last_hidden_state
     return [h[j, :len(s)] for j, s in enumerate(seqs)]
