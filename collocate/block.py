@@ -249,6 +249,12 @@ class BlockModel(nn.Module):
         context and its slots learn nothing). fused: each layer's attention in one kernel (BlockLayer)."""
         if tokens.dim() == 1:
             return self.logits(embed, lm_head, tokens[None], features[None], anchors[None], fused)[0]
+        x = self.slot_states(embed, tokens, features, anchors, fused)
+        return lm_head(self.norm(x)[:, :, 1:].to(lm_head.weight.dtype))
+
+    def slot_states(self, embed, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
+                    fused: bool = False) -> torch.Tensor:
+        """`logits`' pass up to the final norm, N sequences: (N, b, B, d) the blocks' states, slot 0 the anchor's."""
         B, (N, T), b, dev = self.c.block_size, tokens.shape, anchors.shape[1], tokens.device
         ctx = self.context(features)  # (N, T, d)
         at = anchors.clamp(min=0)
@@ -260,7 +266,7 @@ class BlockModel(nn.Module):
         for layer in self.layers:
             ctx_k, ctx_v = layer.kv(ctx, torch.arange(T, device=dev))
             x = layer(x, pos, ctx_k, ctx_v, sees, fused)
-        return lm_head(self.norm(x).unflatten(1, (b, B))[:, :, 1:].to(lm_head.weight.dtype))
+        return x.unflatten(1, (b, B))
 
     def targets(self, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(..., b, B-1): the token each slot of the blocks at `anchors` learns, tokens[a + k]; -100 past the
