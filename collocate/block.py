@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .heads import TokenBlock
+
 # a drafter's layers unless asked otherwise: with one, every mask slot's query is the mask token's (rotated
 # by position only), so what a slot reads from the context cannot depend on what it says (bench/README.md,
 # cpu-block-layers)
@@ -47,6 +49,7 @@ class BlockConfig:
     mask_token_id: int = 0  # an embedding row no text uses (past the tokenizer's own tokens, where there is one)
     rope_theta: float = 1e6
     eps: float = 1e-6
+    token_cond: bool = False  # each slot's state updated by the token drafted at the slot before it
 
     @staticmethod
     def for_backbone(model, *, layers: int = LAYERS, block_size: int = 16, intermediate_size: int | None = None,
@@ -67,7 +70,12 @@ class BlockConfig:
                            rope_theta=float(getattr(cfg, "rope_theta", 1e6)), eps=float(getattr(cfg, "rms_norm_eps", 1e-6)))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The config as a bundle and an export write it (token_cond only where set: a plain drafter's config
+        stays the one a collocate before it reads)."""
+        d = asdict(self)
+        if not d["token_cond"]:
+            del d["token_cond"]
+        return d
 
 
 def check_taps(taps, n_layers: int) -> None:
@@ -182,6 +190,9 @@ class BlockModel(nn.Module):
         self.fc = nn.Linear(len(c.taps) * c.hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(c.hidden_size, c.eps)
         self.norm = RMSNorm(c.hidden_size, c.eps)
+        # token_cond: slot j's state x_j becomes s_j = x_j + tc.delta(s_{j-1}, e(y_{j-1}), j), y_{j-1} the token
+        # drafted at slot j-1 (the answer's own in training); s_1 = x_1, whose token before it is the anchor
+        self.tc = TokenBlock(c.hidden_size, c.block_size) if c.token_cond else None
 
     # what a bundle's readers ask of any drafter's weights
     compete = False
@@ -250,7 +261,20 @@ class BlockModel(nn.Module):
         if tokens.dim() == 1:
             return self.logits(embed, lm_head, tokens[None], features[None], anchors[None], fused)[0]
         x = self.slot_states(embed, tokens, features, anchors, fused)
-        return lm_head(self.norm(x)[:, :, 1:].to(lm_head.weight.dtype))
+        x = x[:, :, 1:] if self.tc is None else self.conditioned(embed, tokens, anchors, x)
+        return lm_head(self.norm(x).to(lm_head.weight.dtype))
+
+    def conditioned(self, embed, tokens: torch.Tensor, anchors: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(N, b, B, d) slot states -> (N, b, B-1, d) those of slots 1.., each updated by the token before it,
+        the sequence's own (teacher forcing: a draft is kept only where the drafts before it are right)."""
+        T, B = tokens.shape[-1], self.c.block_size
+        at = (anchors.clamp(min=0)[..., None] + torch.arange(B - 1, device=tokens.device)).clamp(max=T - 1)
+        before = embed(tokens.gather(1, at.flatten(1)).clamp(min=0)).view(*at.shape, -1)  # (N, b, B-1, d)
+        s, out = x[:, :, 1], [x[:, :, 1]]
+        for j in range(2, B):
+            s = x[:, :, j] + self.tc.delta(s, before[:, :, j - 1], j)
+            out.append(s)
+        return torch.stack(out, 2)
 
     def slot_states(self, embed, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor,
                     fused: bool = False) -> torch.Tensor:
@@ -338,7 +362,13 @@ class BlockModel(nn.Module):
     def draft(self, cache: "ContextCache", embed, lm_head, anchor: torch.Tensor, pos: torch.Tensor,
               attn_len: int | None = None) -> torch.Tensor:
         """anchor () the backbone's token at position pos () -> (B-1, V) logits of the tokens at pos+1..pos+B-1,
-        from the context cached before pos (the first attn_len slots are read: they must cover pos)."""
+        from the context cached before pos (the first attn_len slots are read: they must cover pos); a
+        token-conditioned drafter's slots as their own states, not updated (`draft_states` and `step` do)."""
+        return lm_head(self.norm(self.draft_states(cache, embed, anchor, pos, attn_len)[1:]).to(lm_head.weight.dtype))
+
+    def draft_states(self, cache: "ContextCache", embed, anchor: torch.Tensor, pos: torch.Tensor,
+                     attn_len: int | None = None) -> torch.Tensor:
+        """`draft`'s pass up to the final norm: (B, d) the block's states, slot 0 the anchor's."""
         B = self.c.block_size
         n = attn_len or cache.k[0].shape[1]
         block_pos = pos + torch.arange(B, device=anchor.device)
@@ -347,7 +377,15 @@ class BlockModel(nn.Module):
         x = self.block(embed, anchor.view(1))
         for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             x = layer(x, block_pos, ck[:, :n], cv[:, :n], sees)
-        return lm_head(self.norm(x)[1:].to(lm_head.weight.dtype))
+        return x
+
+    def step(self, x: torch.Tensor, before: torch.Tensor, embedded: torch.Tensor, slot: int) -> torch.Tensor:
+        """Decoding a token-conditioned drafter's tree, one depth: (r, d) the states that draft `slot` for r
+        nodes one depth above it, from the block's states x (B, d), the nodes' parents' states before (r, d)
+        and the nodes' own tokens, embedded (r, d) (slot 1: below the root, which the block holds already)."""
+        if slot == 1:
+            return x[1].expand(embedded.shape[0], -1)
+        return x[slot] + self.tc.delta(before, embedded, slot).to(x.dtype)
 
 
 class LossTerms(NamedTuple):

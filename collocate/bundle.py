@@ -29,8 +29,9 @@ from .clp import CLP, CLP_FEATURES, Gates
 from .errors import BundleError
 from .heads import MTPHeads, TokenHeads
 
-FORMAT_VERSION = 4  # the newest format this collocate reads; a bundle is written in the oldest that holds it
+FORMAT_VERSION = 5  # the newest format this collocate reads; a bundle is written in the oldest that holds it
 BLOCK_FORMAT = 4  # (so a collocate from before the block drafter still reads a heads bundle written now)
+TOKEN_BLOCK_FORMAT = 5  # a block drafter whose slots follow the token drafted before them (token_cond)
 DRAFTERS = ("heads",) + TokenHeads.DESIGNS + ("block",)
 BUNDLED = Path(__file__).parent / "bundles"
 
@@ -95,6 +96,9 @@ class BundleConfig:
                 c = BlockConfig(**self.block)
             except TypeError as e:
                 raise BundleError(f"'block' is not a block drafter's sizes: {e}") from None
+            if c.token_cond and self.format_version < TOKEN_BLOCK_FORMAT:
+                raise BundleError(f"a token-conditioned block drafter's bundle is format {TOKEN_BLOCK_FORMAT} or "
+                                  f"later, not {self.format_version}")
             if c.block_size != self.k or c.hidden_size != self.hidden_size or self.has_gates:
                 raise BundleError(f"a block drafter drafts +2..+block_size with the backbone's width and no gates: "
                                   f"block_size {c.block_size}, k {self.k}, hidden {c.hidden_size} vs {self.hidden_size}")
@@ -186,7 +190,9 @@ class MTPBundle(nn.Module):
     @classmethod
     def for_backbone(cls, model: nn.Module, *, k: int, base_model: str, **kwargs) -> "MTPBundle":
         fp = fingerprint(model)
-        kwargs.setdefault("format_version", BLOCK_FORMAT if kwargs.get("drafter") == "block" else BLOCK_FORMAT - 1)
+        block = kwargs.get("drafter") == "block"
+        kwargs.setdefault("format_version", TOKEN_BLOCK_FORMAT if (kwargs.get("block") or {}).get("token_cond") else
+                          BLOCK_FORMAT if block else BLOCK_FORMAT - 1)
         cfg = BundleConfig(k=k, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size, base_model=base_model,
                            fingerprint=asdict(fp), **kwargs)
         return cls(cfg)

@@ -256,6 +256,27 @@ class HeadDrafter:
         return Draft(guesses[t.depths[1:] - 1, t.ranks], head_logits)
 
 
+def draft_by_level(level, first: torch.Tensor, root: torch.Tensor, levels: tuple[LevelTensors, ...], n: int,
+                   vocab, chain_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A tree drafted depth by depth, each node's guesses from a state its parent's state and its own token
+    make: level(before (r, d) the parents' states (depth 0: first[None]), tokens (r,) the rows' own, depth,
+    top) -> (the rows' states, their logits (r, V'), their `top` guesses (r, top) as positions in V').
+    -> (n,) a token per node and, if asked, (depths, V') the first row's logits at each depth."""
+    tokens = torch.cat([root.view(1), root.new_zeros(n)])  # by feed row; rows 1.. filled depth by depth
+    states = first.new_zeros(n + 1, first.shape[-1])
+    chain = []
+    for d, lv in enumerate(levels):
+        before = first[None] if d == 0 else states.index_select(0, lv.parents)  # (r, d) the parents' states
+        s, logits, best = level(before, tokens.index_select(0, lv.rows), d, lv.top)
+        states = states.index_copy(0, lv.rows, s)
+        guesses = best[lv.child_of, lv.ranks]  # (children,)
+        if vocab is not None:
+            guesses = vocab.ids.index_select(0, guesses)
+        tokens = tokens.index_copy(0, lv.children + 1, guesses)
+        chain.append(logits[0])
+    return tokens[1:], torch.stack(chain) if chain_logits else None
+
+
 class TokenDrafter(HeadDrafter):
     """Token-conditioned heads as a drafter: a node's guesses come from its parent's state updated by its
     parent's token, so a tree is drafted one depth after another, each depth one LM-head matmul over the
@@ -276,26 +297,8 @@ class TokenDrafter(HeadDrafter):
         # a chain's logits per offset (what a CLP reading head confidences needs; over the draft vocabulary,
         # as training computed them)
         full_chain = t.is_chain and t.n == self.k - 1
-        tokens, chain = self.draft(h, root, t.levels, t.n, full_chain)
+        tokens, chain = draft_by_level(self.level, h, root, t.levels, t.n, self.vocab, full_chain)
         return Draft(tokens, chain)
-
-    def draft(self, h: torch.Tensor, root: torch.Tensor, levels: tuple[LevelTensors, ...], n: int,
-              chain_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tree depth by depth: (n,) a token per node and, if asked, (depths, V') the first row's
-        logits at each depth."""
-        tokens = torch.cat([root.view(1), root.new_zeros(n)])  # by feed row; rows 1.. filled depth by depth
-        states = h.new_zeros(n + 1, h.shape[-1])
-        chain = []
-        for d, lv in enumerate(levels):
-            before = h[None] if d == 0 else states.index_select(0, lv.parents)  # (r, d) the parents' states
-            s, logits, best = self.level(before, tokens.index_select(0, lv.rows), d, lv.top)
-            states = states.index_copy(0, lv.rows, s)
-            guesses = best[lv.child_of, lv.ranks]  # (children,)
-            if self.vocab is not None:
-                guesses = self.vocab.ids.index_select(0, guesses)
-            tokens = tokens.index_copy(0, lv.children + 1, guesses)
-            chain.append(logits[0])
-        return tokens[1:], torch.stack(chain) if chain_logits else None
 
     def level(self, before: torch.Tensor, tokens: torch.Tensor, depth: int, top: int):
         """One depth: the parents' states (r, d) updated by their tokens (r,) -> the new states, their
@@ -333,6 +336,15 @@ class BlockDrafter(HeadDrafter):
                 h=None, head_logits=None) -> Draft:
         """root () the backbone's token at position pos () -> a token per node of the tree t, from the block's
         (B-1, V') logits (attention over the first attn_len cached slots: they cover pos)."""
+        if self.block.tc is not None:  # each depth's guesses follow the token drafted above it
+            x = self.block.draft_states(self.cache, self.embed, root, pos, attn_len)
+
+            def level(before, tokens, depth, top):
+                s = self.block.step(x, before, self.embed(tokens), depth + 1)
+                logits = self.lm_head(self.block.norm(s).to(self.lm_head.weight.dtype))
+                return s, logits, top_indices(logits, top)
+
+            return Draft(*draft_by_level(level, x[0], root, t.levels, t.n, self.vocab, t.is_chain))
         logits = self.block.draft(self.cache, self.embed, self.lm_head, root, pos, attn_len)
         guesses = top_indices(logits, t.top)  # (B-1, R)
         tokens = guesses[t.depths[1:] - 1, t.ranks]

@@ -200,6 +200,10 @@ def export_dflash(bundle: MTPBundle, backbone, out: str | Path, *, overwrite: bo
     if bundle.config.drafter != "block":
         raise BundleError(f"dflash holds a block drafter; this bundle's drafter is '{bundle.config.drafter}' "
                           "(train one with --drafter block, or export heads as vllm-medusa)")
+    if bundle.heads.c.token_cond:
+        raise BundleError("this block drafter's slots follow the token drafted before them (--block-tc), which "
+                          "vLLM's and SGLang's DFlash drafters do not do: export a block drafter trained without "
+                          "--block-tc")
     lm_head = backbone.get_output_embeddings().weight
     with staged(out, overwrite=overwrite) as tmp:
         save_file(dflash_tensors(bundle, lm_head), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -80,10 +80,14 @@ class TokenBlock(nn.Module):
         self.depth_bias = nn.Parameter(torch.zeros(depths, inner)) if depths > 1 else None
 
     def forward(self, s: torch.Tensor, e: torch.Tensor, depth: int) -> torch.Tensor:
+        return s + self.delta(s, e, depth)
+
+    def delta(self, s: torch.Tensor, e: torch.Tensor, depth: int) -> torch.Tensor:
+        """What the block adds to s: W_out SiLU(W_in [s; e] + b_depth)."""
         u = self.inp(torch.cat([s, unit_rms(e.to(s.dtype))], dim=-1))
         if self.depth_bias is not None:
             u = u + self.depth_bias[depth]
-        return s + self.out(F.silu(u))
+        return self.out(F.silu(u))
 
 
 class TokenHeads(nn.Module):

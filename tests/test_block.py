@@ -229,11 +229,13 @@ def test_weights_are_named_as_dflash_checkpoints_name_them():
     assert names == {f"layers.{i}.{n}" for i in range(2) for n in per_layer} | {"fc.weight", "hidden_norm.weight", "norm.weight"}
 
 
-def block_bundle(model, *, block_size=5, vocab=0, steps=200, answers=32, prompt=None):
+def block_bundle(model, *, block_size=5, vocab=0, steps=200, answers=32, prompt=None, token_cond=False):
     """A block-drafter bundle trained a little on the model's own greedy answers, so that some drafts are
     kept (and a kept row's context matters to the next draft); given a prompt, on answers sampled from it
-    (at temperature 1), so that its drafts there carry the model's mass."""
+    (at temperature 1), so that its drafts there carry the model's mass. token_cond: its slots follow the
+    token before them."""
     c = BlockConfig.for_backbone(model, layers=1, block_size=block_size)
+    c.token_cond = token_cond
     torch.manual_seed(1)  # (the layers' own initialisation, as training starts from)
     bundle = MTPBundle.for_backbone(model, k=block_size, base_model="tiny", has_gates=False, drafter="block",
                                     block=c.as_dict(), draft_vocab=vocab)
@@ -334,7 +336,8 @@ def test_block_bundle_saves_as_format_4_and_refuses_what_does_not_fit(tmp_path):
         MTPBundle.from_pretrained(tmp_path / "b", backbone=tiny_llama(seed=5))
     for change, word in (({"k": 6}, "block_size 5, k 6"), ({"block": {}}, "sizes in 'block'"),
                          ({"format_version": 3}, "format 4 or later"), ({"block": {**c.as_dict(), "wings": 2}}, "not a block"),
-                         ({"drafter": "blocky"}, "unknown drafter type"), ({"format_version": 5}, "Upgrade collocate")):
+                         ({"drafter": "blocky"}, "unknown drafter type"), ({"format_version": 6}, "Upgrade collocate"),
+                         ({"block": {**c.as_dict(), "token_cond": True}}, "format 5 or later")):
         (tmp_path / "b" / "config.json").write_text(json.dumps({**raw, **change}))
         with pytest.raises(BundleError, match=word):
             MTPBundle.from_pretrained(tmp_path / "b")
@@ -419,3 +422,54 @@ def test_an_epochs_steps_take_every_answer_once_and_answers_of_about_one_length(
     rng.shuffle(order)
     plain = [[order[j] for j in st] for st in block_steps([answers[i] for i in order], cfg)]
     assert padding(steps) < padding(plain) / 4
+
+
+def test_a_token_conditioned_block_drafts_what_it_trained_and_verify_is_ar(tmp_path):
+    """--block-tc: each slot's state follows the token before it. Decoding drafts its chain depth by depth
+    and gets, at every depth, the training path's logits given the tokens it drafted; verify with its chain
+    and trees gives ar's tokens (float32) on both backends, which agree; the bundle saves as format 5 and
+    loads back; the DFlash export refuses it (vLLM and SGLang draft a block without the tokens)."""
+    from collocate.errors import BundleError
+    from collocate.export import export_dflash
+
+    model = tiny_qwen()
+    bundle = block_bundle(model, token_cond=True)
+    block, embed, lm_head = bundle.heads, model.get_input_embeddings(), model.get_output_embeddings()
+    assert block.tc is not None and block.tc.out.weight.abs().sum() > 0  # (it trained: the update is not zero)
+    ids = torch.randint(3, 96, (30,))
+    feats = backbone_features(model, ids, block.c.taps)
+    a = 17
+    with torch.no_grad():
+        cache = block.allocate(64, ids.device, torch.float32)
+        block.extend(cache, feats[:a], torch.arange(a))
+        x = block.draft_states(cache, embed, ids[a], torch.tensor(a), attn_len=48)
+        drafted, s = [ids[a]], None
+        for slot in range(1, block.c.block_size):  # the chain, as BlockDrafter drafts it
+            s = block.step(x, s if s is not None else x[:1], embed(drafted[-1].view(1)), slot)
+            drafted.append(lm_head(block.norm(s)).argmax(-1)[0])
+        seq = torch.cat([ids[:a], torch.stack(drafted)])  # the training path reads the drafted tokens
+        want = block.logits(embed, lm_head, seq, backbone_features(model, seq, block.c.taps), torch.tensor([a]))[0]
+        assert torch.equal(want.argmax(-1), torch.stack(drafted[1:]))
+    ref, dec = eager(model, bundle), fast(model, bundle)
+    steps = 0
+    for p in prompts(3, seed=9):
+        ar = ref.generate(p, DecodeConfig(mode="ar", max_new_tokens=40))
+        for cfg in (DecodeConfig(mode="verify", max_new_tokens=40), DecodeConfig(mode="verify", max_new_tokens=40, tree_size=12),
+                    DecodeConfig(mode="verify", max_new_tokens=40, tree_size=12, tree_depth=2)):
+            r, b = ref.generate(p, cfg), dec.generate(p, cfg)
+            assert r.tokens == ar.tokens and b.tokens == r.tokens
+            assert r.stats.counts() == b.stats.counts() and r.proposals == b.proposals
+            steps += r.stats.steps
+        cfg = DecodeConfig(mode="verify", adaptive=True, max_new_tokens=40, threshold=0.0)  # (the CLP reads its chain)
+        r, b = ref.generate(p, cfg), dec.generate(p, cfg)
+        assert r.tokens == ar.tokens and b.tokens == r.tokens and r.proposals == b.proposals
+    assert steps < 0.8 * 3 * 3 * 40  # drafts were kept
+    bundle.save_pretrained(tmp_path / "b")
+    again = MTPBundle.from_pretrained(tmp_path / "b")
+    assert again.config.format_version == 5 and again.heads.c.token_cond
+    assert torch.equal(again.heads.tc.out.weight, block.tc.out.weight)
+    with pytest.raises(BundleError, match="block-tc"):
+        export_dflash(bundle, model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    plain = BlockConfig.for_backbone(model, layers=1, block_size=5)
+    assert "token_cond" not in plain.as_dict()  # a plain drafter's config stays format 4's

@@ -431,5 +431,7 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
         tiny_cfg(tmp_path, model, prompts, block_layers=3)
     with pytest.raises(ValueError, match="shape a block drafter"):
         tiny_cfg(tmp_path, model, prompts, block_init="backbone")
+    with pytest.raises(ValueError, match="shape a block drafter"):
+        tiny_cfg(tmp_path, model, prompts, block_tc=True)
     with pytest.raises(ValueError, match="independent heads"):
         tiny_cfg(tmp_path, model, prompts, drafter="block", compete=True)

@@ -44,6 +44,9 @@ class TrainConfig:
     block_init: str = setting("fresh", "block drafter: its layers' start, random ('fresh') or the backbone's last "
                                        "layers ('backbone', with fc reading the deepest tap)",
                               choices=("fresh", "backbone"))
+    block_tc: bool = setting(False, "block drafter: each slot's state also follows the token drafted at the slot "
+                                    "before it (a small update per slot; trees then draft one depth after another, "
+                                    "and the bundle is format 5; not exportable to vLLM or SGLang)")
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
     block_attention: str = setting("sdpa", "block drafter training: each layer's attention in one kernel (PyTorch's "
                                            "scaled_dot_product_attention) or as scores, then softmax ('eager', as "
@@ -108,10 +111,11 @@ class TrainConfig:
                              "drafters only")
         shaped = (self.block_layers != TrainConfig.block_layers or self.block_mlp or self.block_taps
                   or self.block_kv_heads or self.block_decay != TrainConfig.block_decay
-                  or self.block_init != TrainConfig.block_init or self.block_attention != TrainConfig.block_attention)
+                  or self.block_init != TrainConfig.block_init or self.block_attention != TrainConfig.block_attention
+                  or self.block_tc)
         if self.drafter != "block" and shaped:
-            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps, --block-decay, --block-init "
-                             "and --block-attention shape a block drafter (--drafter block)")
+            raise ValueError("--block-layers, --block-mlp, --block-kv-heads, --block-taps, --block-decay, --block-init, "
+                             "--block-attention and --block-tc shape a block drafter (--drafter block)")
         if (self.block_layers < 1 or self.block_mlp < 0 or self.block_kv_heads < 0 or self.anchors < 1
                 or self.block_decay <= 0 or any(t < 0 for t in self.block_taps)):
             raise ValueError("--block-layers and --anchors must be >= 1, --block-decay > 0, --block-mlp, "
