@@ -25,6 +25,9 @@ MODES = {"ar": ("heads", 0, 4, dict(mode="ar")), "verify": ("heads", 0, 4, dict(
          "verify-t48d3 (tc-shared, k=6)": ("tc-shared", 32768, 6, dict(mode="verify", tree_size=48, tree_depth=3)),
          "verify (block, k=16)": ("block", 32768, 16, dict(mode="verify")),
          "verify-t48d6 (block, k=16)": ("block", 32768, 16, dict(mode="verify", tree_size=48, tree_depth=6)),
+         "verify-t48d3 (block, k=16)": ("block", 32768, 16, dict(mode="verify", tree_size=48, tree_depth=3)),
+         "verify (block-tc, k=16)": ("block-tc", 32768, 16, dict(mode="verify")),
+         "verify-t48d3 (block-tc, k=16)": ("block-tc", 32768, 16, dict(mode="verify", tree_size=48, tree_depth=3)),
          # --exact: every step 16 rows wide over one attention length per request (the cache has --max-len slots)
          "ar --exact": ("heads", 0, 4, dict(mode="ar", exact=True)),
          "verify --exact (block, k=16)": ("block", 32768, 16, dict(mode="verify", exact=True))}

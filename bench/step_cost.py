@@ -114,13 +114,16 @@ def time_width(model, lm: StaticLM, m: int, context: int, reps: int = 50, *, com
 
 
 def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
-    """drafter "block": a block drafter of block size k at its default sizes (block.LAYERS, five taps)."""
+    """drafter "block": a block drafter of block size k at its default sizes (block.LAYERS, five taps);
+    "block-tc": the same with its slots following the token before them (--block-tc)."""
     vocab = min(vocab, model.config.vocab_size // 2)  # (the tiny shape has 512 tokens)
     block = {}
-    if drafter == "block":  # (imported here: a tree from before the block drafter runs this file too)
+    if drafter.startswith("block"):  # (imported here: a tree from before the block drafter runs this file too)
         from collocate.block import BlockConfig
 
-        block = BlockConfig.for_backbone(model, block_size=k).as_dict()
+        c = BlockConfig.for_backbone(model, block_size=k)
+        c.token_cond, drafter = drafter == "block-tc", "block"
+        block = c.as_dict()
     bundle = MTPBundle.for_backbone(model, k=k, base_model="random weights", has_gates=drafter != "block",
                                     drafter=drafter, draft_vocab=vocab, block=block)
     bundle.config.tree = [list(p) for p in best_paths((RANK_PROBS + RANK_PROBS[-1:] * k)[: k - 1], MAX_TREE)]
