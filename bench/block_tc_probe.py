@@ -96,13 +96,16 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--variants", default="plain,token")
     ap.add_argument("--heldout-anchors", type=int, default=32)
+    ap.add_argument("--seed", type=int, help="the drafters' initial weights, the data order and the anchors "
+                                             "(default: the run's)")
     ap.add_argument("--out")
     args = ap.parse_args()
     run = Path(args.run)
     rep = json.loads((run / "train_report.json").read_text())
     c = rep["config"]
     cfg = TrainConfig(out=str(run), drafter="block", k=c["k"], epochs=args.epochs, batch=c["batch"],
-                      anchors=c["anchors"], lr=c["lr"], warmup=c["warmup"], seed=c["seed"])
+                      anchors=c["anchors"], lr=c["lr"], warmup=c["warmup"],
+                      seed=c["seed"] if args.seed is None else args.seed)
     torch.set_num_threads(2)
     bb = load_backbone(c["model"], dtype=torch.float32, device="cpu")
     model = bb.model
@@ -114,7 +117,7 @@ def main():
     answers = usable_answers(run / "work", train_ids)
     held_answers = [a for i in held for a in read_shard(run / "work", i) if len(a[0]) - a[1] > bundle.heads.c.block_size]
     result = {"run": str(run), "train_answers": len(answers), "heldout_answers": len(held_answers),
-              "epochs": args.epochs, "block": bundle.heads.c.as_dict(), "variants": {}}
+              "epochs": args.epochs, "seed": cfg.seed, "block": bundle.heads.c.as_dict(), "variants": {}}
     for name in args.variants.split(","):
         torch.manual_seed(cfg.seed)
         c = BlockConfig(**bundle.heads.c.as_dict())
