@@ -11,9 +11,9 @@ AdamW. The drafter's part is timed three ways (train/block.py's `step_terms`): t
 padded pass (what training runs on a GPU) and one answer at a time, their losses added up before one
 backward (what it runs on a CPU, and what it ran everywhere before the seventeenth session); and the one
 pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
-the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of them
-back to back, with one wait at the end, give the steps a second a training log sees. Random weights time a step honestly: its work does not depend
-on the values. Peak memory beside each.
+the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of
+them back to back, with one wait at the end, give the steps a second a training log sees. Random weights
+time a step honestly: its work does not depend on the values. Peak memory beside each.
 """
 import argparse
 import random
