@@ -2,6 +2,7 @@
 
     python bench/train_cost.py --shape 1.5b --out train_cost_1.5b.json
     python bench/train_cost.py --shape tiny --device cpu --reps 2     # the script itself, on a CPU
+    cd bench && PYTHONPATH=.. python3 train_cost.py --shape 1.5b --syncs  # where a step waits for the GPU
 
 A step as `collocate train --drafter block` runs it (collocate/train/block.py), on `--answers` answers of
 `--length` tokens (the last `--answer` of them the answer) with `--anchors` random blocks each, the
@@ -13,12 +14,16 @@ backward (what it runs on a CPU, and what it ran everywhere before the seventeen
 pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
 the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of
 them back to back, with one wait at the end, give the steps a second a training log sees. Random weights
-time a step honestly: its work does not depend on the values. Peak memory beside each.
+time a step honestly: its work does not depend on the values. Peak memory beside each. `--syncs` times
+nothing: PyTorch's sync debug mode over one whole step prints each place where the host waits for the GPU
+(its stack's frames of collocate, transformers and torch.nn/optim) and how often.
 """
 import argparse
 import random
 import statistics
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -56,6 +61,7 @@ def main():
     ap.add_argument("--anchors", type=int, default=64)
     ap.add_argument("--draft-vocab", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--syncs", action="store_true", help="list where a whole step waits for the GPU, time nothing")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape, args.device)
@@ -94,6 +100,9 @@ def main():
         anchors = step_anchors([(s, plen) for s in seqs], args.anchors, rng, feats.device)
         drafter(args.device == "cuda")
 
+    if args.syncs:
+        return sync_sites(step)
+
     def steps():  # reps steps back to back, one wait at the end: what training's steps a second see
         for _ in range(args.reps):
             step()
@@ -114,6 +123,26 @@ def main():
               "answers": args.answers, "length": args.length, "answer": args.answer, "anchors": args.anchors,
               "steps": rows}
     report(result, args.out)
+
+
+def sync_sites(step) -> None:
+    """Run step() once warm, under PyTorch's sync debug mode, and print each waiting site's stack and count."""
+    step()
+    torch.cuda.synchronize()
+    seen = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        st = "".join(f for f in traceback.format_stack()[:-2]
+                     if any(k in f for k in ("collocate", "transformers", "torch/nn", "torch/optim")))[-900:]
+        seen[st] = seen.get(st, 0) + 1
+
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    step()
+    torch.cuda.set_sync_debug_mode(0)
+    for st, n in seen.items():
+        print(f"== x{n}\n{st}")
+    print(len(seen), "sync sites")
 
 
 if __name__ == "__main__":
