@@ -1,6 +1,6 @@
 """The fast backend on CUDA (compiled layers, CUDA graphs, steps queued ahead) against the eager one
 (each step read before the next), on tiny random models in float32: every mode, trees, token-conditioned
-heads, the block drafter and sampling (same seed), same tokens and stats; the same with a second threshold on the same graphs;
+heads, the block drafter (plain and --block-tc) and sampling (same seed), same tokens and stats; the same with a second threshold on the same graphs;
 and --exact (fast backend only) verify against --exact ar, in bf16.
 
     python bench/cuda_check.py            # prints one line per mode and model; exits 1 on a difference
@@ -39,10 +39,15 @@ BLOCK_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mo
 
 
 def bundle_of(model, drafter: str) -> MTPBundle:
-    """A random bundle of this drafter (a block drafter: block size 6, its default layers)."""
-    block = BlockConfig.for_backbone(model, block_size=6).as_dict() if drafter == "block" else {}
+    """A random bundle of this drafter (a block drafter, "block" or "block-tc" (`--block-tc`): block size 6,
+    its default layers)."""
+    block = {}
+    if drafter.startswith("block"):
+        c = BlockConfig.for_backbone(model, block_size=6)
+        c.token_cond = drafter == "block-tc"
+        block = c.as_dict()
     bundle = MTPBundle.for_backbone(model, k=6 if block else 4, base_model="tiny", has_gates=not block,
-                                    drafter=drafter, compete=drafter == "heads", block=block)
+                                    drafter="block" if block else drafter, compete=drafter == "heads", block=block)
     randomize(bundle, seed=3, scale=4.0)
     bundle.clp = randomize(bundle.clp, seed=4, scale=20.0)
     return with_rank_probs(bundle)
@@ -85,7 +90,8 @@ def main() -> int:
         model = make().to(DEVICE)
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (4,), generator=g)]
-        for drafter, configs in (("heads", CONFIGS), ("tc-shared", TOKEN_CONFIGS), ("block", BLOCK_CONFIGS)):
+        for drafter, configs in (("heads", CONFIGS), ("tc-shared", TOKEN_CONFIGS), ("block", BLOCK_CONFIGS),
+                                 ("block-tc", BLOCK_CONFIGS)):
             bundle = bundle_of(model, drafter)
             # the reference reads every step before the next (overlap off); the fast backend queues ar's and
             # verify's next step ahead, as it runs by default on CUDA (on a CPU dry run, forced on)
@@ -96,7 +102,8 @@ def main() -> int:
             bad += compare(name, eager, fast, prompts, configs)
             print(f"{name}: {fast.backend.describe()}, {len(fast.backend.graphs)} graphs")
         bad += exact(make.__name__, model, bundle_of(model, "tc-shared"), prompts, compile_on)
-        bad += exact(make.__name__ + " block", model, bundle_of(model, "block"), prompts, compile_on)
+        for drafter in ("block", "block-tc"):
+            bad += exact(f"{make.__name__} {drafter}", model, bundle_of(model, drafter), prompts, compile_on)
     return 1 if bad else 0
 
 if __name__ == "__main__":

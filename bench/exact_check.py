@@ -1,6 +1,6 @@
 """--exact on the device: verify (chain, trees up to 48 nodes at their widths) against ar --exact at the
 same width, in bf16 with the fast backend's compiled step and CUDA graphs, on both tiny models with random
-heads and a random block drafter (bench/cuda_check.py's `exact` part alone, for a short GPU call).
+heads and a random block drafter, plain and --block-tc (bench/cuda_check.py's `exact` part alone, for a short GPU call).
 
     python bench/exact_check.py                  # one line per configuration; exit status 1 if any differs
     python bench/exact_check.py --shared-layout  # the counterfactual: every row, ar's too, reads the cache's
@@ -33,7 +33,7 @@ def tiny_checks() -> int:
         model = make().to(c.DEVICE)
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (4,), generator=g)]
-        for drafter in ("heads", "block"):
+        for drafter in ("heads", "block", "block-tc"):
             bad += c.exact(f"{make.__name__} {drafter}", model, c.bundle_of(model, drafter), prompts, None)
     return bad
 

@@ -14,7 +14,8 @@ backward (what it runs on a CPU, and what it ran everywhere before the seventeen
 pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
 the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of
 them back to back, with one wait at the end, give the steps a second a training log sees. Random weights
-time a step honestly: its work does not depend on the values. Peak memory beside each. `--syncs` times
+time a step honestly: its work does not depend on the values. Peak memory beside each. `--block-tc`: the same with
+the drafter of `collocate train --block-tc`. `--syncs` times
 nothing: PyTorch's sync debug mode over one whole step prints each place where the host waits for the GPU
 (its stack's frames of collocate, transformers and torch.nn/optim) and how often.
 """
@@ -61,11 +62,14 @@ def main():
     ap.add_argument("--anchors", type=int, default=64)
     ap.add_argument("--draft-vocab", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--block-tc", action="store_true", help="a drafter whose slots follow the token before them")
     ap.add_argument("--syncs", action="store_true", help="list where a whole step waits for the GPU, time nothing")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape, args.device)
-    block = BlockModel(BlockConfig.for_backbone(model)).to(args.device).init_from(model)
+    c = BlockConfig.for_backbone(model)
+    c.token_cond = args.block_tc
+    block = BlockModel(c).to(args.device).init_from(model)
     embed, full = model.get_input_embeddings(), model.get_output_embeddings()
     vocab = min(args.draft_vocab, full.weight.shape[0])
     lm_head = VocabSlice(full, torch.randperm(full.weight.shape[0])[:vocab])
