@@ -13,8 +13,8 @@ block's pass and adds one small update per slot on top of its final states x_j (
 
 with y_{j-1} the token drafted at slot j-1 (in training the answer's own: teacher forcing) and W_out
 starting at zero, so the variant starts as the plain drafter. Both variants train on the same answers
-from the same seed, with the same steps (train/block.py's `epoch_steps`, `step_terms`, AdamW with its
-warm-up and cosine, a CPU's one answer at a time), the run's own block config and draft vocabulary. The
+from the same seed, with `collocate train`'s own loop (train/block.py's `train_block`: the same steps,
+AdamW with its warm-up and cosine, a CPU's one answer at a time), the run's own block config and draft vocabulary. The
 held-out shard's anchors then give, per variant, top-1 by slot and the share of anchors whose first k
 drafts are all right: for the variant, drafting from its own guesses, the first k are all right exactly
 where they are all right when it reads the answer's tokens, so these are the chain's real rates, and their
@@ -23,47 +23,29 @@ sum is the drafts a chain keeps per step (beyond the backbone's own token).
 import argparse
 import json
 import random
-import time
+import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from collocate.block import BlockConfig, BlockModel
 from collocate.bundle import MTPBundle
 from collocate.heads import VocabSlice
 from collocate.train.answers import read_shard
-from collocate.train.block import epoch_steps, padded, step_anchors, step_terms, tapped_states, usable_answers
+from collocate.train.block import tapped_states, train_block, usable_answers
 from collocate.train.config import TrainConfig
-from collocate.train.heads import lr_at
 from collocate.zoo import load_backbone
 
 
-def train(block, model, lm_head, answers, cfg: TrainConfig) -> dict:
-    embed = model.get_input_embeddings()
-    opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0)
-    epochs = [epoch_steps(answers, cfg, e) for e in range(cfg.epochs)]
-    total, step, t0, losses = sum(map(len, epochs)), 0, time.perf_counter(), []
-    for e, steps in enumerate(epochs):
-        rng = random.Random(cfg.seed * 1000 + e + 500)
-        for batch in steps:
-            seqs = [answers[i] for i in batch]
-            with torch.no_grad():
-                feats, _ = tapped_states(model, [s for s, _ in seqs], block.c.taps)
-            tokens = padded([s for s, _ in seqs], -100, feats.device)
-            anchors = step_anchors(seqs, cfg.anchors, rng, feats.device)
-            loss = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=False,
-                              local=lm_head.local, fused=True).mean()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-        print(f"  epoch {e + 1}: loss {sum(losses[-len(steps):]) / len(steps):.4f} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-    return {"steps": step, "seconds": round(time.perf_counter() - t0), "last_epoch_loss": sum(losses[-len(steps):]) / len(steps)}
+def train(bundle, model, run: Path, train_ids: list[int], cfg: TrainConfig) -> dict:
+    """bundle.heads trained as `collocate train` trains a block drafter (train/block.train_block, on a CPU),
+    its checkpoint in a scratch folder so the run's own stays as it is."""
+    with tempfile.TemporaryDirectory() as scratch:
+        r = train_block(model, bundle, cfg, run / "work", train_ids, Accelerator(cpu=True),
+                        ckpt=Path(scratch) / "block-ckpt.pt")
+    return {"steps": r["steps"], "seconds": round(sum(h["seconds"] for h in r["history"])),
+            "last_epoch_loss": r["history"][-1]["loss"]}
 
 
 @torch.no_grad()
@@ -122,10 +104,9 @@ def main():
         torch.manual_seed(cfg.seed)
         c = BlockConfig(**bundle.heads.c.as_dict())
         c.token_cond = name == "token"
-        block = BlockModel(c).init_from(model).train()
+        bundle.heads = block = BlockModel(c).init_from(model)
         print(f"{name}: {sum(p.numel() for p in block.parameters()) / 1e6:.2f}M weights", flush=True)
-        r = train(block, model, lm_head, answers, cfg)
-        block.eval()
+        r = train(bundle, model, run, train_ids, cfg)
         r.update(heldout(block, model, lm_head, held_answers, args.heldout_anchors, seed=1))
         r["params"] = sum(p.numel() for p in block.parameters())
         result["variants"][name] = r

@@ -143,7 +143,10 @@ def scheduled_step(step: int, total: int, elapsed: float, budget: float | None) 
     return step if not budget else max(step, min(total, int(total * elapsed / budget)))
 
 
-def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel) -> dict:
+def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int], accel, *,
+                ckpt: Path | None = None) -> dict:
+    """Train bundle.heads (a BlockModel) on the answers of run's shards train_ids; resumable from its
+    checkpoint after each epoch (default run/block-ckpt.pt)."""
     if accel.num_processes > 1:
         raise ValueError("a block drafter trains in one process (one GPU); launch it without accelerate's "
                          "data parallelism")
@@ -153,7 +156,7 @@ def train_block(model, bundle, cfg: TrainConfig, run: Path, train_ids: list[int]
     on_gpu = next(block.parameters()).is_cuda
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0, fused=on_gpu)  # (fused: one kernel)
     block.train().requires_grad_(True)
-    ckpt = run / "block-ckpt.pt"
+    ckpt = ckpt or run / "block-ckpt.pt"
     epoch0, history = 0, []
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu")
