@@ -14,8 +14,8 @@ block's pass and adds one small update per slot on top of its final states x_j (
 with y_{j-1} the token drafted at slot j-1 (in training the answer's own: teacher forcing) and W_out
 starting at zero, so the variant starts as the plain drafter. Both variants train on the same answers
 from the same seed, with `collocate train`'s own loop (train/block.py's `train_block`: the same steps,
-AdamW with its warm-up and cosine, a CPU's one answer at a time), the run's own block config and draft vocabulary. The
-held-out shard's anchors then give, per variant, top-1 by slot and the share of anchors whose first k
+AdamW with its warm-up and cosine, a CPU's one answer at a time), the run's own block config and draft
+vocabulary. The held-out shard's anchors then give, per variant, top-1 by slot and the share of anchors whose first k
 drafts are all right: for the variant, drafting from its own guesses, the first k are all right exactly
 where they are all right when it reads the answer's tokens, so these are the chain's real rates, and their
 sum is the drafts a chain keeps per step (beyond the backbone's own token).

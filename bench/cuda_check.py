@@ -1,7 +1,7 @@
 """The fast backend on CUDA (compiled layers, CUDA graphs, steps queued ahead) against the eager one
 (each step read before the next), on tiny random models in float32: every mode, trees, token-conditioned
-heads, the block drafter (plain and --block-tc) and sampling (same seed), same tokens and stats; the same with a second threshold on the same graphs;
-and --exact (fast backend only) verify against --exact ar, in bf16.
+heads, the block drafter (plain and --block-tc) and sampling (same seed), same tokens and stats; the same
+with a second threshold on the same graphs; and --exact (fast backend only) verify against --exact ar, in bf16.
 
     python bench/cuda_check.py            # prints one line per mode and model; exits 1 on a difference
     python bench/cuda_check.py --compile  # on a CPU: the same with the compiled step (inductor's C++ backend)

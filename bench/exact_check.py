@@ -1,6 +1,7 @@
 """--exact on the device: verify (chain, trees up to 48 nodes at their widths) against ar --exact at the
 same width, in bf16 with the fast backend's compiled step and CUDA graphs, on both tiny models with random
-heads and a random block drafter, plain and --block-tc (bench/cuda_check.py's `exact` part alone, for a short GPU call).
+heads and a random block drafter, plain and --block-tc (bench/cuda_check.py's `exact` part alone, for a
+short GPU call).
 
     python bench/exact_check.py                  # one line per configuration; exit status 1 if any differs
     python bench/exact_check.py --shared-layout  # the counterfactual: every row, ar's too, reads the cache's

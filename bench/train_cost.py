@@ -14,10 +14,10 @@ backward (what it runs on a CPU, and what it ran everywhere before the seventeen
 pass with its attention as scores then softmax (`--block-attention eager`) instead of in one kernel (SDPA,
 the default since the eighteenth session). A whole step builds its inputs as training does; `--reps` of
 them back to back, with one wait at the end, give the steps a second a training log sees. Random weights
-time a step honestly: its work does not depend on the values. Peak memory beside each. `--block-tc`: the same with
-the drafter of `collocate train --block-tc`. `--syncs` times
-nothing: PyTorch's sync debug mode over one whole step prints each place where the host waits for the GPU
-(its stack's frames of collocate, transformers and torch.nn/optim) and how often.
+time a step honestly: its work does not depend on the values. Peak memory beside each. `--block-tc`: the
+same with the drafter of `collocate train --block-tc`. `--syncs` times nothing: PyTorch's sync debug mode
+over one whole step prints each place where the host waits for the GPU (its stack's frames of collocate,
+transformers and torch.nn/optim) and how often.
 """
 import argparse
 import random
