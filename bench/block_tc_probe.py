@@ -21,6 +21,7 @@ where they are all right when it reads the answer's tokens, so these are the cha
 sum is the drafts a chain keeps per step (beyond the backbone's own token).
 """
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from collocate.block import BlockConfig, BlockModel
+from collocate.block import BlockModel
 from collocate.bundle import MTPBundle
 from collocate.heads import VocabSlice
 from collocate.train.answers import read_shard
@@ -102,8 +103,7 @@ def main():
               "epochs": args.epochs, "seed": cfg.seed, "block": bundle.heads.c.as_dict(), "variants": {}}
     for name in args.variants.split(","):
         torch.manual_seed(cfg.seed)
-        c = BlockConfig(**bundle.heads.c.as_dict())
-        c.token_cond = name == "token"
+        c = dataclasses.replace(bundle.heads.c, token_cond=name == "token")
         bundle.heads = block = BlockModel(c).init_from(model)
         print(f"{name}: {sum(p.numel() for p in block.parameters()) / 1e6:.2f}M weights", flush=True)
         r = train(bundle, model, run, train_ids, cfg)

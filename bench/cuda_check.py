@@ -41,11 +41,8 @@ BLOCK_CONFIGS = [dict(mode="verify"), dict(mode="verify", tree_size=24), dict(mo
 def bundle_of(model, drafter: str) -> MTPBundle:
     """A random bundle of this drafter (a block drafter, "block" or "block-tc" (`--block-tc`): block size 6,
     its default layers)."""
-    block = {}
-    if drafter.startswith("block"):
-        c = BlockConfig.for_backbone(model, block_size=6)
-        c.token_cond = drafter == "block-tc"
-        block = c.as_dict()
+    block = BlockConfig.for_backbone(model, block_size=6, token_cond=drafter == "block-tc").as_dict() \
+        if drafter.startswith("block") else {}
     bundle = MTPBundle.for_backbone(model, k=6 if block else 4, base_model="tiny", has_gates=not block,
                                     drafter="block" if block else drafter, compete=drafter == "heads", block=block)
     randomize(bundle, seed=3, scale=4.0)

@@ -121,9 +121,8 @@ def random_bundle(model, drafter: str, vocab: int, k: int = 4) -> MTPBundle:
     if drafter.startswith("block"):  # (imported here: a tree from before the block drafter runs this file too)
         from collocate.block import BlockConfig
 
-        c = BlockConfig.for_backbone(model, block_size=k)
-        c.token_cond, drafter = drafter == "block-tc", "block"
-        block = c.as_dict()
+        block = BlockConfig.for_backbone(model, block_size=k, token_cond=drafter == "block-tc").as_dict()
+        drafter = "block"
     bundle = MTPBundle.for_backbone(model, k=k, base_model="random weights", has_gates=drafter != "block",
                                     drafter=drafter, draft_vocab=vocab, block=block)
     bundle.config.tree = [list(p) for p in best_paths((RANK_PROBS + RANK_PROBS[-1:] * k)[: k - 1], MAX_TREE)]

@@ -67,9 +67,7 @@ def main():
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape, args.device)
-    c = BlockConfig.for_backbone(model)
-    c.token_cond = args.block_tc
-    block = BlockModel(c).to(args.device).init_from(model)
+    block = BlockModel(BlockConfig.for_backbone(model, token_cond=args.block_tc)).to(args.device).init_from(model)
     embed, full = model.get_input_embeddings(), model.get_output_embeddings()
     vocab = min(args.draft_vocab, full.weight.shape[0])
     lm_head = VocabSlice(full, torch.randperm(full.weight.shape[0])[:vocab])

@@ -53,11 +53,12 @@ class BlockConfig:
 
     @staticmethod
     def for_backbone(model, *, layers: int = LAYERS, block_size: int = 16, intermediate_size: int | None = None,
-                     n_taps: int = 5, kv_heads: int | None = None, mask_token_id: int | None = None) -> "BlockConfig":
+                     n_taps: int = 5, kv_heads: int | None = None, mask_token_id: int | None = None,
+                     token_cond: bool = False) -> "BlockConfig":
         """Sizes from the backbone: its hidden size, head layout and rotary base; `n_taps` layers spread
         from layer 1 to L-3, as the public drafters take them (24 layers: 1, 6, 11, 16, 21). kv_heads: its
         own key/value heads (default the backbone's; a drafter's config carries its own, so an engine that
-        serves it reads them from there)."""
+        serves it reads them from there). token_cond: slots that follow the token before them (--block-tc)."""
         cfg = model.config
         n = cfg.num_hidden_layers
         taps = sorted({round(1 + i * (n - 4) / max(n_taps - 1, 1)) for i in range(n_taps)}) if n > 4 else [n - 2]
@@ -67,7 +68,8 @@ class BlockConfig:
                            taps=taps, layers=layers, block_size=block_size, heads=cfg.num_attention_heads,
                            kv_heads=kv_heads or cfg.num_key_value_heads, head_dim=head_dim,
                            mask_token_id=cfg.vocab_size - 1 if mask_token_id is None else mask_token_id,
-                           rope_theta=float(getattr(cfg, "rope_theta", 1e6)), eps=float(getattr(cfg, "rms_norm_eps", 1e-6)))
+                           rope_theta=float(getattr(cfg, "rope_theta", 1e6)), eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+                           token_cond=token_cond)
 
     def as_dict(self) -> dict:
         """The config as a bundle and an export write it (token_cond only where set: a plain drafter's config

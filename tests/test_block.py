@@ -234,8 +234,7 @@ def block_bundle(model, *, block_size=5, vocab=0, steps=200, answers=32, prompt=
     kept (and a kept row's context matters to the next draft); given a prompt, on answers sampled from it
     (at temperature 1), so that its drafts there carry the model's mass. token_cond: its slots follow the
     token before them."""
-    c = BlockConfig.for_backbone(model, layers=1, block_size=block_size)
-    c.token_cond = token_cond
+    c = BlockConfig.for_backbone(model, layers=1, block_size=block_size, token_cond=token_cond)
     torch.manual_seed(1)  # (the layers' own initialisation, as training starts from)
     bundle = MTPBundle.for_backbone(model, k=block_size, base_model="tiny", has_gates=False, drafter="block",
                                     block=c.as_dict(), draft_vocab=vocab)
