@@ -108,6 +108,7 @@ class LayerInputs(NamedTuple):
     cos: torch.Tensor  # (1, 1, m, hd) rotary tables at each row's position
     sin: torch.Tensor
     cols: torch.Tensor | None = None  # (m, attn_len) --exact: the slot each row's key column c reads (`exact_attention`)
+    window: torch.Tensor | None = None  # (m, w) --exact: the columns each row reads in its own order (`exact_attention`)
 
 
 class LayerWeights(NamedTuple):
@@ -125,9 +126,10 @@ class LayerWeights(NamedTuple):
     eps: float
 
 
-def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, shape: AttnShape, cols=None):
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, shape: AttnShape, cols=None,
+                  window=None):
     """One pre-norm rotary layer at batch 1: x (1, m, d) -> (1, m, d); writes its K/V at `slots`. With
-    `cols` (--exact) row r's key column c reads slot cols[r, c] (`exact_attention`)."""
+    `cols` and `window` (--exact) row r's key column c reads slot cols[r, c] (`exact_attention`)."""
     m, nh, nkv, hd = x.shape[1], shape.n_heads, shape.n_kv, shape.head_dim
     qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv_w, w.qkv_b)
     q, k, v = qkv.view(1, m, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (1, *, m, hd)
@@ -145,27 +147,37 @@ def decoder_layer(x, w: LayerWeights, k_cache, v_cache, slots, mask, cos, sin, s
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
         o = torch.matmul(probs, v_cache).reshape(1, nh, m, hd)
     else:
-        o = exact_attention(scores, mask, v_cache, cols, nh // nkv)
+        o = exact_attention(scores, mask, v_cache, cols, window, nh // nkv)
     o = o.transpose(1, 2).reshape(1, m, nh * hd)
     x = x + F.linear(o, w.o_w, w.o_b)
     gate, up = F.linear(rms_norm(x, w.ln2, w.eps), w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w.down_w, w.down_b)
 
 
-def exact_attention(scores, mask, v_cache, cols, g: int) -> torch.Tensor:
+def exact_attention(scores, mask, v_cache, cols, window, g: int) -> torch.Tensor:
     """--exact attention: every row reads its keys and values laid out as `ar` would have them, the
     context's slots then its own path from the root in depth order (cols), so that a tree node's
     arithmetic is ar's for the same token at the same position, bit for bit, whatever row of the feed
-    it sits in. scores (1, nkv, g*m, n) over the slots as they are -> (1, nh, m, hd). The scores are
-    gathered (each is one dot product, the same in any column); the values are copied per row, (nkv, m,
-    n, hd), since a product's place in the reduction over slots may change its rounding."""
+    it sits in. scores (1, nkv, g*m, n) over the slots as they are -> (1, nh, m, hd).
+
+    The scores are gathered (each is one dot product, the same in any column). The weighted sum of the
+    values splits where the row's window starts (`window`, columns s..s+w-1 with s a function of the
+    row's position alone, at or before the step's first slot): the columns before s are slots in ar's
+    order for every row, so one matmul over the values as they lie covers them, with each row's weights
+    from s on zeroed (adding a zero leaves a sum's bits alone); the window's values are copied per row,
+    (nkv, m, w, hd), since a product's place in the reduction may change its rounding. So the copy is
+    the window's, whatever the context's length, and ar's row at that position splits the same way
+    (its step has the same width and attention length: `StepRunner.exact_bound`)."""
     _, nkv, gm, n = scores.shape
-    m = gm // g
+    m, w = window.shape
     scores = scores.gather(-1, cols.repeat(g, 1).expand(1, nkv, gm, n))
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)
-    values = v_cache[0][:, cols]  # (nkv, m, n, hd): row r's values in its own order
-    o = torch.matmul(probs.view(nkv, g, m, n).transpose(1, 2), values)  # (nkv, m, g, hd): one batch per row
-    return o.transpose(1, 2).reshape(1, nkv * g, m, -1)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v_cache.dtype)  # each row in its own order
+    before = (torch.arange(n, device=scores.device)[None, :] < window[:, :1]).repeat(g, 1)  # (g*m, n)
+    shared = torch.matmul(probs * before, v_cache).view(nkv, g, m, -1)
+    own = probs.gather(-1, window.repeat(g, 1).expand(1, nkv, gm, w)).view(nkv, g, m, w).transpose(1, 2)
+    values = v_cache[0][:, cols.gather(1, window)]  # (nkv, m, w, hd): row r's window in its own order
+    o = torch.matmul(own, values).transpose(1, 2)  # (nkv, g, m, hd): one batch per row
+    return (shared + o).reshape(1, nkv * g, m, -1)
 
 
 def fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -283,10 +295,10 @@ class StaticLM:
         compiled: the layers, and what comes before and after them, each through torch.compile."""
         layer_fn = compile_layer() if compiled else decoder_layer
         inputs, norm = (self.inputs_compiled, compile_norm()) if compiled else (self.inputs, rms_norm)
-        x, slots, mask, cos, sin, cols = inputs(ids, pos0, depths, visible, paths, attn_len)
+        x, slots, mask, cos, sin, cols, window = inputs(ids, pos0, depths, visible, paths, attn_len)
         tapped = []
         for i, w in enumerate(self.layers):
-            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape, cols)
+            x = layer_fn(x, w, self.k_cache[i], self.v_cache[i], slots, mask, cos, sin, self.shape, cols, window)
             if i in taps:
                 tapped.append(x[0])
         h = norm(x, *self.final_norm)[0]
@@ -301,12 +313,18 @@ class StaticLM:
         pos = slots if depths is None else pos0 + depths
         x = self.body.embed_tokens(ids)[None]  # (1, m, d)
         cos, sin = self.cos.index_select(0, pos)[None, None], self.sin.index_select(0, pos)[None, None]  # (1,1,m,hd)
-        cols = None
+        cols = window = None
         if paths is not None:  # --exact: a row's path from the root at the slots after pos0, in depth order
             rel = key_pos - pos0
             on_path = (rel >= 0)[None, :] & (rel[None, :] <= depths[:, None])
             cols = torch.where(on_path, pos0 + paths[:, rel.clamp(0, paths.shape[1] - 1)], key_pos[None, :])
             mask = key_pos[None, :] <= pos[:, None]  # (m, attn_len): by position, as ar's
+            # the window each row reads in its own order: the m columns up to the row's position (so from at or
+            # before pos0, whatever the row's depth); by position, width and attention length alone, as ar's
+            # row there has it
+            n, w = key_pos.shape[0], min(m, key_pos.shape[0])
+            start = (pos - (m - 1)).clamp(min=0).clamp(max=n - w)
+            window = start[:, None] + torch.arange(w, device=ids.device)
         elif visible is None:
             mask = key_pos[None, :] <= slots[:, None]  # (m, attn_len)
         else:  # the prefix, and the fed rows this row's tree path goes through
@@ -314,7 +332,7 @@ class StaticLM:
             in_feed = (rel >= 0) & (rel < m)
             mask = (rel < 0)[None, :] | (visible[:, rel.clamp(0, m - 1)] & in_feed[None, :])
         mask = mask.repeat(self.group, 1)[None, None]  # (1, 1, g*m, attn_len): query rows per K/V head
-        return LayerInputs(x, slots, mask, cos, sin, cols)
+        return LayerInputs(x, slots, mask, cos, sin, cols, window)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of slots `src` to slots `dst`, in every layer."""

@@ -58,6 +58,35 @@ def test_exact_layout_reads_each_rows_path_in_depth_order():
     torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [16, 64])
+def test_exact_tree_rows_are_ar_rows_bit_for_bit_past_the_window(width):
+    """--exact in bf16 after a context of 150: a tree node off the leading chain gives the hidden state
+    ar's one-token step gives for the same token at the same position, bit for bit, though its weighted
+    sum splits at its window (the slots before it as they lie, the window in the row's own order). The
+    plain tree attention, reading the same keys in the feed's order, does not."""
+    from collocate.draft import DraftTree
+
+    lm = StaticLM(tiny_qwen().to(torch.bfloat16), max_len=256)
+    g = torch.Generator().manual_seed(3)
+    context, (a, b, c) = torch.randint(3, 96, (150,), generator=g), torch.randint(3, 96, (3,), generator=g).tolist()
+    lm.forward(context, torch.tensor(0))
+
+    def padded(parents):  # as --exact feeds it: the rows past the draft hang off the root
+        return DraftTree(parents + (0,) * (width - 1 - len(parents))).tensors("cpu")
+
+    ar = []
+    for i, tok in enumerate((a, b, c)):  # ar --exact: the root and width - 1 rows of padding, a step a token
+        t = padded(())
+        ids = torch.tensor([tok] + [3] * (width - 1))
+        ar.append(lm.hidden(ids, torch.tensor(150 + i), depths=t.depths, paths=t.paths, attn_len=256).last[0])
+    t = padded((0,) * (width - 2) + (width - 2,))  # a; siblings x...; b at row width - 2, c under it (the last row)
+    ids = torch.tensor([a] + [5] * (width - 3) + [b, c])
+    tree = lm.hidden(ids, torch.tensor(150), depths=t.depths, paths=t.paths, attn_len=256).last
+    assert all(torch.equal(tree[row], ar[i]) for i, row in enumerate((0, width - 2, width - 1)))
+    plain = lm.hidden(ids, torch.tensor(150), depths=t.depths, visible=t.visible, attn_len=256).last
+    assert not torch.equal(plain[-1], ar[2])
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
 @pytest.mark.parametrize("mode,threshold,adaptive", MODES)
 def test_fast_engine_equals_eager_token_for_token(make, mode, threshold, adaptive):

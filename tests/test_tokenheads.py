@@ -207,6 +207,27 @@ def test_exact_trees_are_bitwise_ar_at_their_width(width, tree):
         assert steps["tree"] >= steps["chain"] + 4, steps
 
 
+@pytest.mark.parametrize("width", [16, 64])
+def test_exact_trees_past_the_window_are_bitwise_ar(width):
+    """--exact past the copied window: with a context of 100-200 tokens each row's weighted sum splits into
+    the slots before its window (read as they lie) and the window (copied in its own order), at a slot set
+    by its position alone, so a tree gives ar's tokens (bf16)."""
+    model = tiny_qwen().to(torch.bfloat16)
+    bundle = with_rank_probs(randomize(MTPBundle.for_backbone(model, k=4, base_model="t"), seed=2, scale=4.0),
+                             probs=(0.3, 0.25, 0.2, 0.15, 0.1))
+    dec = fast(model, bundle, max_len=256)
+    exact, g = dict(exact=True, exact_width=width), torch.Generator().manual_seed(5)
+    tree = dict(tree_size=width - 1, tree_depth=3)
+    for n in (100, 150, 190):  # (the heads are random: nodes kept off the chain are test_fast's)
+        p = torch.randint(3, 96, (n,), generator=g).tolist()
+        ar = dec.generate(p, DecodeConfig(max_new_tokens=48, **exact))
+        v = dec.generate(p, DecodeConfig(mode="verify", max_new_tokens=48, **exact, **tree))
+        assert v.tokens == ar.tokens
+    lm, t = dec.backend.lm, DraftTree((0, 0, 1) + (0,) * (width - 4)).tensors("cpu")  # the split, by position
+    window = lm.inputs(torch.zeros(width, dtype=torch.long), torch.tensor(190), t.depths, None, t.paths, 256).window
+    assert window.shape == (width, width) and window[:4, 0].tolist() == [191 - width, 192 - width, 192 - width, 193 - width]
+
+
 def test_bench_modes_take_exact_and_its_width_together_or_refuse():
     """The bench's --exact --exact-width reach every lossless mode together (each alone would be refused for a
     48-node tree); a width that cannot hold a mode's tree is an error, never a row run without --exact."""
