@@ -3,6 +3,7 @@
     python bench/train_cost.py --shape 1.5b --out train_cost_1.5b.json
     python bench/train_cost.py --shape tiny --device cpu --reps 2     # the script itself, on a CPU
     cd bench && PYTHONPATH=.. python3 train_cost.py --shape 1.5b --syncs  # where a step waits for the GPU
+    python bench/train_cost.py --shape 1.5b --run RUN/work --out ...  # also the steps of RUN's kept answers
 
 A step as `collocate train --drafter block` runs it (collocate/train/block.py), on `--answers` answers of
 `--length` tokens (the last `--answer` of them the answer) with `--anchors` random blocks each, the
@@ -17,7 +18,9 @@ them back to back, with one wait at the end, give the steps a second a training 
 time a step honestly: its work does not depend on the values. Peak memory beside each. `--block-tc`: the
 same with the drafter of `collocate train --block-tc`. `--syncs` times nothing: PyTorch's sync debug mode
 over one whole step prints each place where the host waits for the GPU (its stack's frames of collocate,
-transformers and torch.nn/optim) and how often.
+transformers and torch.nn/optim) and how often. `--run`: also `--real-steps` steps of training's first
+epoch over that run's kept answers (`epoch_steps`: their own lengths, a new padded width almost every step),
+back to back, twice (the second time every shape has been seen), beside the steps of one shape above.
 """
 import argparse
 import random
@@ -25,12 +28,15 @@ import statistics
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
 from collocate.block import BlockConfig, BlockModel
 from collocate.heads import VocabSlice
-from collocate.train.block import padded, step_anchors, step_terms, tapped_states
+from collocate.train.answers import shard_path
+from collocate.train.block import epoch_steps, padded, step_anchors, step_terms, tapped_states, usable_answers
+from collocate.train.config import TrainConfig
 from step_cost import SHAPES, build, report
 
 
@@ -64,6 +70,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--block-tc", action="store_true", help="a drafter whose slots follow the token before them")
     ap.add_argument("--syncs", action="store_true", help="list where a whole step waits for the GPU, time nothing")
+    ap.add_argument("--run", help="a training run's work folder (data/shard-*.safetensors): time its real steps too")
+    ap.add_argument("--real-steps", type=int, default=200)
     ap.add_argument("--out")
     args = ap.parse_args()
     model = build(args.shape, args.device)
@@ -118,6 +126,8 @@ def main():
             "steps back to back, per step": {**timed(steps, 1, args.device),
                                              "per": args.reps}}
     rows["steps back to back, per step"]["ms"] /= args.reps
+    if args.run:
+        rows.update(real_steps(args, model, block, embed, lm_head, opt, autocast))
     result = {"shape": f"Qwen2.5-{args.shape} (random weights, bf16)", "device": torch.cuda.get_device_name()
               if args.device == "cuda" else args.device, "torch": torch.__version__,
               "drafter": {**block.c.as_dict(), "params": sum(p.numel() for p in block.parameters()),
@@ -125,6 +135,53 @@ def main():
               "answers": args.answers, "length": args.length, "answer": args.answer, "anchors": args.anchors,
               "steps": rows}
     report(result, args.out)
+
+
+def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
+    """The first --real-steps steps of training's first epoch over the run's kept answers (all shards but the
+    last, the held-out one, as `collocate train` splits them), built and run as train/block.py does, back to
+    back with one wait at the end; then the same steps again, every shape seen once."""
+    run = Path(args.run)
+    ids = sorted(int(p.stem.split("-")[-1]) for p in (run / "data").glob("shard-*.safetensors"))
+    if not ids or not shard_path(run, ids[0]).exists():
+        raise SystemExit(f"{run} holds no answer shards (data/shard-*.safetensors)")
+    vocab = embed.weight.shape[0]  # (a smaller shape than the run's model: its ids folded into its vocabulary)
+    answers = [([t % vocab for t in seq], plen) for seq, plen in usable_answers(run, ids[:-1])]
+    cfg = TrainConfig(out=str(run), anchors=args.anchors)
+    steps = epoch_steps(answers, cfg, 0)[:args.real_steps]
+    rng = random.Random(0)
+
+    def one(batch):
+        seqs = [answers[i] for i in batch]
+        with torch.no_grad():
+            feats, _ = tapped_states(model, [s for s, _ in seqs], block.c.taps)
+        tokens = padded([s for s, _ in seqs], -100, feats.device)
+        anchors = step_anchors(seqs, args.anchors, rng, feats.device)
+        with autocast:
+            terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=args.device == "cuda",
+                               local=lm_head.local, fused=True)
+        opt.zero_grad(set_to_none=True)
+        terms.mean().backward()
+        torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+        opt.step()
+
+    def all_steps():
+        for batch in steps:
+            one(batch)
+
+    widths = [max(len(answers[i][0]) for i in b) for b in steps]
+    shape = {"steps": len(steps), "answers_per_step": round(statistics.mean(map(len, steps)), 2),
+             "mean_width": round(statistics.mean(widths), 1), "distinct_widths": len(set(widths))}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows = {}
+    for name in ("first pass", "shapes seen"):  # (no warm-up: the first pass is where the shapes are new)
+        sync()
+        t0 = time.perf_counter()
+        all_steps()
+        sync()
+        rows[f"real steps back to back, per step ({name})"] = {"ms": (time.perf_counter() - t0) * 1e3 / len(steps),
+                                                               **shape}
+    return rows
 
 
 def sync_sites(step) -> None:
