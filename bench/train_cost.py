@@ -20,7 +20,8 @@ same with the drafter of `collocate train --block-tc`. `--syncs` times nothing: 
 over one whole step prints each place where the host waits for the GPU (its stack's frames of collocate,
 transformers and torch.nn/optim) and how often. `--run`: also `--real-steps` steps of training's first
 epoch over that run's kept answers (`epoch_steps`: their own lengths, a new padded width almost every step),
-back to back, twice (the second time every shape has been seen), beside the steps of one shape above.
+back to back, twice (the second time every shape has been seen), then with each step's width rounded up to
+a multiple of 64 (a few shapes, a little more work), beside the steps of one shape above.
 """
 import argparse
 import random
@@ -95,13 +96,8 @@ def main():
     anchors = step_anchors([(s, plen) for s in seqs], args.anchors, rng, feats.device)
 
     def drafter(together: bool, fused: bool = True):
-        with autocast:
-            terms = step_terms(block, embed, lm_head, [(s, plen) for s in seqs], tokens, feats, anchors,
-                               together=together, local=lm_head.local, fused=fused)
-        opt.zero_grad(set_to_none=True)
-        terms.mean().backward()
-        torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
-        opt.step()
+        drafter_step(block, embed, lm_head, opt, autocast, [(s, plen) for s in seqs], tokens, feats, anchors,
+                     together, fused)
 
     def step():  # as the training loop runs one: its inputs built from lists, copied without waiting
         nonlocal feats, tokens, anchors
@@ -137,10 +133,23 @@ def main():
     report(result, args.out)
 
 
+def drafter_step(block, embed, lm_head, opt, autocast, seqs, tokens, feats, anchors, together: bool,
+                 fused: bool = True) -> None:
+    """The drafter's part of a training step, as train/block.py runs it: its loss, backward, clipping, AdamW."""
+    with autocast:
+        terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=together,
+                           local=lm_head.local, fused=fused)
+    opt.zero_grad(set_to_none=True)
+    terms.mean().backward()
+    torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+    opt.step()
+
+
 def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
     """The first --real-steps steps of training's first epoch over the run's kept answers (all shards but the
     last, the held-out one, as `collocate train` splits them), built and run as train/block.py does, back to
-    back with one wait at the end; then the same steps again, every shape seen once."""
+    back with one wait at the end; then the same steps again, every shape seen once; then with each step's
+    width rounded up to a multiple of 64."""
     run = Path(args.run)
     ids = sorted(int(p.stem.split("-")[-1]) for p in (run / "data").glob("shard-*.safetensors"))
     if not ids or not shard_path(run, ids[0]).exists():
@@ -151,36 +160,36 @@ def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
     steps = epoch_steps(answers, cfg, 0)[:args.real_steps]
     rng = random.Random(0)
 
-    def one(batch):
+    def one(batch, multiple=1):
         seqs = [answers[i] for i in batch]
+        if multiple > 1:  # the longest answer padded to a multiple of `multiple` tokens, and so the step's width
+            i = max(range(len(seqs)), key=lambda j: len(seqs[j][0]))
+            seq, plen = seqs[i]
+            seqs = seqs[:i] + [(seq + [0] * (-len(seq) % multiple), plen)] + seqs[i + 1:]
         with torch.no_grad():
             feats, _ = tapped_states(model, [s for s, _ in seqs], block.c.taps)
         tokens = padded([s for s, _ in seqs], -100, feats.device)
         anchors = step_anchors(seqs, args.anchors, rng, feats.device)
-        with autocast:
-            terms = step_terms(block, embed, lm_head, seqs, tokens, feats, anchors, together=args.device == "cuda",
-                               local=lm_head.local, fused=True)
-        opt.zero_grad(set_to_none=True)
-        terms.mean().backward()
-        torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
-        opt.step()
+        drafter_step(block, embed, lm_head, opt, autocast, seqs, tokens, feats, anchors, args.device == "cuda")
 
-    def all_steps():
+    def all_steps(multiple=1):
         for batch in steps:
-            one(batch)
+            one(batch, multiple)
 
-    widths = [max(len(answers[i][0]) for i in b) for b in steps]
-    shape = {"steps": len(steps), "answers_per_step": round(statistics.mean(map(len, steps)), 2),
-             "mean_width": round(statistics.mean(widths), 1), "distinct_widths": len(set(widths))}
+    def shape(multiple):  # the steps' padded widths
+        widths = [-(-max(len(answers[i][0]) for i in b) // multiple) * multiple for b in steps]
+        return {"steps": len(steps), "answers_per_step": round(statistics.mean(map(len, steps)), 2),
+                "mean_width": round(statistics.mean(widths), 1), "distinct_widths": len(set(widths))}
+
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = {}
-    for name in ("first pass", "shapes seen"):  # (no warm-up: the first pass is where the shapes are new)
-        sync()
+    for name, multiple in (("first pass", 1), ("shapes seen", 1), ("widths rounded up to 64, first pass", 64)):
+        sync()  # (no warm-up: the first pass is where the shapes are new)
         t0 = time.perf_counter()
-        all_steps()
+        all_steps(multiple)
         sync()
         rows[f"real steps back to back, per step ({name})"] = {"ms": (time.perf_counter() - t0) * 1e3 / len(steps),
-                                                               **shape}
+                                                               **shape(multiple)}
     return rows
 
 
