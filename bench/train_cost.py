@@ -35,7 +35,6 @@ import torch
 
 from collocate.block import BlockConfig, BlockModel
 from collocate.heads import VocabSlice
-from collocate.train.answers import shard_path
 from collocate.train.block import epoch_steps, padded, step_anchors, step_terms, tapped_states, usable_answers
 from collocate.train.config import TrainConfig
 from step_cost import SHAPES, build, report
@@ -100,11 +99,8 @@ def main():
                      together, fused)
 
     def step():  # as the training loop runs one: its inputs built from lists, copied without waiting
-        nonlocal feats, tokens, anchors
-        feats, _ = backbone()
-        tokens = padded(seqs, -100, feats.device)
-        anchors = step_anchors([(s, plen) for s in seqs], args.anchors, rng, feats.device)
-        drafter(args.device == "cuda")
+        whole_step(model, block, embed, lm_head, opt, autocast, [(s, plen) for s in seqs], args.anchors, rng,
+                   args.device == "cuda")
 
     if args.syncs:
         return sync_sites(step)
@@ -145,6 +141,16 @@ def drafter_step(block, embed, lm_head, opt, autocast, seqs, tokens, feats, anch
     opt.step()
 
 
+def whole_step(model, block, embed, lm_head, opt, autocast, seqs, anchors_each: int, rng, together: bool) -> None:
+    """A whole training step over seqs [(ids, prompt length)], as train/block.py runs one: the backbone's taps,
+    the step's inputs built from lists, then `drafter_step`."""
+    with torch.no_grad():
+        feats, _ = tapped_states(model, [s for s, _ in seqs], block.c.taps)
+    tokens = padded([s for s, _ in seqs], -100, feats.device)
+    anchors = step_anchors(seqs, anchors_each, rng, feats.device)
+    drafter_step(block, embed, lm_head, opt, autocast, seqs, tokens, feats, anchors, together)
+
+
 def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
     """The first --real-steps steps of training's first epoch over the run's kept answers (all shards but the
     last, the held-out one, as `collocate train` splits them), built and run as train/block.py does, back to
@@ -152,7 +158,7 @@ def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
     width rounded up to a multiple of 64."""
     run = Path(args.run)
     ids = sorted(int(p.stem.split("-")[-1]) for p in (run / "data").glob("shard-*.safetensors"))
-    if not ids or not shard_path(run, ids[0]).exists():
+    if not ids:
         raise SystemExit(f"{run} holds no answer shards (data/shard-*.safetensors)")
     vocab = embed.weight.shape[0]  # (a smaller shape than the run's model: its ids folded into its vocabulary)
     answers = [([t % vocab for t in seq], plen) for seq, plen in usable_answers(run, ids[:-1])]
@@ -166,11 +172,7 @@ def real_steps(args, model, block, embed, lm_head, opt, autocast) -> dict:
             i = max(range(len(seqs)), key=lambda j: len(seqs[j][0]))
             seq, plen = seqs[i]
             seqs = seqs[:i] + [(seq + [0] * (-len(seq) % multiple), plen)] + seqs[i + 1:]
-        with torch.no_grad():
-            feats, _ = tapped_states(model, [s for s, _ in seqs], block.c.taps)
-        tokens = padded([s for s, _ in seqs], -100, feats.device)
-        anchors = step_anchors(seqs, args.anchors, rng, feats.device)
-        drafter_step(block, embed, lm_head, opt, autocast, seqs, tokens, feats, anchors, args.device == "cuda")
+        whole_step(model, block, embed, lm_head, opt, autocast, seqs, args.anchors, rng, args.device == "cuda")
 
     def all_steps(multiple=1):
         for batch in steps:
