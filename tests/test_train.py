@@ -405,6 +405,18 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
     first = run_training(cfg)
     again = run_training(dataclasses.replace(cfg, out=str(tmp_path / "again")))  # --seed fixes the initial weights
     assert again["stages"]["heads"]["history"][0]["first_loss"] == first["stages"]["heads"]["history"][0]["first_loss"]
+    # --init-from: training goes on from a trained bundle (its drafter and draft vocabulary), checked before any
+    # answer is made; a bundle of another drafter or another backbone stops it with nothing written
+    warm = run_training(dataclasses.replace(cfg, out=str(tmp_path / "warm"), init_from=cfg.out))
+    assert warm["init_from"] == cfg.out
+    assert warm["stages"]["heads"]["history"][0]["first_loss"] < first["stages"]["heads"]["history"][0]["first_loss"]
+    assert torch.equal(MTPBundle.from_pretrained(tmp_path / "warm").draft_ids, MTPBundle.from_pretrained(cfg.out).draft_ids)
+    other = save_tiny(tmp_path / "other", seed=1)
+    for kw, error in ((dict(k=4), "its drafter is not this run's: k 5 \\(this run: 4\\)"),
+                      (dict(model=other), "cannot run on this run's backbone")):
+        with pytest.raises((ValueError, BundleError), match=error):
+            run_training(dataclasses.replace(cfg, out=str(tmp_path / "refused"), init_from=cfg.out, **kw))
+        assert not (tmp_path / "refused").exists()
     report = run_training(dataclasses.replace(cfg, epochs=3))
     hist = report["stages"]["heads"]["history"]
     assert len(hist) == 3 and hist[0] == first["stages"]["heads"]["history"][0] and hist[-1]["loss"] < hist[0]["loss"]

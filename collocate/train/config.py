@@ -47,6 +47,9 @@ class TrainConfig:
     block_tc: bool = setting(False, "block drafter: each slot's state also follows the token drafted at the slot "
                                     "before it (a small update per slot; trees then draft one depth after another, "
                                     "and the bundle is format 5; not exportable to vLLM or SGLang)")
+    init_from: str | None = setting(None, "start the drafter from a trained bundle's weights and draft vocabulary (the "
+                                          "same drafter and sizes, for this backbone) and train on from there with a fresh "
+                                          "optimiser: training spread over several sessions, or more answers", type=str)
     anchors: int = setting(64, "block drafter: blocks trained per answer and step (random answer positions)")
     block_attention: str = setting("sdpa", "block drafter training: each layer's attention in one kernel (PyTorch's "
                                            "scaled_dot_product_attention) or as scores, then softmax ('eager', as "

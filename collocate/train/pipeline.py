@@ -37,7 +37,6 @@ def run_training(cfg: TrainConfig) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such kernel warns, once
     accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     run = Path(cfg.out) / "work"
-    run.mkdir(parents=True, exist_ok=True)
     device = accel.device
     # bf16 everywhere: CPUs with AVX512-BF16/AMX run it several times faster than float32
     if cfg.device_map and accel.num_processes > 1:
@@ -46,6 +45,8 @@ def run_training(cfg: TrainConfig) -> dict:
     backbone = load_backbone(cfg.model, dtype=torch.bfloat16, device=device, device_map=cfg.device_map)
     model, tokenizer = backbone
     report = {"config": asdict(cfg), "device": device_name(device), "processes": accel.num_processes, "stages": {}}
+    start = starting_drafter(cfg, model, tokenizer) if cfg.init_from else None  # (checked before anything is written)
+    run.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     manifest = generate_answers(model, tokenizer, cfg, run)
@@ -84,6 +85,10 @@ def run_training(cfg: TrainConfig) -> dict:
         bundle.draft_ids.copy_(most_used(model, run, train_ids, cfg))
     if block:
         bundle.heads.init_from(model, layers=cfg.block_init == "backbone")
+    if start is not None:  # (--init-from: the drafter and its draft vocabulary as they were trained)
+        bundle.heads.load_state_dict(start.heads.state_dict())
+        bundle.draft_ids.copy_(start.draft_ids)
+        report["init_from"] = cfg.init_from
     t0 = time.perf_counter()
     train = train_block if block else train_heads
     report["stages"]["heads"] = {**train(model, bundle, cfg, run, train_ids, accel)}
@@ -132,6 +137,20 @@ def block_config(model, tokenizer, cfg: TrainConfig) -> BlockConfig:
         check_taps(cfg.block_taps, model.config.num_hidden_layers)
         c.taps = sorted(set(cfg.block_taps))
     return c
+
+
+def starting_drafter(cfg: TrainConfig, model, tokenizer) -> MTPBundle:
+    """--init-from's bundle, checked: trained on this very backbone, with the drafter this run trains (type, k,
+    draft vocabulary size, block sizes). Only its drafter and draft vocabulary are taken; CLP and tree train anew."""
+    old = MTPBundle.from_pretrained(cfg.init_from, backbone=model, backbone_name="this run's backbone")
+    mine = {"drafter": cfg.drafter, "k": cfg.k, "draft_vocab": cfg.draft_vocab,
+            "block": block_config(model, tokenizer, cfg).as_dict() if cfg.drafter == "block" else {}}
+    theirs = {"drafter": old.config.drafter, "k": old.config.k, "draft_vocab": old.config.draft_vocab,
+              "block": old.config.block}
+    if theirs != mine:
+        diff = "; ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine if theirs[k] != mine[k])
+        raise ValueError(f"--init-from {cfg.init_from}: its drafter is not this run's: {diff}")
+    return old
 
 
 def most_used(model, run: Path, ids: list[int], cfg: TrainConfig) -> torch.Tensor:
