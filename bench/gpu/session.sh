@@ -3,7 +3,7 @@
 # repository root (bench/README.md). Steps: recv DIR, setup, train-smollm2, train-qwen [MODEL], bench MODEL,
 # hf MODEL, train MODEL NAME BASE FLAGS, curve MODEL BASE N,N FLAGS, benchrun MODEL NAME RUN MODES,
 # frontier MODEL NAME RUN MODES, skip NAME, stepcost, traincost [SHAPE], profile SHAPE MODE..., devmap MODEL NAME SAMPLES,
-# serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN, home NAME RUN...,
+# serveload MODEL RUN MODES, exactness, bundles NAME RUN..., answers NAME RUN, home NAME RUN..., home16 NAME RUN...,
 # longprompts MODEL RUN [MODES LENGTHS], graphtests. `start NAME 'STEPS'` runs
 # steps (`S step args` inside) as a background job that outlives the call; `wait SECONDS` follows the jobs
 # and packs the results into $OUT/results.tgz. Sizes are variables, so the same script dry-runs on a CPU.
@@ -75,8 +75,8 @@ case ${1:?step} in
       # which), carried in the tree or, by a first call with the tree's answers set aside (aside.sh), in .answers/
       if [ -e "$t" ]; then mkdir -p "$W/runs" && tar -xzf "$t" -C "$W/runs"; fi
     done
-    for t in "$W"/slices/*.runs.tgz.part0; do  # (`home` packs them gzipped)
-      if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%0}"* | tar -xzf - -C "$W/runs"; fi
+    for t in "$W"/slices/*.runs.tgz.part0 "$W"/slices/*.runs.tgz.part00; do  # (`home`, `home16` pack them gzipped)
+      if [ -e "$t" ]; then mkdir -p "$W/runs" && cat "${t%.part*}".part* | tar -xzf - -C "$W/runs"; fi
     done
     mkdir -p "$W/files"
     for q in $QWENS; do
@@ -220,6 +220,19 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     for n in "${@:3}"; do files+=("$n/config.json" "$n/model.safetensors" "$n/train_report.json" "$n/work/data"); done
     tar -czf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.runs.tgz.part"
     ls -la "$OUT" ;;
+  home16)  # home16 NAME RUN...: the RUNs' bundles, the drafter's weights in bf16 (decoding runs them in bf16; the
+    # CLP's stay float32: half the bytes of a block drafter's bundle), gzipped, as $W/home/NAME.runs.tgz.partNN
+    # (15 MiB pieces), made while the job goes on; each `wait` then takes PIECES of them (3) into $OUT
+    rm -rf "$W/home16" && mkdir -p "$W/home16" "$W/home"
+    for n in "${@:3}"; do
+      mkdir -p "$W/home16/$n" && cp "$W/runs/$n"/{config.json,train_report.json} "$W/home16/$n/"
+      python3 -c "import sys; from safetensors.torch import load_file, save_file; d = load_file(sys.argv[1]); \
+save_file({k: v.bfloat16() if k.startswith('heads.') and v.is_floating_point() else v for k, v in d.items()}, sys.argv[2], \
+{'format': 'pt'})" "$W/runs/$n/model.safetensors" "$W/home16/$n/model.safetensors"
+    done
+    mkdir -p "$W/home16/.pieces" && tar -czf - -C "$W/home16" "${@:3}" \
+      | split -b 15M -d -a 2 - "$W/home16/.pieces/${2:?name}.runs.tgz.part"
+    mv "$W/home16/.pieces"/* "$W/home/" && ls -la "$W/home" ;;  # (whole pieces only, for `wait` to take)
   longprompts)  # longprompts MODEL RUN [MODES LENGTHS]: bench/long_prompts.py (graphs captured first, then code prompts)
     python3 bench/long_prompts.py --model "$W/models/${2:?model}" --heads "$W/runs/${3:?run}" \
       --modes "${4:-ar,verify-t48d3}" --lengths "${5:-256,2048,4096,8192,16384,30000}" --out "$R/long_prompts_$2.json" ;;
@@ -245,6 +258,10 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     while [ -n "$(running)" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     for l in "$W"/*.log; do echo "== $l"; tail -c "${TAIL:-1200}" "$l" | tr '\r' '\n' | tail -n 12; done
     echo "running: $(running | tr '\n' ' ')"
-    if [ -n "${OUT:-}" ]; then tar -czf "$OUT/results.tgz" --exclude="*.safetensors" -C "$R" . && ls -la "$OUT"; fi ;;
+    if [ -n "${OUT:-}" ]; then
+      tar -czf "$OUT/results.tgz" --exclude="*.safetensors" -C "$R" .
+      for f in $(ls "$W/home" 2>/dev/null | head -n "${PIECES:-3}"); do mv "$W/home/$f" "$OUT/"; done  # (home16's)
+      ls -la "$OUT"
+    fi ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
