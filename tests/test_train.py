@@ -407,10 +407,17 @@ def test_block_drafter_trains_resumes_and_decodes_losslessly(tmp_path):
     assert again["stages"]["heads"]["history"][0]["first_loss"] == first["stages"]["heads"]["history"][0]["first_loss"]
     # --init-from: training goes on from a trained bundle (its drafter and draft vocabulary), checked before any
     # answer is made; a bundle of another drafter or another backbone stops it with nothing written
-    warm = run_training(dataclasses.replace(cfg, out=str(tmp_path / "warm"), init_from=cfg.out))
-    assert warm["init_from"] == cfg.out
-    assert warm["stages"]["heads"]["history"][0]["first_loss"] < first["stages"]["heads"]["history"][0]["first_loss"]
-    assert torch.equal(MTPBundle.from_pretrained(tmp_path / "warm").draft_ids, MTPBundle.from_pretrained(cfg.out).draft_ids)
+    # (from the bundle with its draft vocabulary in reverse order, which the answers never give, and on other
+    # answers, --seed 1: against a fresh start on them, a lower first loss and the bundle's draft vocabulary)
+    start = MTPBundle.from_pretrained(cfg.out)
+    start.draft_ids.copy_(start.draft_ids.flip(0))
+    start.save_pretrained(tmp_path / "start")
+    fresh = run_training(dataclasses.replace(cfg, out=str(tmp_path / "fresh"), seed=1))
+    warm = run_training(dataclasses.replace(cfg, out=str(tmp_path / "warm"), seed=1, init_from=str(tmp_path / "start")))
+    assert warm["init_from"] == str(tmp_path / "start")
+    assert warm["stages"]["heads"]["history"][0]["first_loss"] < fresh["stages"]["heads"]["history"][0]["first_loss"]
+    ids = {name: MTPBundle.from_pretrained(tmp_path / name).draft_ids for name in ("start", "fresh", "warm")}
+    assert torch.equal(ids["warm"], ids["start"]) and not torch.equal(ids["fresh"], ids["start"])
     other = save_tiny(tmp_path / "other", seed=1)
     for kw, error in ((dict(k=4), "its drafter is not this run's: k 5 \\(this run: 4\\)"),
                       (dict(model=other), "cannot run on this run's backbone")):

@@ -221,7 +221,7 @@ c['format_version'] = 1; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$W/run
     tar -czf - -C "$W/runs" "${files[@]}" | split -b 15M -d -a 1 - "${OUT:?where the pieces go}/${2:?name}.runs.tgz.part"
     ls -la "$OUT" ;;
   home16)  # home16 NAME RUN...: the RUNs' bundles, the drafter's weights in bf16 (decoding runs them in bf16; the
-    # CLP's stay float32: half the bytes of a block drafter's bundle), gzipped, as $W/home/NAME.runs.tgz.partNN
+    # rest as saved: half the bytes of a block drafter's float32 bundle), gzipped, as $W/home/NAME.runs.tgz.partNN
     # (15 MiB pieces), made while the job goes on; each `wait` then takes PIECES of them (3) into $OUT
     rm -rf "$W/home16" && mkdir -p "$W/home16" "$W/home"
     for n in "${@:3}"; do
