@@ -27,8 +27,10 @@ sandbox:
 		{ apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } \
 		>/dev/null 2>&1; } || echo "collocate: no bubblewrap (apt-get install bubblewrap): HumanEval is not scored"
 
+# one pytest worker a core (at most 8); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= auto
 test: $(STAMP) sandbox
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8
 
 # the committed CPU bench table (bench/README.md)
 bench-cpu: $(STAMP)

@@ -1,10 +1,20 @@
 """Tiny randomly initialised models built in code: the unit tests run on these in seconds."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `make test` runs one worker a core (pytest-xdist): each takes its share of the cores, and so do the
+# commands the tests start, instead of every worker's torch spreading over all of them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 
