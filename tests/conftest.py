@@ -12,10 +12,10 @@ if WORKERS > 1:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 
 def tiny_llama(seed=0, vocab=96, hidden=32, tie=True):

@@ -30,7 +30,10 @@ def test_a_second_corpus_fill_waits_for_the_first(tmp_path, monkeypatch, capsys)
 
 def test_a_model_built_while_waiting_is_not_built_again(tmp_path, monkeypatch):
     monkeypatch.setenv("COLLOCATE_CACHE", str(tmp_path))
-    monkeypatch.setattr(zoo, "fetch_wheels", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fetched again")))
+    def fetch_again(*args, **kwargs):
+        raise AssertionError("fetched again")
+
+    monkeypatch.setattr(zoo, "fetch_wheels", fetch_again)
     with zoo.cache_lock("model-smollm2-135m"):
         thread, out = waits_then_returns(zoo.build_cache, "smollm2-135m")
         assert thread.is_alive()
