@@ -136,6 +136,57 @@ def test_data_stage_resumes_after_kill_with_exactly_the_same_samples(tmp_path):
     assert not list((killed / "work" / "data").glob("*.tmp*"))
 
 
+def test_answers_made_elsewhere_are_the_runs_own(tmp_path):
+    """--answers: the backbone's greedy answers written elsewhere (as vLLM gives them: prompt_token_ids and
+    token_ids) make the very shards the data stage generates, and a drafter trains on them; texts read too.
+    A line that cannot be read, ids past the vocabulary, another model's answers and too few lines are
+    one-line errors that write no data."""
+    from collocate.train.answers import read_shard
+
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    run_training(tiny_cfg(tmp_path, model, prompts, out="own", samples=12, only="data"))
+    rows = [r for i in range(2) for r in read_shard(tmp_path / "own" / "work", i)]
+    vllm = tmp_path / "vllm.jsonl"
+    vllm.write_text("".join(json.dumps({"prompt_token_ids": s[:p], "token_ids": s[p:], "text": "..."}) + "\n"
+                            for s, p in rows))
+    report = run_training(tiny_cfg(tmp_path, model, None, out="imp", samples=12, answers_file=str(vllm)))
+    assert_same_shards(shards(tmp_path / "own"), shards(tmp_path / "imp"))
+    imported = report["stages"]["data"]["imported"]
+    assert imported["greedy_agreement"] > 0.9 and imported["lines_read"] == 12
+    assert (tmp_path / "imp" / "model.safetensors").exists() and report["heldout_head_accuracy"]
+
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    texts = tmp_path / "texts.jsonl"  # (the tiny tokenizer reads no EOS back from text: the answers lose it)
+    texts.write_text("".join(json.dumps({"prompt": tok.decode(s[:p]), "answer": tok.decode(s[p:], skip_special_tokens=True)})
+                             + "\n" for s, p in rows))
+    run_training(tiny_cfg(tmp_path, model, None, out="txt", samples=12, answers_file=str(texts), only="data"))
+    assert [s[:p] for s, p in read_shard(tmp_path / "txt" / "work", 0)] == [s[:p] for s, p in rows[:6]]
+
+    def refused(lines, match, samples=12):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(lines))
+        with pytest.raises(ValueError, match=match):
+            run_training(tiny_cfg(tmp_path, model, None, out="bad", samples=samples, answers_file=str(bad)))
+        assert not (tmp_path / "bad" / "work" / "data").exists()
+
+    good = vllm.read_text().splitlines(keepends=True)
+    refused(good[:2] + ["{not json\n"] + good[3:], "bad.jsonl line 3: not JSON")
+    refused(good[:1] + [json.dumps({"prompt_token_ids": [3, 4], "token_ids": [5, 96]}) + "\n"] + good[2:],
+            r"line 2: 'token_ids' must be a list of token ids in 0\.\.95")
+    refused(good[:1] + [json.dumps({"prompt_token_ids": [3, 4]}) + "\n"] + good[2:], "line 2: needs a prompt")
+    rng = torch.Generator().manual_seed(0)
+    refused([json.dumps({"prompt_token_ids": s[:p], "token_ids": torch.randint(3, 96, (24,), generator=rng).tolist()})
+             + "\n" for s, p in rows], "not its greedy answers")
+    refused(good[:5] + good[:5], r"only 5 usable answers .* 5 repeated prompt")
+    with pytest.raises(ValueError, match="leave out --prompts"):
+        tiny_cfg(tmp_path, model, prompts, answers_file=str(vllm))
+    with pytest.raises(ValueError, match="no such file"):
+        tiny_cfg(tmp_path, model, None, answers_file=str(tmp_path / "none.jsonl"))
+
+
 def test_data_grows_keeping_its_answers(tmp_path):
     """More --samples on a run keeps its prompts and answer shards byte for byte and appends new prompts,
     also from another --prompts file; any other changed data setting, or a partial last shard, is refused."""

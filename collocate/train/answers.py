@@ -1,6 +1,7 @@
 """Stage 1, data: the backbone's own greedy answers to real prompts, in atomic shards and a manifest.
 
     collocate train --model smollm2-135m --samples 2000 --out runs/x --only data
+    collocate train --model smollm2-135m --samples 2000 --out runs/x --answers made-by-vllm.jsonl
 
 Each shard is written whole or not at all, so a killed run resumes with nothing lost or repeated, and
 the prompt list is fixed at the first run so a restart sees the very same one.
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .common import is_main, rank_world, save_atomic, write_atomic
+from .common import is_main, rank_world, save_atomic, say, write_atomic
 from .config import TrainConfig
 
 
@@ -141,6 +142,112 @@ def generate_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     return write_manifest(cfg, run)
 
 
+PROMPT_KEYS, ANSWER_KEYS = ("prompt_token_ids", "prompt_ids", "prompt"), ("token_ids", "answer_ids", "answer")
+GREEDY_REFUSED, GREEDY_WARNED = 0.5, 0.9  # shares of answer tokens that are the backbone's own greedy choice
+CHECKED = 16  # answers the greedy check reads
+
+
+def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[list[list[int]], list[list[int]], dict]:
+    """The first cfg.samples usable lines of a JSONL of answers made elsewhere, as (prompts, answers, counts):
+    token ids (vLLM's `prompt_token_ids` and `outputs[0].token_ids`) or texts (the prompt encoded as
+    --prompts encodes it, --chat included; the answer as it stands). Prompts over --max-prompt-tokens and
+    repeated prompts are skipped, answers cut at --max-new-tokens; a line that cannot be read is an error
+    that names it."""
+    from ..data import encode
+
+    prompts, answers, seen, skipped, lines = [], [], set(), {"long_prompt": 0, "repeated_prompt": 0, "empty": 0}, 0
+    with open(path, encoding="utf-8") as f:
+        for lines, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lines}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {lines}: a JSON object per line, got {type(row).__name__}")
+            key_p = next((k for k in PROMPT_KEYS if k in row), None)
+            key_a = next((k for k in ANSWER_KEYS if k in row), None)
+            if key_p is None or key_a is None:
+                raise ValueError(f"{path} line {lines}: needs a prompt ({', '.join(PROMPT_KEYS)}) and an answer "
+                                 f"({', '.join(ANSWER_KEYS)}); it has {', '.join(row) or 'no keys'}")
+            for key in (key_p, key_a):
+                value, text = row[key], key in ("prompt", "answer")
+                if not (isinstance(value, str) if text else
+                        isinstance(value, list) and all(type(t) is int and 0 <= t < vocab for t in value)):
+                    raise ValueError(f"{path} line {lines}: '{key}' must be " + (
+                        "a text" if text else f"a list of token ids in 0..{vocab - 1} (this backbone's vocabulary)"))
+            prompt = encode(tokenizer, row[key_p], chat=cfg.chat) if key_p == "prompt" else row[key_p]
+            answer = tokenizer(row[key_a], add_special_tokens=False)["input_ids"] if key_a == "answer" else row[key_a]
+            if not prompt or not answer:
+                skipped["empty"] += 1
+            elif len(prompt) > cfg.max_prompt_tokens:
+                skipped["long_prompt"] += 1
+            elif tuple(prompt) in seen:
+                skipped["repeated_prompt"] += 1
+            else:
+                seen.add(tuple(prompt))
+                prompts.append(prompt)
+                answers.append(answer[: cfg.max_new_tokens])
+                if len(prompts) == cfg.samples:
+                    break
+    if len(prompts) < cfg.samples:
+        raise ValueError(f"only {len(prompts)} usable answers in {path} for --samples {cfg.samples} (skipped: "
+                         + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()) + ")")
+    return prompts, answers, {"lines_read": lines, "skipped": skipped}
+
+
+@torch.inference_mode()
+def greedy_agreement(model, prompts: list[list[int]], answers: list[list[int]], n: int = CHECKED) -> tuple[float, int]:
+    """The share of answer tokens that are the backbone's own argmax after the tokens before them, on n
+    answers spread over the list, and how many tokens that was: ~1 for its greedy answers (bf16 near-ties
+    aside), far less for sampled ones or another model's."""
+    step = max(1, len(prompts) // n)
+    same = total = 0
+    for p, a in list(zip(prompts, answers))[::step][:n]:
+        ids = torch.tensor([p + a], device=model.device)
+        guess = model(input_ids=ids).logits[0, len(p) - 1:-1].argmax(-1)
+        same += (guess == ids[0, len(p):]).sum().item()
+        total += len(a)
+    return same / max(total, 1), total
+
+
+def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
+    """Stage 1 from answers made elsewhere (cfg.answers_file): the same prompts.json and shards as
+    `generate_answers` writes, so every later stage, a resume and a grown --samples work alike. Nothing is
+    written until the lines needed are read and the sample's greedy check has passed."""
+    if not is_main():
+        return {}
+    path = run / "data" / "prompts.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["settings"] != cfg.data_settings() and not can_grow(saved["settings"], cfg):
+            raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another --out "
+                             "or the same settings (only --samples may grow, from a whole number of shards)")
+    todo = [i for i in range(cfg.n_shards) if not shard_path(run, i).exists()]
+    if todo:
+        prompts, answers, counts = read_answers(cfg.answers_file, tokenizer, cfg, model.get_input_embeddings().num_embeddings)
+        agree, checked = greedy_agreement(model, prompts, answers)
+        counts.update(file=str(cfg.answers_file), greedy_agreement=round(agree, 4), greedy_checked_tokens=checked)
+        if agree < GREEDY_REFUSED:
+            raise ValueError(f"{cfg.answers_file}: {agree:.0%} of the answer tokens checked ({checked}) are "
+                             f"{cfg.model}'s greedy choice: these are not its greedy answers (another model or "
+                             "tokenizer, sampled answers, or prompts without the chat template that --chat adds); "
+                             "make them with temperature 0 from this model")
+        if agree < GREEDY_WARNED:
+            say(f"warning: only {agree:.0%} of the answer tokens checked are {cfg.model}'s greedy choice: a drafter "
+                "trained on them learns to draft something else, and fewer of its drafts will be accepted")
+        say(f"data: {len(prompts)} answers from {cfg.answers_file}, {agree:.1%} of {checked} tokens checked are "
+            f"{cfg.model}'s greedy choice")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": prompts}))
+        write_atomic(run / "data" / "imported.json", json.dumps(counts, indent=1))
+        for i in todo:
+            rows = slice(i * cfg.shard_size, (i + 1) * cfg.shard_size)
+            write_shard(run, i, prompts[rows], answers[rows])
+    return write_manifest(cfg, run)
+
+
 def write_shard(run: Path, i: int, prompts: list[list[int]], answers: list[list[int]]) -> None:
     seqs = [p + a for p, a in zip(prompts, answers)]
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
@@ -189,6 +296,8 @@ def write_manifest(cfg: TrainConfig, run: Path) -> dict:
     manifest = {"settings": cfg.data_settings(), "shards": shards,
                 "samples": sum(s["samples"] for s in shards), "answer_tokens": sum(s["answer_tokens"] for s in shards),
                 "complete": len(shards) == cfg.n_shards}
+    if (run / "data" / "imported.json").exists():  # answers made elsewhere: what was read, and the greedy check
+        manifest["imported"] = json.loads((run / "data" / "imported.json").read_text())
     if is_main():
         write_atomic(run / "data" / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

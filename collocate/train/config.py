@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from ..block import DECAY, LAYERS
 from ..clp import CLP_FEATURES
@@ -94,6 +95,11 @@ class TrainConfig:
     chat: bool = setting(True, "wrap prompts in the model's chat template", data=True)
     prompts_file: str | None = setting(None, 'JSONL of {"prompt": ...} lines instead of ShareGPT', data=True,
                                        flag="--prompts")
+    answers_file: str | None = setting(None, "JSONL of answers made elsewhere (vLLM, SGLang, another machine) instead "
+                                             'of generating them: {"prompt_token_ids": [...], "token_ids": [...]} or '
+                                             '{"prompt": "...", "answer": "..."} lines, this backbone\'s greedy answers '
+                                             "(checked on a sample); the first --samples usable lines are taken",
+                                       data=True, flag="--answers")
     only: str | None = setting(None, "stop after this stage (resume later)", choices=("data", "features"))
 
     def __post_init__(self):
@@ -123,6 +129,10 @@ class TrainConfig:
                 or self.block_decay <= 0 or any(t < 0 for t in self.block_taps)):
             raise ValueError("--block-layers and --anchors must be >= 1, --block-decay > 0, --block-mlp, "
                              "--block-kv-heads and --block-taps >= 0")
+        if self.answers_file and (self.prompts_file or self.mix):
+            raise ValueError("--answers brings its own prompts: leave out --prompts and --mix")
+        if self.answers_file and not Path(self.answers_file).is_file():
+            raise ValueError(f"--answers {self.answers_file}: no such file")
         if self.drafter == "block":
             self.gates = False  # (the gate baseline reads independent heads' outputs)
 

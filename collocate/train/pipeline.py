@@ -16,7 +16,7 @@ from ..bundle import MTPBundle
 from ..clp import CLP_FEATURES
 from ..draft import MAX_TREE, best_paths
 from ..block import BlockConfig, check_taps
-from .answers import generate_answers, heldout_overlap, read_shard, shard_answers, write_manifest
+from .answers import generate_answers, heldout_overlap, import_answers, read_shard, shard_answers, write_manifest
 from .block import block_policy_data, train_block
 from .common import is_main, say, write_atomic
 from .config import TrainConfig
@@ -49,12 +49,13 @@ def run_training(cfg: TrainConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    manifest = generate_answers(model, tokenizer, cfg, run)
+    (import_answers if cfg.answers_file else generate_answers)(model, tokenizer, cfg, run)
     accel.wait_for_everyone()
     manifest = write_manifest(cfg, run)
     report["stages"]["data"] = {"seconds": add_stage_time(run, "data", time.perf_counter() - t0),
                                 "samples": manifest["samples"],
-                                "answer_tokens": manifest["answer_tokens"]}
+                                "answer_tokens": manifest["answer_tokens"],
+                                **({"imported": manifest["imported"]} if "imported" in manifest else {})}
     say(f"data: {manifest['samples']} answers, {manifest['answer_tokens']} tokens")
     if cfg.only == "data":
         return report
