@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -147,7 +148,7 @@ GREEDY_REFUSED, GREEDY_WARNED = 0.5, 0.9  # shares of answer tokens that are the
 CHECKED = 16  # answers the greedy check reads
 
 
-def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[list[list[int]], list[list[int]], dict]:
+def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[list[list[int]], list[array], dict]:
     """The first cfg.samples usable lines of a JSONL of answers made elsewhere, as (prompts, answers, counts):
     token ids (vLLM's `prompt_token_ids` and `outputs[0].token_ids`) or texts (the prompt encoded as
     --prompts encodes it, --chat included; the answer as it stands). Prompts over --max-prompt-tokens and
@@ -188,7 +189,7 @@ def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[li
             else:
                 seen.add(tuple(prompt))
                 prompts.append(prompt)
-                answers.append(answer[: cfg.max_new_tokens])
+                answers.append(array("i", answer[: cfg.max_new_tokens]))  # (4 bytes a token: 800K answers fit)
                 if len(prompts) == cfg.samples:
                     break
     if len(prompts) < cfg.samples:
@@ -198,14 +199,14 @@ def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[li
 
 
 @torch.inference_mode()
-def greedy_agreement(model, prompts: list[list[int]], answers: list[list[int]], n: int = CHECKED) -> tuple[float, int]:
+def greedy_agreement(model, prompts: list[list[int]], answers: list[array], n: int = CHECKED) -> tuple[float, int]:
     """The share of answer tokens that are the backbone's own argmax after the tokens before them, on n
     answers spread over the list, and how many tokens that was: ~1 for its greedy answers (bf16 near-ties
     aside), far less for sampled ones or another model's."""
     step = max(1, len(prompts) // n)
     same = total = 0
     for p, a in list(zip(prompts, answers))[::step][:n]:
-        ids = torch.tensor([p + a], device=model.device)
+        ids = torch.tensor([p + a.tolist()], device=model.device)
         guess = model(input_ids=ids).logits[0, len(p) - 1:-1].argmax(-1)
         same += (guess == ids[0, len(p):]).sum().item()
         total += len(a)
@@ -244,7 +245,7 @@ def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
         write_atomic(run / "data" / "imported.json", json.dumps(counts, indent=1))
         for i in todo:
             rows = slice(i * cfg.shard_size, (i + 1) * cfg.shard_size)
-            write_shard(run, i, prompts[rows], answers[rows])
+            write_shard(run, i, prompts[rows], [a.tolist() for a in answers[rows]])
     return write_manifest(cfg, run)
 
 
