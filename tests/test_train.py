@@ -155,6 +155,12 @@ def test_answers_made_elsewhere_are_the_runs_own(tmp_path):
     imported = report["stages"]["data"]["imported"]
     assert imported["greedy_agreement"] > 0.9 and imported["lines_read"] == 12
     assert (tmp_path / "imp" / "model.safetensors").exists() and report["heldout_head_accuracy"]
+    (tmp_path / "imp" / "work" / "data" / "shard-00001.safetensors").unlink()  # a kill, then the file changed
+    vllm.write_text("".join(reversed(vllm.read_text().splitlines(keepends=True))))
+    with pytest.raises(ValueError, match="not the ones"):
+        run_training(tiny_cfg(tmp_path, model, None, out="imp", samples=12, answers_file=str(vllm), only="data"))
+    assert len(shards(tmp_path / "imp")) == 1
+    vllm.write_text("".join(reversed(vllm.read_text().splitlines(keepends=True))))
 
     from conftest import tiny_tokenizer
 

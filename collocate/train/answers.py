@@ -219,15 +219,19 @@ def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     written until the lines needed are read and the sample's greedy check has passed."""
     if not is_main():
         return {}
-    path = run / "data" / "prompts.json"
+    path, kept = run / "data" / "prompts.json", []
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["settings"] != cfg.data_settings() and not can_grow(saved["settings"], cfg):
             raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another --out "
                              "or the same settings (only --samples may grow, from a whole number of shards)")
+        kept = saved["ids"]
     todo = [i for i in range(cfg.n_shards) if not shard_path(run, i).exists()]
     if todo:
         prompts, answers, counts = read_answers(cfg.answers_file, tokenizer, cfg, model.get_input_embeddings().num_embeddings)
+        if prompts[:len(kept)] != kept:  # a resumed or grown run: its shards hold the file's first prompts
+            raise ValueError(f"{cfg.answers_file}: its first {len(kept)} usable prompts are not the ones {run}'s "
+                             "answers were made from (has the file changed?); use another --out")
         agree, checked = greedy_agreement(model, prompts, answers)
         counts.update(file=str(cfg.answers_file), greedy_agreement=round(agree, 4), greedy_checked_tokens=checked)
         if agree < GREEDY_REFUSED:
