@@ -8,7 +8,8 @@ from pathlib import Path
 # commands the tests start, instead of every worker's torch spreading over all of them
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # (as xdist counts)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
