@@ -99,7 +99,7 @@ class ChatRequest(Options):
 
 
 class CompletionRequest(Options):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # (OpenAI's four forms: text or token ids, one or a list)
 
 
 def decode_config(req: Options, cfg: ServeConfig, default_mode: str) -> DecodeConfig:
@@ -530,10 +530,16 @@ def build_app(generator: Generator, *, name: str | None = None, default_max_toke
     @app.post("/v1/completions", dependencies=v1)
     async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
-                raise ApiError("prompt must be one string (a list of one is accepted)", param="prompt")
+                raise ApiError("prompt must be one text or one list of token ids (a list of one is accepted)",
+                               param="prompt")
             prompt = prompt[0]
+        if isinstance(prompt, list):  # token ids, as the model reads them (no template, nothing added)
+            vocab = generator.decoder.model.get_input_embeddings().num_embeddings
+            if not prompt or not all(0 <= t < vocab for t in prompt):
+                raise ApiError(f"a prompt of token ids needs at least one, each in 0..{vocab - 1}", param="prompt")
+            return await service.answer(req, prompt, request, "completion")
         if not prompt.strip():
             raise ApiError("prompt is empty", param="prompt")
         check_text(prompt, "prompt")

@@ -127,6 +127,21 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def test_a_prompt_of_token_ids_is_answered_as_its_text_is(tiny_server):
+    """/v1/completions takes OpenAI's token-id prompts (vLLM and SGLang do too): the ids as the model reads
+    them, answered as the text that encodes to them; empty, out-of-vocabulary or several prompts get a 400."""
+    c = client(tiny_server)
+    text = c.completions.create(model="tiny", prompt="w5 w9 w17", max_tokens=6, temperature=0)
+    for prompt in ([5, 9, 17], [[5, 9, 17]]):
+        ids = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        assert ids.choices[0].text == text.choices[0].text and ids.usage.prompt_tokens == 3
+    for prompt, word in (([], "at least one"), ([5, 96], "0..95"), ([[5], [6]], "one list of token ids"),
+                         (["w5", 6], "")):
+        r = post(tiny_server, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], (prompt, r.text)
+    assert c.completions.create(model="tiny", prompt=[5], max_tokens=2).usage.completion_tokens == 2
+
+
 def test_load_8_clients_x_20_requests(tiny_server):
     """Every request of 8 concurrent clients (half of them streaming) completes, in one engine's turns,
     and the process grows by less than 64 MB over the run."""
