@@ -2,43 +2,19 @@
 (SmolLM2 with its shipped bundle) and with raw HTTP for what a client library would never send."""
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from collocate.api import Generator
 from collocate.bundle import MTPBundle
 from collocate.step import StepRunner
 from collocate.engine import build_decoder
 from collocate.serve import build_app
-from conftest import tiny_llama, tiny_tokenizer, with_rank_probs
-
-
-class Server:
-    """uvicorn in a thread, on a free port; stopped as SIGTERM would stop it (graceful shutdown)."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
+from conftest import Server, tiny_llama, tiny_tokenizer, with_rank_probs
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,44 @@ def test_answers_made_elsewhere_are_the_runs_own(tmp_path):
         tiny_cfg(tmp_path, model, None, answers_file=str(tmp_path / "none.jsonl"))
 
 
+def test_answers_from_a_server_are_the_runs_own(tmp_path):
+    """--answers-from: `collocate serve` of the backbone answers the data stage's prompts (sent as token ids,
+    its texts tokenized back) with the answers HF generate gives; a server of another model is refused by the
+    greedy check before a shard is written, and one that is not there is a one-line error."""
+    import httpx
+
+    from collocate.api import Generator
+    from collocate.engine import build_decoder
+    from collocate.serve import build_app
+    from conftest import Server, tiny_llama, tiny_tokenizer
+
+    model = save_tiny(tmp_path / "tiny")
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    run_training(tiny_cfg(tmp_path, model, prompts, out="own", samples=12, only="data"))
+
+    def answers_from(out, **other):
+        backbone = tiny_llama(**other).to(torch.bfloat16)  # (the data stage's backbone is bf16 too)
+        server = Server(build_app(Generator(build_decoder(backbone, tiny_tokenizer(), None, engine="eager",
+                                                          eos_token_ids=[2])), name="tiny"))
+        try:
+            run_training(tiny_cfg(tmp_path, model, prompts, out=out, samples=12, only="data",
+                                  answers_from=server.url + "/v1"))
+            return httpx.get(server.url + "/metrics").text
+        finally:
+            server.stop()
+
+    metrics = answers_from("srv")
+    assert 'collocate_requests_total{route="/v1/completions",status="200"} 12.0' in metrics
+    assert_same_shards(shards(tmp_path / "own"), shards(tmp_path / "srv"))
+    with pytest.raises(ValueError, match="not its greedy answers"):  # (untied: its greedy answers differ)
+        answers_from("other", seed=1, tie=False)
+    assert not shards(tmp_path / "other")
+    with pytest.raises(ValueError, match="cannot reach http://127.0.0.1:9/v1/models"):
+        run_training(tiny_cfg(tmp_path, model, prompts, out="none", samples=12, answers_from="http://127.0.0.1:9/v1"))
+    with pytest.raises(ValueError, match="base URL"):
+        tiny_cfg(tmp_path, model, prompts, answers_from="127.0.0.1:8000")
+
+
 def test_data_grows_keeping_its_answers(tmp_path):
     """More --samples on a run keeps its prompts and answer shards byte for byte and appends new prompts,
     also from another --prompts file; any other changed data setting, or a partial last shard, is refused."""

@@ -115,8 +115,52 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: TrainConfig,
     return answers
 
 
+def post_json(url: str, body: dict | None = None, timeout: float = 600) -> dict:
+    """One request to an OpenAI-compatible server (GET without a body); what goes wrong is a one-line error."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"--answers-from: {url} answered {e.code}: {e.read()[:500].decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ValueError(f"--answers-from: cannot reach {url} ({getattr(e, 'reason', e)})") from None
+
+
+def remote_batch(cfg: TrainConfig, tokenizer, prompts: list[list[int]], eos: list[int], served: str) -> list[list[int]]:
+    """Greedy answers from the server at cfg.answers_from, one request a prompt, all at once: the prompt as
+    token ids (OpenAI's form, which vLLM, SGLang and collocate serve read as the model does), the answer's
+    text tokenized back, ending in EOS where the server stopped at one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(p: list[int]) -> dict:
+        return post_json(cfg.answers_from.rstrip("/") + "/completions",
+                         {"model": served, "prompt": p, "max_tokens": cfg.max_new_tokens, "temperature": 0})["choices"][0]
+
+    with ThreadPoolExecutor(min(len(prompts), 256)) as pool:
+        choices = list(pool.map(ask, prompts))
+    answers = []
+    for choice in choices:  # (tokenized here, in one thread)
+        ids = tokenizer(choice["text"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+        answers.append(ids + eos[:1] if choice.get("finish_reason") == "stop" and len(ids) < cfg.max_new_tokens else ids)
+    return answers
+
+
+def served_model(url: str) -> str:
+    """The id of the first model the server lists (a vLLM or SGLang server serves one)."""
+    models = post_json(url.rstrip("/") + "/models").get("data") or []
+    if not models:
+        raise ValueError(f"--answers-from: {url}/models lists no model")
+    return models[0]["id"]
+
+
 def generate_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
-    """Stage 1. Shards are written whole or not at all, so a restart never loses or repeats one."""
+    """Stage 1. Shards are written whole or not at all, so a restart never loses or repeats one. With
+    --answers-from a server writes the answers, checked on the first batch before anything is kept."""
     from ..decode import eos_ids
 
     prompts = prepare_prompts(cfg, tokenizer, run)
@@ -127,13 +171,25 @@ def generate_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     bar = tqdm(total=len(prompts), desc="data: answers", unit="ans", disable=not is_main(),
                initial=(cfg.n_shards - len(todo) * world) * cfg.shard_size if todo else len(prompts))
     start, new_tokens = time.perf_counter(), 0
+    if cfg.answers_from and todo:
+        served, checked = served_model(cfg.answers_from), False
+
+        def answer_batch(model, tokenizer, batch, cfg, eos):
+            nonlocal checked
+            answers = remote_batch(cfg, tokenizer, batch, eos, served)
+            if not checked:  # (the first batch, before its shard is written)
+                check_greedy(model, batch, [array("i", a) for a in answers], cfg, cfg.answers_from)
+                checked = True
+            return answers
+    else:
+        answer_batch = generate_batch
     for i in todo:
         chunk = prompts[i * cfg.shard_size:(i + 1) * cfg.shard_size]
         order = sorted(range(len(chunk)), key=lambda j: len(chunk[j]))  # similar lengths batch together
         answers = [None] * len(chunk)
         for b in range(0, len(order), cfg.gen_batch):
             idx = order[b:b + cfg.gen_batch]
-            for j, ans in zip(idx, generate_batch(model, tokenizer, [chunk[j] for j in idx], cfg, eos)):
+            for j, ans in zip(idx, answer_batch(model, tokenizer, [chunk[j] for j in idx], cfg, eos)):
                 answers[j] = ans
             new_tokens += sum(len(answers[j]) for j in idx)
             bar.update(len(idx) * world)
@@ -213,6 +269,21 @@ def greedy_agreement(model, prompts: list[list[int]], answers: list[array], n: i
     return same / max(total, 1), total
 
 
+def check_greedy(model, prompts: list[list[int]], answers: list[array], cfg: TrainConfig, source: str) -> tuple[float, int]:
+    """`greedy_agreement`, refused under GREEDY_REFUSED and warned of under GREEDY_WARNED."""
+    agree, checked = greedy_agreement(model, prompts, answers)
+    if agree < GREEDY_REFUSED:
+        raise ValueError(f"{source}: {agree:.0%} of the answer tokens checked ({checked}) are {cfg.model}'s greedy "
+                         "choice: these are not its greedy answers (another model or tokenizer, sampled answers, or "
+                         "prompts without the chat template that --chat adds); make them with temperature 0 from "
+                         "this model")
+    if agree < GREEDY_WARNED:
+        say(f"warning: only {agree:.0%} of the answer tokens checked are {cfg.model}'s greedy choice: a drafter "
+            "trained on them learns to draft something else, and fewer of its drafts will be accepted")
+    say(f"data: answers from {source}, {agree:.1%} of {checked} tokens checked are {cfg.model}'s greedy choice")
+    return agree, checked
+
+
 def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     """Stage 1 from answers made elsewhere (cfg.answers_file): the same prompts.json and shards as
     `generate_answers` writes, so every later stage, a resume and a grown --samples work alike. Nothing is
@@ -232,18 +303,8 @@ def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
         if prompts[:len(kept)] != kept:  # a resumed or grown run: its shards hold the file's first prompts
             raise ValueError(f"{cfg.answers_file}: its first {len(kept)} usable prompts are not the ones {run}'s "
                              "answers were made from (has the file changed?); use another --out")
-        agree, checked = greedy_agreement(model, prompts, answers)
+        agree, checked = check_greedy(model, prompts, answers, cfg, cfg.answers_file)
         counts.update(file=str(cfg.answers_file), greedy_agreement=round(agree, 4), greedy_checked_tokens=checked)
-        if agree < GREEDY_REFUSED:
-            raise ValueError(f"{cfg.answers_file}: {agree:.0%} of the answer tokens checked ({checked}) are "
-                             f"{cfg.model}'s greedy choice: these are not its greedy answers (another model or "
-                             "tokenizer, sampled answers, or prompts without the chat template that --chat adds); "
-                             "make them with temperature 0 from this model")
-        if agree < GREEDY_WARNED:
-            say(f"warning: only {agree:.0%} of the answer tokens checked are {cfg.model}'s greedy choice: a drafter "
-                "trained on them learns to draft something else, and fewer of its drafts will be accepted")
-        say(f"data: {len(prompts)} answers from {cfg.answers_file}, {agree:.1%} of {checked} tokens checked are "
-            f"{cfg.model}'s greedy choice")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": prompts}))
         write_atomic(run / "data" / "imported.json", json.dumps(counts, indent=1))

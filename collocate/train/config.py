@@ -100,6 +100,10 @@ class TrainConfig:
                                              '{"prompt": "...", "answer": "..."} lines, this backbone\'s greedy answers '
                                              "(checked on a sample); the first --samples usable lines are taken",
                                        data=True, flag="--answers")
+    answers_from: str | None = setting(None, "base URL of an OpenAI-compatible server of this backbone (vLLM, SGLang, "
+                                             "collocate serve), e.g. http://127.0.0.1:8000/v1: the data stage asks it "
+                                             "for the greedy answers, --gen-batch at a time, instead of running HF "
+                                             "generate (checked on the first batch as --answers is)", data=True)
     only: str | None = setting(None, "stop after this stage (resume later)", choices=("data", "features"))
 
     def __post_init__(self):
@@ -131,6 +135,10 @@ class TrainConfig:
                              "--block-kv-heads and --block-taps >= 0")
         if self.answers_file and (self.prompts_file or self.mix):
             raise ValueError("--answers brings its own prompts: leave out --prompts and --mix")
+        if self.answers_file and self.answers_from:
+            raise ValueError("--answers reads answers made already, --answers-from asks a server for them: one of the two")
+        if self.answers_from and not self.answers_from.startswith(("http://", "https://")):
+            raise ValueError(f"--answers-from takes a server's base URL (http://host:port/v1), got {self.answers_from!r}")
         if self.answers_file and not Path(self.answers_file).is_file():
             raise ValueError(f"--answers {self.answers_file}: no such file")
         if self.drafter == "block":
