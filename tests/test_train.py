@@ -193,7 +193,7 @@ def test_answers_made_elsewhere_are_the_runs_own(tmp_path):
         tiny_cfg(tmp_path, model, None, answers_file=str(tmp_path / "none.jsonl"))
 
 
-def test_answers_from_a_server_are_the_runs_own(tmp_path):
+def test_answers_from_a_server_are_the_runs_own(tmp_path, monkeypatch):
     """--answers-from: `collocate serve` of the backbone answers the data stage's prompts (sent as token ids,
     its texts tokenized back) with the answers HF generate gives; a server of another model is refused by the
     greedy check before a shard is written, and one that is not there is a one-line error."""
@@ -201,17 +201,17 @@ def test_answers_from_a_server_are_the_runs_own(tmp_path):
 
     from collocate.api import Generator
     from collocate.engine import build_decoder
-    from collocate.serve import build_app
+    from collocate.serve import ServeConfig, build_app
     from conftest import Server, tiny_llama, tiny_tokenizer
 
     model = save_tiny(tmp_path / "tiny")
     prompts = write_prompts(tmp_path / "p.jsonl", 40)
     run_training(tiny_cfg(tmp_path, model, prompts, out="own", samples=12, only="data"))
 
-    def answers_from(out, **other):
+    def answers_from(out, key=None, **other):
         backbone = tiny_llama(**other).to(torch.bfloat16)  # (the data stage's backbone is bf16 too)
         server = Server(build_app(Generator(build_decoder(backbone, tiny_tokenizer(), None, engine="eager",
-                                                          eos_token_ids=[2])), name="tiny"))
+                                                          eos_token_ids=[2])), config=ServeConfig(name="tiny", api_key=key)))
         try:
             run_training(tiny_cfg(tmp_path, model, prompts, out=out, samples=12, only="data",
                                   answers_from=server.url + "/v1"))
@@ -225,6 +225,12 @@ def test_answers_from_a_server_are_the_runs_own(tmp_path):
     with pytest.raises(ValueError, match="not its greedy answers"):  # (untied: its greedy answers differ)
         answers_from("other", seed=1, tie=False)
     assert not shards(tmp_path / "other")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="answered 401"):  # a server that wants a key: OPENAI_API_KEY
+        answers_from("keyed", key="sesame")
+    monkeypatch.setenv("OPENAI_API_KEY", "sesame")
+    answers_from("keyed", key="sesame")
+    assert_same_shards(shards(tmp_path / "own"), shards(tmp_path / "keyed"))
     with pytest.raises(ValueError, match="cannot reach http://127.0.0.1:9/v1/models"):
         run_training(tiny_cfg(tmp_path, model, prompts, out="none", samples=12, answers_from="http://127.0.0.1:9/v1"))
     with pytest.raises(ValueError, match="base URL"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from array import array
 from pathlib import Path
@@ -121,7 +122,9 @@ def post_json(url: str, body: dict | None = None, timeout: float = 600) -> dict:
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    key = os.environ.get("OPENAI_API_KEY")  # (a server started with an API key: vLLM's --api-key, ours)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())

@@ -103,7 +103,8 @@ class TrainConfig:
     answers_from: str | None = setting(None, "base URL of an OpenAI-compatible server of this backbone (vLLM, SGLang, "
                                              "collocate serve), e.g. http://127.0.0.1:8000/v1: the data stage asks it "
                                              "for the greedy answers, --gen-batch at a time, instead of running HF "
-                                             "generate (checked on the first batch as --answers is)", data=True)
+                                             "generate (checked on the first batch as --answers is; a resumed run "
+                                             "may ask another server)")
     only: str | None = setting(None, "stop after this stage (resume later)", choices=("data", "features"))
 
     def __post_init__(self):
