@@ -140,9 +140,13 @@ def remote_batch(cfg: TrainConfig, tokenizer, prompts: list[list[int]], eos: lis
     text tokenized back, ending in EOS where the server stopped at one."""
     from concurrent.futures import ThreadPoolExecutor
 
+    url = cfg.answers_from.rstrip("/") + "/completions"
+
     def ask(p: list[int]) -> dict:
-        return post_json(cfg.answers_from.rstrip("/") + "/completions",
-                         {"model": served, "prompt": p, "max_tokens": cfg.max_new_tokens, "temperature": 0})["choices"][0]
+        body = post_json(url, {"model": served, "prompt": p, "max_tokens": cfg.max_new_tokens, "temperature": 0})
+        if not isinstance(body.get("choices"), list) or not body["choices"] or "text" not in body["choices"][0]:
+            raise ValueError(f"--answers-from: {url} answered without a completion's choices: {str(body)[:300]}")
+        return body["choices"][0]
 
     with ThreadPoolExecutor(min(len(prompts), 256)) as pool:
         choices = list(pool.map(ask, prompts))
