@@ -23,20 +23,27 @@ from .common import is_main, rank_world, save_atomic, say, write_atomic
 from .config import TrainConfig
 
 
+def saved_prompts(cfg: TrainConfig, run: Path) -> tuple[list[list[int]], bool]:
+    """The prompts a run's answers were made from (none on its first run), and whether its data settings
+    are this one's; settings it cannot grow into are refused."""
+    if not prompts_path(run).exists():
+        return [], False
+    saved = json.loads(prompts_path(run).read_text())
+    if saved["settings"] == cfg.data_settings():
+        return saved["ids"], True
+    if not can_grow(saved["settings"], cfg):
+        raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another "
+                         "--out or the same settings (only --samples may grow, from a whole number of shards, and "
+                         "--prompts may name another file)")
+    return saved["ids"], False
+
+
 def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
     """The encoded prompt list, fixed at the first run so a restart sees the very same one. A run asked
     for more --samples than it was started with keeps its prompts (and answers) and appends new ones."""
-    path = run / "data" / "prompts.json"
-    kept = []
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved["settings"] == cfg.data_settings():
-            return saved["ids"]
-        if not can_grow(saved["settings"], cfg):
-            raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another "
-                             "--out or the same settings (only --samples may grow, from a whole number of shards, and "
-                             "--prompts may name another file)")
-        kept = saved["ids"]
+    kept, same = saved_prompts(cfg, run)
+    if same:
+        return kept
     from ..data import encode, suite_prompts, training_prompts
 
     def usable(texts) -> list[list[int]]:
@@ -69,9 +76,9 @@ def prepare_prompts(cfg: TrainConfig, tokenizer, run: Path) -> list[list[int]]:
     if len(ids) < cfg.samples:
         hint = "" if cfg.mix else "; add prompt kinds with --mix code"
         raise ValueError(f"only {len(ids)} usable prompts for --samples {cfg.samples}{hint}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prompts_path(run).parent.mkdir(parents=True, exist_ok=True)
     if is_main():
-        write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))
+        write_atomic(prompts_path(run), json.dumps({"settings": cfg.data_settings(), "ids": ids[: cfg.samples]}))
     return ids[: cfg.samples]
 
 
@@ -92,6 +99,10 @@ def can_grow(saved: dict, cfg: TrainConfig) -> bool:
     now, free = cfg.data_settings(), ("samples", "prompts_file")
     same = {k: v for k, v in saved.items() if k not in free} == {k: v for k, v in now.items() if k not in free}
     return same and now["samples"] > saved["samples"] and saved["samples"] % cfg.shard_size == 0
+
+
+def prompts_path(run: Path) -> Path:
+    return run / "data" / "prompts.json"
 
 
 def shard_path(run: Path, i: int) -> Path:
@@ -178,25 +189,21 @@ def generate_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     bar = tqdm(total=len(prompts), desc="data: answers", unit="ans", disable=not is_main(),
                initial=(cfg.n_shards - len(todo) * world) * cfg.shard_size if todo else len(prompts))
     start, new_tokens = time.perf_counter(), 0
-    if cfg.answers_from and todo:
-        served, checked = served_model(cfg.answers_from), False
-
-        def answer_batch(model, tokenizer, batch, cfg, eos):
-            nonlocal checked
-            answers = remote_batch(cfg, tokenizer, batch, eos, served)
-            if not checked:  # (the first batch, before its shard is written)
-                check_greedy(model, batch, [array("i", a) for a in answers], cfg, cfg.answers_from)
-                checked = True
-            return answers
-    else:
-        answer_batch = generate_batch
+    served = served_model(cfg.answers_from) if cfg.answers_from and todo else None
     for i in todo:
         chunk = prompts[i * cfg.shard_size:(i + 1) * cfg.shard_size]
         order = sorted(range(len(chunk)), key=lambda j: len(chunk[j]))  # similar lengths batch together
         answers = [None] * len(chunk)
         for b in range(0, len(order), cfg.gen_batch):
             idx = order[b:b + cfg.gen_batch]
-            for j, ans in zip(idx, answer_batch(model, tokenizer, [chunk[j] for j in idx], cfg, eos)):
+            batch = [chunk[j] for j in idx]
+            if served is None:
+                got = generate_batch(model, tokenizer, batch, cfg, eos)
+            else:
+                got = remote_batch(cfg, tokenizer, batch, eos, served)
+                if i == todo[0] and b == 0:  # the first batch, before its shard is written
+                    check_greedy(model, batch, got, cfg, cfg.answers_from)
+            for j, ans in zip(idx, got):
                 answers[j] = ans
             new_tokens += sum(len(answers[j]) for j in idx)
             bar.update(len(idx) * world)
@@ -262,21 +269,21 @@ def read_answers(path: str, tokenizer, cfg: TrainConfig, vocab: int) -> tuple[li
 
 
 @torch.inference_mode()
-def greedy_agreement(model, prompts: list[list[int]], answers: list[array], n: int = CHECKED) -> tuple[float, int]:
+def greedy_agreement(model, prompts: list[list[int]], answers: list, n: int = CHECKED) -> tuple[float, int]:
     """The share of answer tokens that are the backbone's own argmax after the tokens before them, on n
     answers spread over the list, and how many tokens that was: ~1 for its greedy answers (bf16 near-ties
     aside), far less for sampled ones or another model's."""
     step = max(1, len(prompts) // n)
     same = total = 0
     for p, a in list(zip(prompts, answers))[::step][:n]:
-        ids = torch.tensor([p + a.tolist()], device=model.device)
+        ids = torch.tensor([p + list(a)], device=model.device)  # (an answer: a list, or read_answers' array)
         guess = model(input_ids=ids).logits[0, len(p) - 1:-1].argmax(-1)
         same += (guess == ids[0, len(p):]).sum().item()
         total += len(a)
     return same / max(total, 1), total
 
 
-def check_greedy(model, prompts: list[list[int]], answers: list[array], cfg: TrainConfig, source: str) -> tuple[float, int]:
+def check_greedy(model, prompts: list[list[int]], answers: list, cfg: TrainConfig, source: str) -> tuple[float, int]:
     """`greedy_agreement`, refused under GREEDY_REFUSED and warned of under GREEDY_WARNED."""
     agree, checked = greedy_agreement(model, prompts, answers)
     if agree < GREEDY_REFUSED:
@@ -297,13 +304,7 @@ def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
     written until the lines needed are read and the sample's greedy check has passed."""
     if not is_main():
         return {}
-    path, kept = run / "data" / "prompts.json", []
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved["settings"] != cfg.data_settings() and not can_grow(saved["settings"], cfg):
-            raise ValueError(f"{run} was started with other data settings {saved['settings']}; use another --out "
-                             "or the same settings (only --samples may grow, from a whole number of shards)")
-        kept = saved["ids"]
+    kept, _ = saved_prompts(cfg, run)
     todo = [i for i in range(cfg.n_shards) if not shard_path(run, i).exists()]
     if todo:
         prompts, answers, counts = read_answers(cfg.answers_file, tokenizer, cfg, model.get_input_embeddings().num_embeddings)
@@ -312,8 +313,8 @@ def import_answers(model, tokenizer, cfg: TrainConfig, run: Path) -> dict:
                              "answers were made from (has the file changed?); use another --out")
         agree, checked = check_greedy(model, prompts, answers, cfg, cfg.answers_file)
         counts.update(file=str(cfg.answers_file), greedy_agreement=round(agree, 4), greedy_checked_tokens=checked)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps({"settings": cfg.data_settings(), "ids": prompts}))
+        prompts_path(run).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(prompts_path(run), json.dumps({"settings": cfg.data_settings(), "ids": prompts}))
         write_atomic(run / "data" / "imported.json", json.dumps(counts, indent=1))
         for i in todo:
             rows = slice(i * cfg.shard_size, (i + 1) * cfg.shard_size)
